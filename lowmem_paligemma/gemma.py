@@ -1,0 +1,187 @@
+"""Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) decoder: one code path, Gemma 2 by config flags.
+
+What is special (each checked bit-for-bit against transformers' eager path, SPEC §3):
+- RMSNorm computes in float32 and scales by (1 + w): "Gemma is (x * w).to(dtype)" (gemma_pytorch).
+- RoPE is half-split (rotate_half), tables computed on the fly from positions: no buffers to go stale
+  after `to_empty` (the fork's uninitialised `inv_freq` bug, SPEC §9).
+- Gemma 2 flags: post-norms around both sub-blocks, tanh soft-cap on attention scores before the mask,
+  attention scale query_pre_attn_scalar**-0.5, sliding window on `sliding_layers` (the mask says which).
+- The KV cache is preallocated per request and written in place at `start` (never grown by cat).
+
+Axes: B batch, T query length, S key length, D hidden, N query heads, K kv heads, H head dim, I mlp width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # stored as an offset from 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos, sin of shape (B, 1, T, H) for integer positions (B, T); same float32 arithmetic as transformers."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # (H/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, H/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, H)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half: halves, not interleaved pairs
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for one request: (layers, B, K, max_len, H), written in place."""
+
+    def __init__(self, cfg: GemmaConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, H) views
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_logit_softcap
+        d, n, k = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d, n, bias=False)
+        self.k_proj = nn.Linear(d, k, bias=False)
+        self.v_proj = nn.Linear(d, k, bias=False)
+        self.o_proj = nn.Linear(n, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, H)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)  # (B, K, S, H)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # query head n reads kv head n // groups
+            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
+        w = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, T, S)
+        if self.softcap is not None:  # Gemma 2: cap before the mask (transformers eager, big_vision)
+            w = torch.tanh(w / self.softcap) * self.softcap
+        if mask is not None:
+            w = w + mask
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(w, v).transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
+        return self.o_proj(out)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.sliding = cfg.is_sliding(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = GemmaAttention(cfg, layer_idx)
+        # Gemma 1's only other norm is called post_attention_layernorm but sits *before* the MLP
+        # (big_vision pre_ffw_norm); Gemma 2 adds the real post-norms and a pre_feedforward norm.
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GemmaMLP(cfg)
+
+    def forward(self, x, rope, masks, cache, start):
+        mask = masks[1] if self.sliding else masks[0]
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaModel(nn.Module):
+    """`language_model.model`: embedding table, layers, final norm. Returns normed hidden states."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight
+        # sqrt(D) rounded to the weight dtype, as transformers and big_vision do (bf16: sqrt(2048) -> 45.25).
+        return F.embedding(ids, w) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        masks: tuple[torch.Tensor | None, torch.Tensor | None],
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, masks, cache, start)
+        return self.norm(x)
+
+
+class GemmaForCausalLM(nn.Module):
+    """`language_model`: only `model`; the output head is the tied embedding (no lm_head parameter)."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.model = GemmaModel(cfg)
+        self.final_logit_softcap = cfg.final_logit_softcap
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.model.embed_tokens.weight)  # (B, T, V): x @ E^T
+        if self.final_logit_softcap is not None:
+            out = torch.tanh(out / self.final_logit_softcap) * self.final_logit_softcap
+        return out

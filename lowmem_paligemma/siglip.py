@@ -1,0 +1,109 @@
+"""SigLIP So400m/14 vision tower, as PaliGemma uses it (no pooling head, no cls token).
+
+Module names follow the checkpoint keys `vision_tower.vision_model.{embeddings,encoder,post_layernorm}`.
+Meta-safe: `__init__` creates parameters only. There is no `position_ids` buffer: positions are
+`0..N-1` at native resolution, so the position table is added whole (SPEC §3).
+
+Axes: B batch, N patches (= image tokens), D width (1152), H heads (16), K head dim (72).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SiglipConfig
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.patch_embedding.weight
+        x = self.patch_embedding(pixel_values.to(w.dtype))  # (B, D, S/p, S/p), "valid" patches
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major patch order
+        if x.shape[1] != self.position_embedding.weight.shape[0]:
+            raise ValueError(
+                f"image gives {x.shape[1]} patches but the model has {self.position_embedding.weight.shape[0]} positions"
+            )
+        return x + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        d = cfg.hidden_size
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # Full bidirectional attention; softmax in float32 as transformers' eager path does.
+        w = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, H, N, N)
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(w, v).transpose(1, 2).reshape(b, n, -1)  # (B, N, D)
+        return self.out_proj(out)
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_pytorch_tanh (SPEC §3.4)
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SiglipVisionTransformer(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))  # (B, N, D)
+
+
+class SiglipVisionModel(nn.Module):
+    """`vision_tower`: holds `vision_model`, as the Hub keys do."""
+
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.vision_model = SiglipVisionTransformer(cfg)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values)

@@ -1,0 +1,41 @@
+"""transformers as the numerical oracle: tiny random PaliGemma checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowmem_paligemma.config import PaliGemmaConfig
+
+
+def hf_config(cfg: PaliGemmaConfig):
+    from transformers import PaliGemmaConfig as HFConfig
+
+    return HFConfig(**cfg.to_hf())
+
+
+def write_hf_checkpoint(cfg: PaliGemmaConfig, out_dir: Path, seed: int = 0) -> Path:
+    """Random weights via transformers' own init and save_pretrained (5.x key layout, several shards).
+
+    Matrices are scaled x3 and norm weights perturbed so soft-caps, (1 + w) norms and LayerNorm affine
+    all matter (SPEC §10): a port that gets one of them wrong cannot pass.
+    """
+    from transformers import PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(hf_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif p.dim() >= 2:
+                p.mul_(3.0)
+    model.save_pretrained(out_dir, max_shard_size="100KB")
+    return out_dir
+
+
+def hf_load(model_dir: Path, dtype: torch.dtype):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    return PaliGemmaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
