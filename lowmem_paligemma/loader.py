@@ -18,6 +18,7 @@ The output head is the embedding table itself, so tying cannot be lost.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -52,6 +53,7 @@ class TensorEntry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute file offset of the first byte
 
     @property
     def numel(self) -> int:
@@ -100,7 +102,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(
                 f"{path}: tensor {key!r} bytes [{begin}, {end}) lie outside the data ({data_size} bytes; truncated?)"
             )
-        entry = TensorEntry(path, key, _ST_DTYPES[dtype_name], shape, end - begin)
+        entry = TensorEntry(path, key, _ST_DTYPES[dtype_name], shape, end - begin, 8 + n + begin)
         if entry.numel * entry.dtype.itemsize != entry.nbytes:
             raise CheckpointError(
                 f"{path}: tensor {key!r} shape {list(shape)} x {dtype_name} needs "
@@ -214,10 +216,10 @@ def match_entries(
             parts.append(f"unexpected key(s): {_listing(unexpected)}")
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
     for name, entry in plan.items():
-        if tuple(params[name].shape) != entry.shape:
-            raise CheckpointError(
-                f"{entry.path}: {entry.key!r} has shape {list(entry.shape)}, the model expects {list(params[name].shape)}"
-            )
+        want = list(params[name].shape)
+        if tuple(want) != entry.shape:
+            got = list(entry.shape)
+            raise CheckpointError(f"{entry.path}: {entry.key!r} has shape {got}, the model expects {want}")
     if lm_head is not None:  # a stored head must be the tied embedding's shape; its values are not used
         emb = next((n for n in params if n.endswith("embed_tokens.weight")), None)
         if emb is None or lm_head.shape != tuple(params[emb].shape):
@@ -250,32 +252,108 @@ def _copy_entry(f, entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> 
         del chunk
 
 
+def _by_file(plan: dict[str, TensorEntry]) -> dict[Path, list[tuple[str, TensorEntry]]]:
+    by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
+    for name, entry in plan.items():
+        by_file.setdefault(entry.path, []).append((name, entry))
+    return by_file
+
+
+def _progress_bar(plan: dict[str, TensorEntry], enabled: bool):
+    from tqdm import tqdm
+
+    total = sum(e.nbytes for e in plan.values())
+    return tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not enabled, leave=False)
+
+
 def stream_into(
     model: nn.Module,
     plan: dict[str, TensorEntry],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    on_shard: Callable[[int, int, Path], None] | None = None,
-    on_tensor: Callable[[TensorEntry], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> None:
     """Fill every planned parameter in place, one shard open at a time."""
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
-    for name, entry in plan.items():
-        by_file.setdefault(entry.path, []).append((name, entry))
-    with torch.no_grad():
+    by_file = _by_file(plan)
+    with torch.no_grad(), _progress_bar(plan, progress) as bar:
         for i, (path, items) in enumerate(by_file.items(), 1):
-            if on_shard:
-                on_shard(i, len(by_file), path)
+            if on_phase:
+                on_phase(f"shard {i}/{len(by_file)}")
             try:
                 with safe_open(path, framework="pt", device="cpu", backend="pread") as f:
                     for name, entry in items:
                         _copy_entry(f, entry, params[name], chunk_bytes)
-                        if on_tensor:
-                            on_tensor(entry)
-            except CheckpointError:
-                raise
+                        bar.update(entry.nbytes)
             except Exception as e:  # safetensors raises its own error types; name the file on one line
                 raise CheckpointError(f"{path}: read failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def map_into(model: nn.Module, plan: dict[str, TensorEntry], dtype: torch.dtype) -> None:
+    """Zero-copy: every parameter becomes a view of its shard's pages (private, copy-on-write mapping).
+
+    Nothing is read up front; pages come in on first use and count as file-backed RSS, which the kernel
+    can drop and re-read under pressure. The price: the first forward pays the disk reads, and the files
+    must stay in place while the model lives.
+    """
+    wrong = sorted({str(e.dtype).removeprefix("torch.") for e in plan.values() if e.dtype != dtype})
+    if wrong:
+        want = str(dtype).removeprefix("torch.")
+        raise CheckpointError(
+            f"zero-copy needs a checkpoint stored in {want}, this one holds {', '.join(wrong)}; "
+            "convert it once with `lowmem-paligemma convert` or load without zero-copy"
+        )
+    for path, items in _by_file(plan).items():
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, entry in items:
+            view = torch.frombuffer(mapped, dtype=dtype, count=entry.numel, offset=entry.offset)
+            _set_parameter(model, name, view.view(entry.shape))
+
+
+# --- pre-flight ------------------------------------------------------------------------------------------
+
+RUNTIME_MARGIN_BYTES = 300 << 20  # interpreter, torch, tokenizer, and the read chunk, roughly
+
+
+class InsufficientMemoryError(CheckpointError):
+    """The load would not fit in the memory available now."""
+
+
+def load_bytes(plan: dict[str, TensorEntry], dtype: torch.dtype) -> int:
+    """Bytes the loaded parameters occupy in `dtype` (read from the headers, before any allocation)."""
+    return sum(e.numel * dtype.itemsize for e in plan.values())
+
+
+def available_bytes(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_memory(
+    plan: dict[str, TensorEntry], dtype: torch.dtype, device: torch.device | str, chunk_bytes: int
+) -> None:
+    need = load_bytes(plan, dtype) + chunk_bytes + RUNTIME_MARGIN_BYTES
+    have = available_bytes(device)
+    if need > have:
+        where = torch.device(device).type
+        advice = " or load in a 16-bit dtype" if dtype == torch.float32 else ""
+        raise InsufficientMemoryError(
+            f"loading needs about {need / 1e9:.2f} GB of {where} memory but {have / 1e9:.2f} GB is available; "
+            f"close other programs{advice}, or force the load (--force / force=True)"
+        )
+
+
+# --- the PaliGemma entry points --------------------------------------------------------------------------
 
 
 def build_model(cfg: PaliGemmaConfig, dtype: torch.dtype = torch.float16, device: str = "cpu") -> nn.Module:
@@ -285,33 +363,146 @@ def build_model(cfg: PaliGemmaConfig, dtype: torch.dtype = torch.float16, device
     return materialize(model, dtype, device)
 
 
+def stream_checkpoint(
+    model: nn.Module,
+    model_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    device: str | torch.device = "cpu",
+    *,
+    key_map: Callable[[str], str | None] = normalize_key,
+    tie: Callable[[nn.Module], None] | None = None,
+    repair: Callable[[nn.Module], None] | None = None,
+    zero_copy: bool = False,
+    preflight: bool = True,
+    force: bool = False,
+    progress: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_phase: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """Fill any `nn.Module` built on `meta` from a safetensors checkpoint directory, at the memory floor.
+
+    `key_map` maps a stored key to a parameter name (None: unexpected; `LM_HEAD`: a tied head to skip).
+    `tie` re-ties shared parameters after materialisation (`to_empty` unties them); `repair` rebuilds
+    non-persistent buffers, which `to_empty` leaves as garbage. Errors are raised before any allocation
+    where the headers can tell (keys, shapes, memory), and nothing half-loaded is returned.
+    """
+    if dtype not in LOAD_DTYPES:
+        raise ValueError(f"dtype {dtype} is not one of float16, bfloat16, float32")
+    if zero_copy and torch.device(device).type != "cpu":
+        raise ValueError("zero-copy maps files into CPU memory; it cannot target another device")
+    phase = on_phase or (lambda name: None)
+    entries = read_checkpoint(Path(model_dir))
+    plan = match_entries(model, entries, key_map)  # on meta: a mismatch costs nothing
+    if preflight and not force and not zero_copy:
+        check_memory(plan, dtype, device, chunk_bytes)
+    if zero_copy:
+        phase("map")
+        map_into(model, plan, dtype)
+    else:
+        phase("materialize")
+        materialize(model, dtype, device)
+    if tie:
+        tie(model)
+    if repair:
+        phase("repair")
+        repair(model)
+    if not zero_copy:
+        stream_into(model, plan, chunk_bytes, on_phase=phase, progress=progress)
+    phase("done")
+    return model.eval()
+
+
 def load_model(
     model_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float16,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    on_shard: Callable[[int, int, Path], None] | None = None,
+    **options,
 ) -> PaliGemmaForConditionalGeneration:
-    """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode."""
-    if dtype not in LOAD_DTYPES:
-        raise ValueError(f"dtype {dtype} is not one of float16, bfloat16, float32")
-    model_dir = Path(model_path)
+    """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode.
+
+    Options are those of `stream_checkpoint` (zero_copy, preflight, force, progress, chunk_bytes, on_phase).
+    """
+    on_phase = options.get("on_phase") or (lambda name: None)
+    on_phase("build")
     try:
-        cfg = load_config(model_dir)
+        cfg = load_config(Path(model_path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    entries = read_checkpoint(model_dir)
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(cfg)
-    plan = match_entries(model, entries)  # on meta: a mismatch costs nothing
-    materialize(model, dtype, device)
-    stream_into(model, plan, chunk_bytes, on_shard=on_shard)
-    return model.eval()
+    return stream_checkpoint(model, model_path, dtype, device, **options)
 
 
-def load_hf_model(model_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16):
+def load_hf_model(
+    model_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16
+):
     """(model, tokenizer) from a Hub checkpoint directory: the seed-000 API, streamed."""
     from .processor import load_tokenizer
 
     model = load_model(model_path, device=device, dtype=dtype)
     return model, load_tokenizer(model_path)
+
+
+# --- transformers' own class through the same stream ----------------------------------------------------
+
+_TO_TRANSFORMERS = (
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+)
+
+
+def transformers_key(key: str) -> str | None:
+    """Stored key -> transformers 5.x `PaliGemmaForConditionalGeneration` parameter name."""
+    name = normalize_key(key)
+    if name == LM_HEAD:
+        return LM_HEAD
+    for ours, theirs in _TO_TRANSFORMERS:
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    return None
+
+
+def repair_transformers_buffers(model: nn.Module) -> None:
+    """Rebuild the non-persistent buffers of a transformers model after `to_empty`, as its `_init_weights` does."""
+    for module_name, module in model.named_modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if name == "position_ids":  # (1, N) arange
+                buf.copy_(torch.arange(buf.shape[-1], device=buf.device).expand_as(buf))
+            elif name in ("inv_freq", "original_inv_freq") and hasattr(module, "compute_default_rope_parameters"):
+                if getattr(module, "rope_type", "default") != "default":
+                    raise CheckpointError(f"cannot rebuild {module_name}.{name}: rope type {module.rope_type!r}")
+                value, _ = module.compute_default_rope_parameters(module.config)  # as transformers' _init_weights
+                buf.copy_(value)
+            elif name == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+                buf.fill_(module.scalar_embed_scale)
+            else:
+                raise CheckpointError(f"do not know how to rebuild buffer {module_name}.{name}; pass repair=")
+
+
+def load_transformers_model(
+    model_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    attn_implementation: str | None = None,
+    **options,
+):
+    """transformers' `PaliGemmaForConditionalGeneration`, filled by our stream instead of `from_pretrained`."""
+    from transformers import PaliGemmaConfig as HFConfig
+    from transformers import PaliGemmaForConditionalGeneration as HFModel
+
+    config = HFConfig.from_pretrained(model_path)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = HFModel(config)
+    model.config.dtype = dtype
+
+    def tie(m: nn.Module) -> None:
+        m.lm_head.weight = m.model.language_model.embed_tokens.weight
+
+    with torch.no_grad():
+        return stream_checkpoint(
+            model, model_path, dtype, device, key_map=transformers_key, tie=tie, repair=repair_transformers_buffers,
+            **options,
+        )  # fmt: skip

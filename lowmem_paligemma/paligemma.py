@@ -90,11 +90,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if self.cfg.image_token_index >= self.cfg.text.vocab_size:  # out-of-vocabulary placeholder id
             ids = input_ids.masked_fill(is_image, 0)
         x = self.language_model.model.embed(ids)
-        n_tokens = int(is_image.sum())
-        if image_features is None:
-            if n_tokens:
-                raise ValueError(f"prompt has {n_tokens} <image> tokens but no image was given")
+        if image_features is None:  # a decode step: a generated <image> id is just an embedding row
             return x
+        n_tokens = int(is_image.sum())
         if n_tokens * x.shape[-1] != image_features.numel():
             raise ValueError(
                 f"prompt has {n_tokens} <image> tokens but the images give {image_features.shape[:-1].numel()} features"
@@ -122,6 +120,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.encode_image(pixel_values.to(self.device))
         new_ids = input_ids[:, start:]
+        if image_features is None and start == 0 and bool((new_ids == self.cfg.image_token_index).any()):
+            raise ValueError("prompt has <image> tokens but no image was given")
         x = self.embed(new_ids, image_features)
         b, length = input_ids.shape
         if token_type_ids is None:

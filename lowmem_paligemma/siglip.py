@@ -27,10 +27,9 @@ class SiglipEmbeddings(nn.Module):
         w = self.patch_embedding.weight
         x = self.patch_embedding(pixel_values.to(w.dtype))  # (B, D, S/p, S/p), "valid" patches
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major patch order
-        if x.shape[1] != self.position_embedding.weight.shape[0]:
-            raise ValueError(
-                f"image gives {x.shape[1]} patches but the model has {self.position_embedding.weight.shape[0]} positions"
-            )
+        positions = self.position_embedding.weight.shape[0]
+        if x.shape[1] != positions:
+            raise ValueError(f"image gives {x.shape[1]} patches but the model has {positions} positions")
         return x + self.position_embedding.weight
 
 
@@ -45,7 +44,10 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         # Full bidirectional attention; softmax in float32 as transformers' eager path does.
         w = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, H, N, N)
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)

@@ -33,7 +33,9 @@ def _plain_state_dict(model_dir):
 @pytest.mark.parametrize("lm_head", [False, True])
 def test_key_variants_load_identically(pg2_dir, tmp_path, variant, lm_head):
     want = _params(load_model(pg2_dir, dtype=torch.float32))
-    got = _params(load_model(write_key_variant(pg2_dir, tmp_path / variant, variant, lm_head=lm_head), dtype=torch.float32))
+    got = _params(
+        load_model(write_key_variant(pg2_dir, tmp_path / variant, variant, lm_head=lm_head), dtype=torch.float32)
+    )
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
 
@@ -92,7 +94,9 @@ def test_missing_key_is_named(pg2_dir, tmp_path):
 
 
 def test_unexpected_key_is_named(pg2_dir, tmp_path):
-    bad = _rewrite_single_file(pg2_dir, tmp_path / "u", lambda s: s | {"language_model.model.extra.weight": torch.ones(2)})
+    bad = _rewrite_single_file(
+        pg2_dir, tmp_path / "u", lambda s: s | {"language_model.model.extra.weight": torch.ones(2)}
+    )
     with pytest.raises(CheckpointError, match=r"unexpected key\(s\): language_model\.model\.extra\.weight"):
         load_model(bad)
 
@@ -108,3 +112,52 @@ def test_headers_are_read_without_tensor_data(pg2_dir):
     entries = read_checkpoint(pg2_dir)
     assert len(entries) == len(list(load_model(pg2_dir).parameters()))
     assert all(e.nbytes == e.numel * e.dtype.itemsize for e in entries.values())
+
+
+def test_zero_copy_maps_the_file(tmp_path):
+    src = tiny_checkpoint(tmp_path / "bf16", gemma2=True, dtype=torch.bfloat16)
+    copied = load_model(src, dtype=torch.bfloat16)
+    mapped = load_model(src, dtype=torch.bfloat16, zero_copy=True)
+    a, b = _params(copied), _params(mapped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[2, 10, 11, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids), mapped(ids), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="zero-copy needs a checkpoint stored in float16"):
+        load_model(src, dtype=torch.float16, zero_copy=True)
+
+
+def test_preflight_refuses_what_does_not_fit(pg2_dir, monkeypatch):
+    import lowmem_paligemma.loader as loader
+
+    monkeypatch.setattr(loader, "available_bytes", lambda device: 1000)
+    with pytest.raises(loader.InsufficientMemoryError, match=r"needs about .* GB .* available.*force"):
+        load_model(pg2_dir)
+    assert load_model(pg2_dir, force=True) is not None
+
+
+def test_phases_are_reported_in_order(pg2_dir):
+    seen = []
+    load_model(pg2_dir, on_phase=seen.append)
+    shards = len(list(pg2_dir.glob("*.safetensors")))
+    assert seen == ["build", "materialize"] + [f"shard {i}/{shards}" for i in range(1, shards + 1)] + ["done"]
+
+
+def test_transformers_class_through_our_stream(pg2_dir):
+    from transformers import PaliGemmaForConditionalGeneration as HFModel
+
+    from lowmem_paligemma.loader import load_transformers_model
+
+    ref = HFModel.from_pretrained(pg2_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    ours = load_transformers_model(pg2_dir, dtype=torch.float32, attn_implementation="eager")
+    assert ours.lm_head.weight is ours.model.language_model.embed_tokens.weight  # tied again after to_empty
+    want_buffers = dict(ref.named_buffers())
+    for name, buf in ours.named_buffers():  # position_ids, rope inv_freq, embed_scale rebuilt
+        assert torch.equal(buf, want_buffers[name]), name
+    cfg = load_config(pg2_dir)
+    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 41, 108]])
+    pv = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pv, token_type_ids=torch.zeros_like(ids)).logits
+        got = ours(input_ids=ids, pixel_values=pv, token_type_ids=torch.zeros_like(ids)).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,0 +1,35 @@
+"""`make demo`: write a full-size synthetic PaliGemma-3B checkpoint (once) and stream it into float16.
+
+Prints the load time and the peak RSS with its anon / file-backed split, sampled during the load.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.common import ensure_checkpoint, gb
+from lowmem_paligemma.loader import load_hf_model
+from lowmem_paligemma.profiler import MemoryProfiler
+
+
+def main() -> None:
+    path = ensure_checkpoint("fp32")
+    with MemoryProfiler(interval=0.05) as prof:
+        t0 = time.perf_counter()
+        model, tokenizer = load_hf_model(path, device="cpu", dtype=torch.float16)
+        seconds = time.perf_counter() - t0
+        prof.mark("done")
+    peak, final = prof.peak(), prof.timeline().samples[-1]
+    n_params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"checkpoint : {path} (float32, {len(list(path.glob('*.safetensors')))} shards)")
+    print(f"model      : {n_params:,} params, float16, {gb(model_bytes)} GB; tokenizer {len(tokenizer):,} tokens")
+    print(f"load time  : {seconds:.1f} s")
+    print(f"peak RSS   : {gb(peak.rss)} GB (anon {gb(peak.anon)}, file {gb(peak.file)}); VmHWM {gb(peak.hwm)} GB")
+    print(f"final RSS  : {gb(final.rss)} GB (anon {gb(final.anon)}, file {gb(final.file)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Next-token choice from logits: small pure functions with an explicit `torch.Generator`.
+
+Temperature 0 means greedy (big_vision's and HF's default for PaliGemma, SPEC §4.4). Otherwise the order is
+temperature -> top-k -> top-p -> `torch.multinomial`, the order of HF's default warpers. All math is float32
+whatever the logits' dtype: bf16 softmax tails are too coarse to sample from. Filters return float32 logits
+with removed tokens set to -inf. Ties are broken towards the lower token id everywhere (a stable sort), so
+the same logits always give the same kept set.
+
+Axis legend: B: batch, V: vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# A head whose mass equals p in exact arithmetic (0.5 + 0.3 = 0.8) can land a few ulps short of p after a
+# float32 softmax; mass within this tolerance of p counts as reaching it, so no extra token slips in.
+_TOP_P_TOLERANCE = 1e-6
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    # (B, V) -> (B,); torch.argmax returns the first maximal index, i.e. the lower id on ties.
+    return logits.argmax(dim=-1)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, V) logits / temperature in float32; temperature must be > 0 (0 is greedy, handled by the caller)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0 here, got {temperature}")
+    return logits.float() / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits per row (ties to the lower id), -inf elsewhere; k > V keeps all."""
+    _check_top_k(k)
+    logits = logits.float()
+    if k >= logits.shape[-1]:
+        return logits
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (B, V)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+    return logits.masked_fill(~keep, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: per row keep the smallest set of most probable tokens whose total probability >= p.
+
+    The top token is always kept; among equal probabilities the lower id comes first, so at most one tied
+    token is cut at the boundary, always the same one. p = 1 keeps every token.
+    """
+    _check_top_p(p)
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)  # (B, V) float32
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    # Mass strictly before each sorted token, summed in float64 so a 257k-token tail adds no drift.
+    before = torch.cumsum(sorted_probs.double(), dim=-1) - sorted_probs.double()
+    keep_sorted = before < p - _TOP_P_TOLERANCE  # token i is needed while the mass before it falls short of p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, -math.inf)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) int64 token ids. temperature 0 is greedy and ignores top_k / top_p."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape [B, V], got {list(logits.shape)}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        _check_top_k(top_k)
+    if top_p is not None:
+        _check_top_p(top_p)
+    if temperature == 0:
+        return greedy(logits)
+    logits = apply_temperature(logits, temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V) float32; filtered tokens have probability 0
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _check_top_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+
+
+def _check_top_p(p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
