@@ -1,0 +1,41 @@
+TORCH_VERSION ?= 2.13.0
+PY ?= python3
+VENV = .venv
+STAMP = $(VENV)/.installed
+
+.PHONY: install test lint format demo bench clean distclean
+
+install: $(STAMP)
+
+# torch first, pinned: `pip install torch==2.13.0` takes the CPU wheel this machine provides; a bare `torch`
+# requirement resolved on its own would pull the newest CUDA build (several GB).
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: install
+	$(VENV)/bin/python -m bench.demo
+
+bench: install
+	$(VENV)/bin/python bench/load_memory.py
+	$(VENV)/bin/python bench/generate_speed.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny random PaliGemma checkpoints in the Hub layout, written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lowmem_paligemma.synth import tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_pg1_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 tiny PaliGemma (Gemma 1 decoder, `config.tiny()`), ~100 KB shards + index + tokenizer."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_pg1"), gemma2=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pg2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 tiny PaliGemma 2 (Gemma 2 decoder, `config.tiny(gemma2=True)`), ~100 KB shards + index + tokenizer."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_pg2"), gemma2=True)
