@@ -1,0 +1,417 @@
+"""CLI through CliRunner on tiny checkpoints: every command runs, outputs equal the library's, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from lowmem_paligemma import cli
+from lowmem_paligemma.cli import DEFAULT_DTYPE, DTYPES, format_size, main, parse_size
+from lowmem_paligemma.config import PRESETS
+from lowmem_paligemma.generate import generate
+from lowmem_paligemma.loader import load_model, read_checkpoint
+from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.processor import Processor
+from lowmem_paligemma.profiler import Timeline
+from lowmem_paligemma.synth import tiny_checkpoint
+from lowmem_paligemma.tasks import write_synthetic_vae_npz
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args: object, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def assert_user_error(result: Result) -> str:
+    """Non-zero exit through SystemExit, no traceback, exactly one `Error:` line on stderr; returns that line."""
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    a = d / "a.png"  # 64 x 32: loc bins map to whole pixels (1024 bins / 16 = 64 / 1 = ...)
+    Image.fromarray((rng.random((32, 64, 3)) * 255).astype(np.uint8)).save(a)
+    b = d / "b.png"
+    gradient = np.linspace(0, 255, 48 * 48 * 3).reshape(48, 48, 3)
+    Image.fromarray(255 - gradient.astype(np.uint8)).save(b)
+    bad = d / "bad.png"
+    bad.write_text("this is not an image\n")
+    return {"a": a, "b": b, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def vae_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_vae_npz(tmp_path_factory.mktemp("vae") / "vae-oid.npz")
+
+
+def library_answer(model_dir: Path, image: Path, prompt: str, dtype: torch.dtype, **sampling) -> tuple[list[int], str]:
+    """What the library gives without the CLI: load, process, generate from pixel values, decode."""
+    model = load_model(model_dir, dtype=dtype)
+    processor = Processor.from_pretrained(model_dir)
+    x = processor(image, prompt)
+    ids = list(generate(model, x["input_ids"], x["token_type_ids"], pixel_values=x["pixel_values"], **sampling))
+    return ids, processor.decode(ids)
+
+
+class EncodeCounter:
+    """Counts vision-tower runs, whichever path (encode_image or forward with pixel values) triggers them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = PaliGemmaForConditionalGeneration.encode_image
+
+        def counting(model: PaliGemmaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return original(model, pixel_values)
+
+        monkeypatch.setattr(PaliGemmaForConditionalGeneration, "encode_image", counting)
+
+
+# --- generate -------------------------------------------------------------------------------------------------------
+
+
+def test_generate_streams_text_and_reports_on_stderr(tiny_pg1_dir, images):
+    result = ok(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8))
+    assert result.stdout.strip()
+    for word in ("loaded", "prefill", "tokens/s", "peak RSS", "anon", "file"):
+        assert word in result.stderr
+    assert "loaded" not in result.stdout and "peak RSS" not in result.stdout
+
+
+@pytest.mark.parametrize("which", ["pg1", "pg2"])
+@pytest.mark.parametrize(
+    "options, sampling",
+    [
+        ([], {}),
+        (["--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "7"],
+         {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 7}),
+    ],
+    ids=["greedy", "sampled"],
+)  # fmt: skip
+def test_generate_equals_library(which, options, sampling, tiny_pg1_dir, tiny_pg2_dir, images):
+    model_dir = tiny_pg1_dir if which == "pg1" else tiny_pg2_dir
+    prompt, n = "answer en what is in the picture?", 12
+    ids, text = library_answer(model_dir, images["a"], prompt, torch.float32, max_new_tokens=n, **sampling)
+    assert len(ids) > 1 and text  # a degenerate answer would prove nothing
+    args = ["generate", model_dir, images["a"], prompt, "--dtype", "float32", "--max-new-tokens", n, *options]
+    assert ok(run(*args)).stdout == text + "\n"
+    record = json.loads(ok(run(*args, "--json")).stdout)
+    assert (record["output"], record["tokens"], record["prompt"]) == (text, len(ids), prompt)
+    assert record["peak_rss"] > 0 and record["load_s"] >= 0 and record["prefill_s"] > 0
+
+
+def test_sampling_options_change_the_output(tiny_pg1_dir, images):
+    # Makes the sampled case above meaningful: the options reach the sampler.
+    common = ["generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 12]
+    greedy = ok(run(*common)).stdout
+    sampled = ok(run(*common, "--temperature", "5", "--seed", "1")).stdout
+    assert ok(run(*common, "--temperature", "5", "--seed", "1")).stdout == sampled
+    assert sampled != greedy
+
+
+def test_generate_uses_the_default_dtype(tiny_pg2_dir, images):
+    _, text = library_answer(tiny_pg2_dir, images["b"], "caption en", DTYPES[DEFAULT_DTYPE], max_new_tokens=10)
+    assert ok(run("generate", tiny_pg2_dir, images["b"], "caption en", "--max-new-tokens", 10)).stdout == text + "\n"
+    assert f"({DEFAULT_DTYPE} on cpu)" in run("generate", tiny_pg2_dir, images["b"], "caption en").stderr
+
+
+def _fixed_output(monkeypatch: pytest.MonkeyPatch, model_dir: Path, text: str) -> None:
+    """Make the CLI's generate() yield the tokens of `text` + EOS: a known detect / segment answer."""
+    tokenizer = Processor.from_pretrained(model_dir).tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [1]
+    monkeypatch.setattr(cli, "generate", lambda *args, **kwargs: iter(ids))
+
+
+SEG = "".join(f"<seg{i:03d}>" for i in range(0, 128, 8))
+DETECTIONS = f"<loc0256><loc0128><loc0768><loc0512> cat ; <loc0000><loc0000><loc0512><loc0512>{SEG} dog"
+
+
+def test_draw_lists_boxes_in_pixels_and_writes_png(tiny_pg1_dir, images, vae_npz, tmp_path, monkeypatch):
+    _fixed_output(monkeypatch, tiny_pg1_dir, DETECTIONS)
+    out = tmp_path / "drawn.png"
+    result = ok(run("generate", tiny_pg1_dir, images["a"], "segment cat ; dog", "--draw", out, "--vae", vae_npz))
+    assert result.stdout.strip() == DETECTIONS
+    # a.png is 64 x 32: x = bin / 1024 * 64, y = bin / 1024 * 32.
+    assert "cat: (8, 8, 32, 24)" in result.stderr
+    assert "dog: (0, 0, 32, 16) + mask" in result.stderr
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    drawn, original = Image.open(out), Image.open(images["a"]).convert("RGB")
+    assert drawn.size == original.size
+    assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original))
+
+    record = json.loads(ok(run("generate", tiny_pg1_dir, images["a"], "segment x", "--draw", out, "--json")).stdout)
+    assert [(d["label"], d["box"], d["mask"]) for d in record["detections"]] == [
+        ("cat", [8, 8, 32, 24], False),
+        ("dog", [0, 0, 32, 16], False),
+    ]
+
+
+def test_draw_without_vae_names_the_missing_masks(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    _fixed_output(monkeypatch, tiny_pg1_dir, DETECTIONS)
+    result = ok(run("generate", tiny_pg1_dir, images["a"], "segment dog", "--draw", tmp_path / "x.png"))
+    assert "--vae" in result.stderr and "+ mask" not in result.stderr
+
+
+def test_draw_on_real_model_output(tiny_pg2_dir, images, tmp_path):
+    out = tmp_path / "real.png"
+    result = ok(run("generate", tiny_pg2_dir, images["b"], "detect cat", "--draw", out))
+    assert "object(s) drawn on" in result.stderr
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+# --- chat -----------------------------------------------------------------------------------------------------------
+
+
+def test_chat_encodes_each_image_once(tiny_pg1_dir, images, monkeypatch):
+    dtype, n = torch.float32, 10
+    want = [
+        library_answer(tiny_pg1_dir, images["a"], "caption en", dtype, max_new_tokens=n)[1],
+        library_answer(tiny_pg1_dir, images["a"], "answer en what colour?", dtype, max_new_tokens=n)[1],
+        library_answer(tiny_pg1_dir, images["b"], "caption en", dtype, max_new_tokens=n)[1],
+    ]
+    assert want[0] != want[2]  # otherwise the image switch would go unseen
+    counter = EncodeCounter(monkeypatch)
+    script = f"caption en\n\nanswer en what colour?\n:image {images['b']}\ncaption en\n:quit\ncaption en\n"
+    result = ok(run("chat", tiny_pg1_dir, images["a"], "--dtype", "float32", "--max-new-tokens", n, input=script))
+    assert result.stdout == "".join(t + "\n" for t in want)  # nothing after :quit
+    assert counter.calls == 2
+    assert result.stderr.count("tokens/s") == 3
+
+
+def test_chat_ends_at_eof_and_survives_bad_lines(tiny_pg1_dir, images):
+    script = f":image {images['bad']}\n:nonsense\nbad <image> prompt\ncaption en"  # no :quit, no final newline
+    result = ok(run("chat", tiny_pg1_dir, images["a"], "--max-new-tokens", 4, input=script))
+    assert result.stderr.count("Error:") == 3
+    assert "keeping the current image" in result.stderr
+    assert result.stderr.count("tokens/s") == 1 and result.stdout.endswith("\n")
+
+
+# --- profile --------------------------------------------------------------------------------------------------------
+
+
+def test_profile_writes_timeline_and_plot(tiny_pg2_dir, images, tmp_path):
+    out = tmp_path / "prof"
+    result = ok(run("profile", tiny_pg2_dir, images["a"], "caption en", "--out", out, "--max-new-tokens", 6))
+    timeline = Timeline.from_json(out / "profile.json")
+    names = [m.name for m in timeline.marks]
+    for phase in ("load", "encode", "prefill", "decode"):
+        assert phase in names and f"{phase} done" in names
+    assert names.index("load done") < names.index("prefill") < names.index("decode done")
+    assert timeline.meta["model_bytes"] > 0 and timeline.peak().rss > 0
+    assert (out / "profile.png").read_bytes().startswith(PNG_MAGIC)
+    assert "peak RSS" in result.stdout and "profile.json" in result.stdout
+
+
+# --- synth and convert ----------------------------------------------------------------------------------------------
+
+
+def _params(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in load_model(model_dir, dtype=dtype).named_parameters()}
+
+
+def test_synth_tiny_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "synth"
+    args = ["synth", out, "--tiny", "--gemma2", "--dtype", "bfloat16", "--max-shard-size", "50KB", "--seed", 1]
+    assert ok(run(*args)).stdout.strip() == str(out)
+    entries = read_checkpoint(out)
+    assert {e.dtype for e in entries.values()} == {torch.bfloat16}
+    by_file: dict[Path, list[int]] = {}
+    for e in entries.values():
+        by_file.setdefault(e.path, []).append(e.nbytes)
+    assert len(by_file) > 1 and all(sum(s) <= 50_000 or len(s) == 1 for s in by_file.values())
+    assert load_model(out).cfg.is_gemma2
+    # The seed reaches the writer: same numbers as the library's seed-1 checkpoint, not the seed-2 one.
+    got = _params(out, torch.bfloat16)
+    same = _params(tiny_checkpoint(tmp_path / "ref1", gemma2=True, seed=1), torch.bfloat16)
+    other = _params(tiny_checkpoint(tmp_path / "ref2", gemma2=True, seed=2), torch.bfloat16)
+    assert all(torch.equal(got[k], same[k]) for k in got)
+    assert not all(torch.equal(got[k], other[k]) for k in got)
+
+
+def test_synth_preset_passes_the_options(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "write_checkpoint", lambda out, cfg, **kw: calls.append((cfg, kw)) or Path(out))
+    ok(run("synth", tmp_path / "big", "--preset", "paligemma2-3b-448", "--dtype", "float16", "--max-shard-size", "2GB"))
+    (cfg, kw), = calls  # fmt: skip
+    assert cfg is PRESETS["paligemma2-3b-448"]
+    assert (kw["dtype"], kw["max_shard_bytes"], kw["seed"]) == (torch.float16, 2_000_000_000, 0)
+
+
+def test_convert_rewrites_dtype_and_shards(tiny_pg1_dir, tmp_path):
+    dst = tmp_path / "fp16"
+    assert ok(
+        run("convert", tiny_pg1_dir, dst, "--dtype", "float16", "--max-shard-size", "200KB")
+    ).stdout.strip() == str(dst)
+    entries = read_checkpoint(dst)
+    assert {e.dtype for e in entries.values()} == {torch.float16}
+    assert len({e.path for e in entries.values()}) > 1
+    got, want = _params(dst, torch.float16), _params(tiny_pg1_dir, torch.float16)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert "destination exists" in assert_user_error(run("convert", tiny_pg1_dir, dst))
+
+
+# --- batch ----------------------------------------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_batch_writes_jsonl_skips_bad_images_and_resumes(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(images["a"], folder / "a.png")
+    Image.open(images["b"]).convert("RGB").save(folder / "b.jpg")
+    shutil.copy(images["bad"], folder / "broken.png")
+    (folder / "notes.txt").write_text("not an image, and not an image name either")
+    (folder / "sub.png").mkdir()  # a directory with an image name is not an image
+    results = tmp_path / "out" / "results.jsonl"
+    prompt, n = "caption en", 8
+    args = ["batch", tiny_pg1_dir, folder, prompt, "--out", results, "--dtype", "float32", "--max-new-tokens", n]
+
+    first = ok(run(*args))
+    records = _records(results)
+    assert [r["image"] for r in records] == ["a.png", "b.jpg", "broken.png"]
+    _, want_a = library_answer(tiny_pg1_dir, folder / "a.png", prompt, torch.float32, max_new_tokens=n)
+    assert records[0]["output"] == want_a and records[0]["prompt"] == prompt
+    assert records[0]["tokens"] > 0 and records[0]["seconds"] > 0
+    assert set(records[2]) == {"image", "error"} and "broken.png" in first.stderr
+
+    # Resume after a run killed mid-line: only the new image is done, on a line of its own.
+    shutil.copy(images["b"], folder / "c.png")
+    with results.open("a") as f:
+        f.write('{"image": "torn')
+    before = results.read_text()
+    counter = EncodeCounter(monkeypatch)
+    ok(run(*args))
+    assert counter.calls == 1
+    assert results.read_text().startswith(before + "\n")
+    assert [r["image"] for r in _records(results)] == ["a.png", "b.jpg", "broken.png", "c.png"]
+
+    again = ok(run(*args))
+    assert counter.calls == 1 and "4 already in" in again.stderr
+
+
+# --- errors and help ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoint(tiny_pg1_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("broken") / "model"
+    shutil.copytree(tiny_pg1_dir, d)
+    shard = sorted(d.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated download
+    return d
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing model dir", "empty model dir", "truncated shard", "missing image", "not an image", "empty prompt",
+        "image token in prompt", "unknown option", "bad dtype", "negative max-new-tokens", "top-p above 1",
+        "nan temperature", "vae without draw", "batch empty prompt", "batch missing folder", "chat not an image",
+        "profile without --out", "synth bad size", "synth preset and tiny", "synth gemma2 with preset",
+        "synth nonempty dir", "no command option",
+    ],
+)  # fmt: skip
+def test_expected_failures_are_one_error_line(case, tiny_pg1_dir, broken_checkpoint, images, tmp_path):
+    m, a = tiny_pg1_dir, images["a"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    args = {
+        "missing model dir": ["generate", tmp_path / "nope", a, "caption en"],
+        "empty model dir": ["generate", empty, a, "caption en"],
+        "truncated shard": ["generate", broken_checkpoint, a, "caption en"],
+        "missing image": ["generate", m, tmp_path / "nope.png", "caption en"],
+        "not an image": ["generate", m, images["bad"], "caption en"],
+        "empty prompt": ["generate", m, a, "  \t "],
+        "image token in prompt": ["generate", m, a, "<image> caption en"],
+        "unknown option": ["generate", m, a, "caption en", "--bogus"],
+        "bad dtype": ["generate", m, a, "caption en", "--dtype", "int8"],
+        "negative max-new-tokens": ["generate", m, a, "caption en", "--max-new-tokens", "-1"],
+        "top-p above 1": ["generate", m, a, "caption en", "--top-p", "1.5"],
+        "nan temperature": ["generate", m, a, "caption en", "--temperature", "nan"],
+        "vae without draw": ["generate", m, a, "caption en", "--vae", a],
+        "batch empty prompt": ["batch", m, images["a"].parent, "", "--out", tmp_path / "r.jsonl"],
+        "batch missing folder": ["batch", m, tmp_path / "nope", "caption en", "--out", tmp_path / "r.jsonl"],
+        "chat not an image": ["chat", m, images["bad"]],
+        "profile without --out": ["profile", m, a, "caption en"],
+        "synth bad size": ["synth", tmp_path / "s", "--tiny", "--max-shard-size", "5 parsecs"],
+        "synth preset and tiny": ["synth", tmp_path / "s", "--tiny", "--preset", "paligemma-3b-224"],
+        "synth gemma2 with preset": ["synth", tmp_path / "s", "--preset", "paligemma-3b-224", "--gemma2"],
+        "synth nonempty dir": ["synth", tmp_path / "full", "--tiny"],
+        "no command option": ["generate", "--no-such-thing"],
+    }[case]
+    line = assert_user_error(run(*args))
+    assert len(line) < 300
+
+
+def test_errors_name_the_problem(tiny_pg1_dir, broken_checkpoint, images, tmp_path):
+    assert "not a readable image" in assert_user_error(run("generate", tiny_pg1_dir, images["bad"], "caption en"))
+    assert "prompt is empty" in assert_user_error(run("generate", tiny_pg1_dir, images["a"], ""))
+    assert "model-" in assert_user_error(run("generate", broken_checkpoint, images["a"], "caption en"))
+    assert "config.json" in assert_user_error(run("generate", tmp_path, images["a"], "caption en"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused(tiny_pg1_dir, images):
+    assert "CUDA" in assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--device", "cuda"))
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["profile"], ["batch"], ["synth"], ["convert"]])
+def test_help(command):
+    result = ok(run(*command, "--help"))
+    assert result.stdout.startswith("Usage:") and len(result.stdout.splitlines()) > 5
+
+
+def test_version():
+    assert "lowmem-paligemma" in ok(run("--version")).stdout
+
+
+@pytest.mark.parametrize(
+    "text, n", [("5GB", 5 * 10**9), ("100KB", 100_000), ("1.5MB", 1_500_000), ("2GiB", 2 * 2**30), ("4096", 4096)]
+)
+def test_sizes(text, n):
+    assert parse_size(text) == n
+    assert parse_size(format_size(n)) == n
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5GB", "5 parsecs", "GB", "nan"])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_tokens_per_second_ignores_the_prefill_token():
+    gen = cli.Generation("x", [5, 6, 7], prompt_tokens=20, prefill_s=1.0, decode_s=0.5)
+    assert math.isclose(gen.tokens_per_s, 4.0)
+    assert cli.Generation("x", [5], 20, 1.0, 0.0).tokens_per_s is None
