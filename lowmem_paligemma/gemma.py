@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GemmaConfig
+from .ops import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -77,10 +78,10 @@ class GemmaAttention(nn.Module):
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcap
         d, n, k = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.q_proj = nn.Linear(d, n, bias=False)
-        self.k_proj = nn.Linear(d, k, bias=False)
-        self.v_proj = nn.Linear(d, k, bias=False)
-        self.o_proj = nn.Linear(n, d, bias=False)
+        self.q_proj = Linear(d, n, bias=False)
+        self.k_proj = Linear(d, k, bias=False)
+        self.v_proj = Linear(d, k, bias=False)
+        self.o_proj = Linear(n, d, bias=False)
 
     def forward(
         self,
@@ -114,9 +115,9 @@ class GemmaAttention(nn.Module):
 class GemmaMLP(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -185,7 +186,7 @@ class GemmaForCausalLM(nn.Module):
         self.final_logit_softcap = cfg.final_logit_softcap
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.model.embed_tokens.weight)  # (B, T, V): x @ E^T
+        out = linear(hidden, self.model.embed_tokens.weight)  # (B, T, V): x @ E^T
         if self.final_logit_softcap is not None:
             out = torch.tanh(out / self.final_logit_softcap) * self.final_logit_softcap
         return out

@@ -17,13 +17,14 @@ from torch import nn
 
 from .config import PaliGemmaConfig
 from .gemma import GemmaForCausalLM, KVCache
+from .ops import Linear
 from .siglip import SiglipVisionModel
 
 
 class PaliGemmaMultiModalProjector(nn.Module):
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
-        self.linear = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim)  # no activation (gelu_fast is unused)
+        self.linear = Linear(cfg.vision.hidden_size, cfg.projection_dim)  # no activation (gelu_fast is unused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)

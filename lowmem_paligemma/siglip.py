@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SiglipConfig
+from .ops import Linear
 
 
 class SiglipEmbeddings(nn.Module):
@@ -39,8 +40,8 @@ class SiglipAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj, self.k_proj, self.v_proj = Linear(d, d), Linear(d, d), Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -58,8 +59,8 @@ class SiglipAttention(nn.Module):
 class SiglipMLP(nn.Module):
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_pytorch_tanh (SPEC §3.4)
