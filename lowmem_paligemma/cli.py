@@ -44,9 +44,7 @@ from .processor import (
     ImageError,
     Processor,
     TokenizerError,
-    build_prompt,
     load_image,
-    preprocess_image,
     to_rgb,
 )
 from .profiler import MemoryProfiler, Peak, Timeline
@@ -172,18 +170,12 @@ def load_session(
 
 def encode(session: Session, image: Image.Image) -> torch.Tensor:
     """(1, N, D) image features: computed once per image and reused by every prompt on it."""
-    return encode_image(session.model, preprocess_image(image, session.processor.image_size)[None])
-
-
-def prompt_inputs(processor: Processor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (1, L), token_type_ids (1, L)) for `prompt` after the image tokens (SPEC §4.2)."""
-    p = processor
-    return build_prompt(p.tokenizer, prompt, p.num_image_tokens, p.image_token_index, p.bos_token_id)
+    return encode_image(session.model, session.processor.pixel_values(image))
 
 
 @dataclass
 class Generation:
-    text: str  # decoded with special tokens skipped (<loc>/<seg> survive, SPEC §4.3)
+    text: str  # decoded with special tokens skipped (<loc>/<seg> survive)
     token_ids: list[int]  # as generated, including a final EOS
     prompt_tokens: int
     prefill_s: float  # prompt in, first token out
@@ -219,7 +211,7 @@ def run_prompt(
     `phase(name)` wraps the "prefill" (prompt in, first token out) and "decode" (the rest) steps, e.g. with
     `MemoryProfiler.phase`.
     """
-    input_ids, token_type_ids = prompt_inputs(session.processor, prompt)
+    input_ids, token_type_ids = session.processor.prompt_inputs(prompt)
     tokens = generate(
         session.model,
         input_ids,
@@ -653,7 +645,7 @@ def generate_command(
     """Answer PROMPT about IMAGE; the answer streams to stdout, timings and memory go to stderr.
 
     \b
-    Prompts (SPEC §4.2): "caption en", "answer en what is on the table?", "ocr",
+    Prompts: "caption en", "answer en what is on the table?", "ocr",
     "detect cat ; dog" or "segment cat" (with --draw out.png).
     """
     if vae is not None and draw is None:

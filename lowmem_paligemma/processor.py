@@ -129,22 +129,24 @@ class Processor:
             eos_token_id=cfg.eos_token_ids[0],
         )
 
+    def prompt_inputs(self, prompt: str, suffix: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids (1, L), token_type_ids (1, L)): image tokens, BOS, prompt, "\\n" (+ suffix, EOS)."""
+        return build_prompt(
+            self.tokenizer, prompt, self.num_image_tokens, self.image_token_index, self.bos_token_id,
+            suffix=suffix, eos_id=self.eos_token_id,
+        )  # fmt: skip
+
+    def pixel_values(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """(1, 3, S, S) float32 in [-1, 1]."""
+        img = image if isinstance(image, Image.Image) else load_image(image)
+        return preprocess_image(img, self.image_size)[None]
+
     def __call__(
         self, image: Image.Image | str | Path, prompt: str, suffix: str | None = None
     ) -> dict[str, torch.Tensor]:
         """input_ids (1, L), token_type_ids (1, L), pixel_values (1, 3, S, S)."""
-        img = image if isinstance(image, Image.Image) else load_image(image)
-        input_ids, token_type_ids = build_prompt(
-            self.tokenizer,
-            prompt,
-            self.num_image_tokens,
-            self.image_token_index,
-            self.bos_token_id,
-            suffix=suffix,
-            eos_id=self.eos_token_id,
-        )
-        pixel_values = preprocess_image(img, self.image_size)[None]
-        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "pixel_values": pixel_values}
+        input_ids, token_type_ids = self.prompt_inputs(prompt, suffix)
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "pixel_values": self.pixel_values(image)}
 
     def decode(self, ids: torch.Tensor | list[int], skip_special_tokens: bool = True) -> str:
         # loc/seg tokens are not special: they survive skip_special_tokens=True for detection/segmentation parsing.
