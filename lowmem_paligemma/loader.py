@@ -7,9 +7,10 @@ How a tensor travels (docs/architecture.md has the picture):
    `to_empty` would commit every page twice), then `to_empty` allocates it once, uninitialised.
 3. Checkpoint keys are normalised (the four writers' prefixes, SPEC §2.3) and matched 1:1 against
    the parameters: missing, unexpected and wrong-shape keys are one readable error, before any read.
-4. Shards are opened one at a time with safetensors' `pread` backend (no mmap: no file-backed RSS
-   residue) and each tensor is copied into its parameter in row chunks of at most `chunk_bytes`, so
-   a float32 embedding (2.1 GB) never exists whole; the dtype conversion happens inside `copy_`.
+4. Shards are opened one at a time and read with explicit `pread`s at the offsets the header gave (no
+   mmap: no file-backed RSS residue). A tensor stored in the target dtype is read straight into its
+   parameter; any other is read in chunks of at most `chunk_bytes` into one reused buffer and converted
+   by `copy_`, so a float32 embedding (2.1 GB) never exists whole.
 5. Buffers: our model has none (rope tables and positions are computed on the fly); a module that
    has some gets them rebuilt by the caller's `repair` hook after materialisation.
 The output head is the embedding table itself, so tying cannot be lost.
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import ConfigError, PaliGemmaConfig, load_config
@@ -236,20 +236,37 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
     return model.to_empty(device=device)
 
 
-def _copy_entry(f, entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> None:
-    """Copy one tensor into `dest` in row chunks of at most chunk_bytes (source dtype)."""
-    view = f.get_slice(entry.key)
-    if len(entry.shape) == 0:
-        dest.copy_(view[...])
+def _pread_into(fd: int, out: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill the bytes of the contiguous CPU tensor `out` from `fd` at `offset` (short reads retried)."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{path}: file ends at byte {offset + done}, inside a tensor (truncated?)")
+        done += n
+
+
+def _copy_entry(fd: int, entry: TensorEntry, dest: torch.Tensor, buffer: torch.Tensor) -> None:
+    """Copy one tensor into `dest` through explicit reads of at most len(buffer) bytes at a time.
+
+    Same dtype on the CPU: the bytes land in the parameter itself, no temporary at all. Otherwise each
+    chunk is read into the reused `buffer` (source dtype) and converted by `copy_` into the final pages.
+    (safetensors' `get_slice` was measured reading the whole tensor with the pread backend, and the mmap
+    backend leaves file-backed pages resident while a shard is open; explicit reads have neither.)
+    """
+    flat = dest.view(-1)  # parameters are contiguous after to_empty
+    if entry.numel == 0:
         return
-    row_bytes = max(1, entry.nbytes // max(1, entry.shape[0]))
-    rows = max(1, chunk_bytes // row_bytes)
-    n = entry.shape[0]
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)  # safetensors refuses slices past the end
-        chunk = view[r0:r1]  # pread of these rows only
-        dest[r0:r1].copy_(chunk)  # dtype conversion happens here, into the final pages
-        del chunk
+    if entry.dtype == dest.dtype and dest.device.type == "cpu":
+        _pread_into(fd, flat, entry.offset, entry.path)
+        return
+    step = max(1, buffer.numel() // entry.dtype.itemsize)  # elements per chunk
+    for e0 in range(0, entry.numel, step):
+        e1 = min(entry.numel, e0 + step)
+        chunk = buffer[: (e1 - e0) * entry.dtype.itemsize].view(entry.dtype)
+        _pread_into(fd, chunk, entry.offset + e0 * entry.dtype.itemsize, entry.path)
+        flat[e0:e1].copy_(chunk)  # dtype conversion (and host-to-device copy) happens here
 
 
 def _by_file(plan: dict[str, TensorEntry]) -> dict[Path, list[tuple[str, TensorEntry]]]:
@@ -273,20 +290,27 @@ def stream_into(
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
 ) -> None:
-    """Fill every planned parameter in place, one shard open at a time."""
+    """Fill every planned parameter in place, one shard open at a time, tensors in file order."""
     params = dict(model.named_parameters())
     by_file = _by_file(plan)
+    buffer = torch.empty(chunk_bytes, dtype=torch.uint8)  # the one bounded temporary, reused for every chunk
     with torch.no_grad(), _progress_bar(plan, progress) as bar:
         for i, (path, items) in enumerate(by_file.items(), 1):
             if on_phase:
                 on_phase(f"shard {i}/{len(by_file)}")
             try:
-                with safe_open(path, framework="pt", device="cpu", backend="pread") as f:
-                    for name, entry in items:
-                        _copy_entry(f, entry, params[name], chunk_bytes)
-                        bar.update(entry.nbytes)
-            except Exception as e:  # safetensors raises its own error types; name the file on one line
-                raise CheckpointError(f"{path}: read failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: the file is read once
+                for name, entry in sorted(items, key=lambda item: item[1].offset):
+                    _copy_entry(fd, entry, params[name], buffer)
+                    bar.update(entry.nbytes)
+            except OSError as e:
+                raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
+            finally:
+                os.close(fd)
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -1,0 +1,180 @@
+"""Malformed checkpoints: each case is one readable error naming the file, raised before any allocation."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import lowmem_paligemma.loader as loader
+from lowmem_paligemma.cli import main
+from lowmem_paligemma.loader import CheckpointError, load_model
+
+
+@pytest.fixture
+def ckpt(tiny_pg1_dir, tmp_path):
+    """A private copy of the tiny checkpoint to break."""
+    return shutil.copytree(tiny_pg1_dir, tmp_path / "ckpt")
+
+
+def _shards(d):
+    return sorted(d.glob("model-*.safetensors"))
+
+
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def _truncate(d):
+    path = _shards(d)[0]
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _header_too_long(d):
+    path = _shards(d)[0]
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", len(raw) * 2) + raw[8:])
+
+
+def _overlap(d):
+    def edit(h):
+        keys = [k for k in h if k != "__metadata__"]
+        begin, end = h[keys[1]]["data_offsets"]
+        start = h[keys[0]]["data_offsets"][0] + 4  # same length, now starting inside the first tensor
+        h[keys[1]]["data_offsets"] = [start, start + end - begin]
+
+    _rewrite_header(_shards(d)[-1], edit)  # the last shard holds many small tensors
+
+
+def _out_of_range(d):
+    def edit(h):
+        k = _first_tensor(h)
+        begin, end = h[k]["data_offsets"]
+        h[k]["data_offsets"] = [begin + 10**9, end + 10**9]
+
+    _rewrite_header(_shards(d)[0], edit)
+
+
+def _unknown_dtype(d):
+    _rewrite_header(_shards(d)[0], lambda h: h[_first_tensor(h)].update(dtype="F8_E4M3X"))
+
+
+def _shape_vs_bytes(d):
+    _rewrite_header(_shards(d)[0], lambda h: h[_first_tensor(h)].update(shape=[3, 5, 7]))
+
+
+def _not_json(d):
+    path = _shards(d)[0]
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    path.write_bytes(raw[:8] + b"{" * n + raw[8 + n :])
+
+
+def _missing_shard(d):
+    _shards(d)[-1].unlink()
+
+
+def _index_outside(d):
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = next(iter(data["weight_map"]))
+    data["weight_map"][key] = "../../etc/passwd"
+    index.write_text(json.dumps(data))
+
+
+def _bin_only(d):
+    for p in _shards(d):
+        p.unlink()
+    (d / "model.safetensors.index.json").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+
+
+def _broken_config(d):
+    (d / "config.json").write_text('{"model_type": "paligemma", "text_config": ')
+
+
+def _config_wrong_shape(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] += 1
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+CASES = {
+    "truncated shard": (_truncate, r"model-00001.*outside the data .*truncated"),
+    "header length beyond the file": (_header_too_long, r"model-00001.*header length .* past the end"),
+    "overlapping offsets": (_overlap, r"model-0000\d.*overlap"),
+    "out-of-range offsets": (_out_of_range, r"model-00001.*outside the data"),
+    "unknown dtype": (_unknown_dtype, r"model-00001.*unsupported dtype 'F8_E4M3X'"),
+    "shape vs bytes": (_shape_vs_bytes, r"model-00001.*shape \[3, 5, 7\] .* needs .* bytes"),
+    "header not JSON": (_not_json, r"model-00001.*not valid JSON"),
+    "missing shard": (_missing_shard, r"index.json: shard 'model-0000\d-of-0000\d.safetensors' is missing"),
+    "index outside the directory": (_index_outside, r"index.json: shard '../../etc/passwd' points outside"),
+    ".bin only": (_bin_only, r"only PyTorch pickle \(.bin\) weights .* never unpickled.*save_pretrained"),
+    "broken config.json": (_broken_config, r"config.json: not valid JSON"),
+    "config disagrees with the weights": (_config_wrong_shape, r"up_proj.weight' has shape .* expects"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_checkpoint_is_refused_before_allocation(ckpt, case, monkeypatch):
+    breaker, message = CASES[case]
+    breaker(ckpt)
+    allocated = []
+    original = loader.materialize
+    monkeypatch.setattr(loader, "materialize", lambda *a: allocated.append(1) or original(*a))
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(ckpt)
+    assert "\n" not in str(err.value)
+    assert allocated == []  # refused from the headers alone: no model was ever allocated
+
+
+@pytest.mark.parametrize("case", ["truncated shard", ".bin only", "broken config.json", "missing shard"])
+def test_cli_reports_one_line_and_exits_non_zero(ckpt, case, tmp_path):
+    from PIL import Image
+
+    CASES[case][0](ckpt)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    result = CliRunner().invoke(main, ["generate", str(ckpt), str(image), "caption en"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+
+
+def test_data_corrupted_after_validation_names_the_file(ckpt, monkeypatch):
+    """A read that fails mid-stream (file shrunk after the headers were read) is still one line with the file."""
+    real = loader.read_checkpoint
+
+    def shrink_then_read(d):
+        entries = real(d)
+        _truncate(d)
+        return entries
+
+    monkeypatch.setattr(loader, "read_checkpoint", shrink_then_read)
+    with pytest.raises(CheckpointError, match=r"model-00001.*file ends at byte \d+, inside a tensor"):
+        load_model(ckpt)
+
+
+def test_duplicate_tensor_across_shards(ckpt):
+    first = _shards(ckpt)[0]
+    save_file({"multi_modal_projector.linear.bias": torch.zeros(64)}, ckpt / "extra.safetensors")
+    index = ckpt / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["zzz"] = "extra.safetensors"
+    index.write_text(json.dumps(data))
+    assert first.exists()
+    with pytest.raises(CheckpointError, match=r"multi_modal_projector.linear.bias' is also stored in"):
+        load_model(ckpt)
