@@ -102,13 +102,16 @@ class GemmaAttention(nn.Module):
         if groups > 1:  # query head n reads kv head n // groups
             k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
             v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
-        w = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, T, S)
-        if self.softcap is not None:  # Gemma 2: cap before the mask (transformers eager, big_vision)
+        if self.softcap is None:  # Gemma 1: SDPA with the same additive mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, N, T, H)
+        else:  # Gemma 2: tanh cap on the scores before the mask (transformers eager, big_vision); SDPA can't
+            w = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, T, S)
             w = torch.tanh(w / self.softcap) * self.softcap
-        if mask is not None:
-            w = w + mask
-        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(w, v).transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
+            if mask is not None:
+                w = w + mask
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(w, v)  # (B, N, T, H)
+        out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
         return self.o_proj(out)
 
 

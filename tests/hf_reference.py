@@ -35,7 +35,8 @@ def write_hf_checkpoint(cfg: PaliGemmaConfig, out_dir: Path, seed: int = 0) -> P
     return out_dir
 
 
-def hf_load(model_dir: Path, dtype: torch.dtype):
+def hf_load(model_dir: Path, dtype: torch.dtype, attn: str | None = "eager"):
+    """The reference model; attn=None is transformers' default (SDPA for SigLIP and Gemma 1, eager for Gemma 2)."""
     from transformers import PaliGemmaForConditionalGeneration
 
-    return PaliGemmaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype).eval()
+    return PaliGemmaForConditionalGeneration.from_pretrained(model_dir, attn_implementation=attn, dtype=dtype).eval()

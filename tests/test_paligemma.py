@@ -32,17 +32,27 @@ def _inputs(cfg, batch=2, text=12):
     return ids, tt, am, pv
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logits_match_transformers(checkpoint, dtype):
+# Ours uses SDPA where there is no soft-cap, as transformers does by default; against that default it is
+# bit-equal in float32 and bfloat16. Against transformers' eager path the kernels round differently:
+# float32 stays within 1e-5, bfloat16 within bfloat16 noise amplified by the x3 test weights.
+@pytest.mark.parametrize(
+    "dtype, attn, tol",
+    [
+        (torch.float32, "eager", 1e-5),
+        (torch.float32, None, 0.0),
+        (torch.bfloat16, None, 0.0),
+        (torch.bfloat16, "eager", 0.3),
+    ],
+)
+def test_logits_match_transformers(checkpoint, dtype, attn, tol):
     cfg, path = checkpoint
     ids, tt, am, pv = _inputs(cfg)
-    ref, ours = hf_load(path, dtype), load_model(path, dtype=dtype)
+    ref, ours = hf_load(path, dtype, attn), load_model(path, dtype=dtype)
     with torch.no_grad():
         want = ref(input_ids=ids, pixel_values=pv, token_type_ids=tt, attention_mask=am).logits.float()
         got = ours(ids, pv, tt, am).float()
     assert got.shape == (2, ids.shape[1], cfg.text.vocab_size)
     assert want.abs().max() > 1.0  # not a degenerate model
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got - want).abs().max().item() <= tol
 
 
