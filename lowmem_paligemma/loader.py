@@ -22,7 +22,9 @@ import json
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,26 +249,41 @@ def _pread_into(fd: int, out: torch.Tensor, offset: int, path: Path) -> None:
         done += n
 
 
-def _copy_entry(fd: int, entry: TensorEntry, dest: torch.Tensor, buffer: torch.Tensor) -> None:
-    """Copy one tensor into `dest` through explicit reads of at most len(buffer) bytes at a time.
+READ_WORKERS = 4  # reads in flight: cold shards stream at 0.57 GB/s with one reader, ~1.7 GB/s with 2-8
 
-    Same dtype on the CPU: the bytes land in the parameter itself, no temporary at all. Otherwise each
-    chunk is read into the reused `buffer` (source dtype) and converted by `copy_` into the final pages.
-    (safetensors' `get_slice` was measured reading the whole tensor with the pread backend, and the mmap
-    backend leaves file-backed pages resident while a shard is open; explicit reads have neither.)
-    """
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One bounded read: `nbytes` at file `offset` into `dest` (a flat slice of a parameter)."""
+
+    offset: int
+    dest: torch.Tensor
+    dtype: torch.dtype  # stored dtype of the bytes
+
+
+def _chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> list[_Chunk]:
     flat = dest.view(-1)  # parameters are contiguous after to_empty
-    if entry.numel == 0:
+    step = max(1, chunk_bytes // entry.dtype.itemsize)  # elements per chunk
+    return [
+        _Chunk(entry.offset + e0 * entry.dtype.itemsize, flat[e0 : e0 + step], entry.dtype)
+        for e0 in range(0, entry.numel, step)
+    ]
+
+
+def _read_chunk(fd: int, path: Path, chunk: _Chunk, local: threading.local, chunk_bytes: int) -> None:
+    """Same dtype on the CPU: the bytes land in the parameter itself. Otherwise they are read into this
+    thread's reused staging buffer (source dtype) and `copy_` converts them into the final pages.
+    (safetensors' `get_slice` was measured reading the whole tensor with the pread backend, and the mmap
+    backend keeps touched pages resident while a shard is open; explicit reads have neither.)"""
+    if chunk.dtype == chunk.dest.dtype and chunk.dest.device.type == "cpu":
+        _pread_into(fd, chunk.dest, chunk.offset, path)
         return
-    if entry.dtype == dest.dtype and dest.device.type == "cpu":
-        _pread_into(fd, flat, entry.offset, entry.path)
-        return
-    step = max(1, buffer.numel() // entry.dtype.itemsize)  # elements per chunk
-    for e0 in range(0, entry.numel, step):
-        e1 = min(entry.numel, e0 + step)
-        chunk = buffer[: (e1 - e0) * entry.dtype.itemsize].view(entry.dtype)
-        _pread_into(fd, chunk, entry.offset + e0 * entry.dtype.itemsize, entry.path)
-        flat[e0:e1].copy_(chunk)  # dtype conversion (and host-to-device copy) happens here
+    if not hasattr(local, "buffer"):
+        local.buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
+    staged = local.buffer[: chunk.dest.numel() * chunk.dtype.itemsize].view(chunk.dtype)
+    _pread_into(fd, staged, chunk.offset, path)
+    with torch.no_grad():  # grad mode is per thread: this is a worker
+        chunk.dest.copy_(staged)  # dtype conversion (and host-to-device copy) happens here
 
 
 def _by_file(plan: dict[str, TensorEntry]) -> dict[Path, list[tuple[str, TensorEntry]]]:
@@ -289,12 +306,18 @@ def stream_into(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
+    workers: int = READ_WORKERS,
 ) -> None:
-    """Fill every planned parameter in place, one shard open at a time, tensors in file order."""
+    """Fill every planned parameter in place, one shard open at a time, chunks in file order.
+
+    `workers` threads keep that many reads in flight (pread and copy_ release the GIL); each converting
+    thread owns one staging buffer of chunk_bytes / workers, so chunk_bytes bounds all temporaries.
+    """
     params = dict(model.named_parameters())
-    by_file = _by_file(plan)
-    buffer = torch.empty(chunk_bytes, dtype=torch.uint8)  # the one bounded temporary, reused for every chunk
-    with torch.no_grad(), _progress_bar(plan, progress) as bar:
+    per_thread = max(1 << 20, chunk_bytes // workers)
+    local = threading.local()
+    with torch.no_grad(), _progress_bar(plan, progress) as bar, ThreadPoolExecutor(workers) as pool:
+        by_file = _by_file(plan)
         for i, (path, items) in enumerate(by_file.items(), 1):
             if on_phase:
                 on_phase(f"shard {i}/{len(by_file)}")
@@ -302,14 +325,21 @@ def stream_into(
                 fd = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+            futures = []
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: the file is read once
-                for name, entry in sorted(items, key=lambda item: item[1].offset):
-                    _copy_entry(fd, entry, params[name], buffer)
-                    bar.update(entry.nbytes)
+                ordered = sorted(items, key=lambda item: item[1].offset)
+                chunks = [c for name, entry in ordered for c in _chunks(entry, params[name], per_thread)]
+                futures = [pool.submit(_read_chunk, fd, path, c, local, per_thread) for c in chunks]
+                for chunk, future in zip(chunks, futures):
+                    future.result()  # re-raises the first failure
+                    bar.update(chunk.dest.numel() * chunk.dtype.itemsize)
             except OSError as e:
                 raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
-            finally:
+            finally:  # on failure: drop what has not started, let running reads finish, then close
+                for future in futures:
+                    future.cancel()
+                wait(futures)
                 os.close(fd)
 
 
