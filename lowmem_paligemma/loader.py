@@ -249,7 +249,7 @@ def _pread_into(fd: int, out: torch.Tensor, offset: int, path: Path) -> None:
         done += n
 
 
-READ_WORKERS = 4  # reads in flight: cold shards stream at 0.57 GB/s with one reader, ~1.7 GB/s with 2-8
+READ_WORKERS = 4  # reads in flight: a cold shard streams faster with several (docs/kernels.md, bench/kernels.py)
 
 
 @dataclass(frozen=True)
