@@ -30,6 +30,7 @@ demo: install
 	$(VENV)/bin/python -m bench.demo
 
 bench: install
+	$(VENV)/bin/python bench/kernels.py
 	$(VENV)/bin/python bench/load_memory.py
 	$(VENV)/bin/python bench/generate_speed.py
 
