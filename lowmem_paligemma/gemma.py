@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GemmaConfig
-from .ops import Linear, linear
+from .ops import Embedding, Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -157,7 +157,7 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -28,3 +28,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """A (rows, dim) table under the checkpoint's `.weight` key, created without nn.Embedding's random init:
+    `normal_` on a meta tensor imports torch._dynamo, 0.9 s of every load (bench/load_memory.py found it)."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SiglipConfig
-from .ops import Linear
+from .ops import Embedding, Linear
 
 
 class SiglipEmbeddings(nn.Module):
@@ -22,7 +22,7 @@ class SiglipEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.position_embedding = Embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         w = self.patch_embedding.weight
