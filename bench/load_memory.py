@@ -9,6 +9,8 @@ Strategies (each in its own fresh process, under `MemoryProfiler`, with phase ma
   transformers    `transformers.PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=...)`
   ours            `lowmem_paligemma.loader.load_model(path, dtype=...)`
   ours-zero-copy  `load_model(path, dtype=torch.bfloat16, zero_copy=True)`, bf16 checkpoint only
+  ours-hf-class   transformers' own `PaliGemmaForConditionalGeneration` filled by our stream
+                  (`lowmem_paligemma.loader.load_transformers_model`), fp32 checkpoint -> float16
 
 Every row runs with a cold and with a warm page cache (`--cache`): cold drops the checkpoint's pages before the
 run (`posix_fadvise(DONTNEED)`, no root needed), so the load reads the disk, as a first load does; warm reads the
@@ -27,6 +29,7 @@ PNG timeline per run and one overlay per (cache, checkpoint, target dtype) under
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -44,7 +47,7 @@ if str(ROOT) not in sys.path:  # `python bench/load_memory.py` puts bench/, not 
     sys.path.insert(0, str(ROOT))
 
 GB = 1e9  # tables in GB (1e9 bytes); the plots are in GiB
-STRATEGIES = ("naive", "fork", "transformers", "ours", "ours-zero-copy")
+STRATEGIES = ("naive", "fork", "transformers", "ours", "ours-zero-copy", "ours-hf-class")
 CACHE_MODES = ("cold", "warm")
 KILL_BELOW_BYTES = 1_000_000_000  # MemAvailable floor: under it the child is killed
 NAIVE_MARGIN_BYTES = 1_500_000_000  # naive runs only if MemAvailable > estimate + this
@@ -138,12 +141,29 @@ def load_ours_zero_copy(path: Path, dtype: Any, mark) -> Any:
     return load_model(path, dtype=dtype, zero_copy=True, on_phase=mark)
 
 
+def load_ours_hf_class(path: Path, dtype: Any, mark) -> Any:
+    from lowmem_paligemma.loader import load_transformers_model
+
+    return load_transformers_model(path, dtype=dtype, on_phase=mark)
+
+
 LOADERS = {
     "naive": load_naive,
     "fork": load_fork,
     "transformers": load_transformers,
     "ours": load_ours,
     "ours-zero-copy": load_ours_zero_copy,
+    "ours-hf-class": load_ours_hf_class,
+}
+
+
+PREIMPORTS = {
+    "naive": ["safetensors.torch", "lowmem_paligemma.loader"],
+    "fork": ["safetensors", "lowmem_paligemma.loader"],
+    "transformers": ["transformers"],
+    "ours": ["lowmem_paligemma.loader"],
+    "ours-zero-copy": ["lowmem_paligemma.loader"],
+    "ours-hf-class": ["transformers", "lowmem_paligemma.loader"],
 }
 
 
@@ -172,9 +192,16 @@ def child(strategy: str, path: Path, dtype_name: str, out: Path) -> None:
 
     from lowmem_paligemma.profiler import MemoryProfiler
 
+    # Import time is not load time, for any strategy: the modules each loader uses come in first. transformers
+    # imports its model classes lazily (1.6 s here, torch._dynamo included), so resolve the class too.
+    for module in PREIMPORTS[strategy]:
+        importlib.import_module(module)
     if strategy == "transformers":
-        import transformers  # noqa: F401  (import time is not load time, for any strategy)
+        import transformers
+
+        transformers.PaliGemmaForConditionalGeneration  # noqa: B018 (the attribute access is the import)
     dtype = getattr(torch, dtype_name)
+    had_dynamo = "torch._dynamo" in sys.modules
     with MemoryProfiler(interval=SAMPLE_INTERVAL_S) as prof:
         prof.mark("start")
         t0 = time.perf_counter()
@@ -194,6 +221,9 @@ def child(strategy: str, path: Path, dtype_name: str, out: Path) -> None:
         load_s=seconds,
         model_bytes=model_bytes(model),
         param_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
+        # torch imports torch._dynamo (~0.9 s here) the first time some ops run on `meta` (nn.init on an
+        # Embedding built there): a cost inside the load, worth naming when a row pays it.
+        dynamo_imported_in_load=not had_dynamo and "torch._dynamo" in sys.modules,
         label=f"{strategy}: {path.name} -> {dtype_name}",
     )
     prof.to_json(out)
@@ -229,6 +259,7 @@ ROWS = {
         ("fork", "float16"),
         ("transformers", "float16"),
         ("ours", "float16"),
+        ("ours-hf-class", "float16"),
         ("transformers", "bfloat16"),
         ("ours", "bfloat16"),
     ],
@@ -372,6 +403,7 @@ def summarize(tl: Any) -> dict[str, Any]:
         "touched_file": tl.samples[-1].file,
         "model_bytes": tl.meta["model_bytes"],
         "param_dtypes": tl.meta["param_dtypes"],
+        "dynamo_imported_in_load": tl.meta.get("dynamo_imported_in_load", False),
     }
 
 
@@ -453,7 +485,10 @@ def code_version() -> str:
     """The commit measured, and which tracked files differed from it (read-only git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        code_only = ["--", ".", ":(exclude)docs"]  # docs/ is what this run writes
+        dirty = subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", *code_only], cwd=ROOT, capture_output=True, text=True
+        )
     except OSError:
         return "unknown (no git)"
     if head.returncode != 0:
@@ -509,7 +544,8 @@ Checkpoints, {info["what"]}:
 {info["checkpoints"]}
 Each strategy ran in its own fresh process (`--child`), one after another. Memory is sampled by the child itself
 every {SAMPLE_INTERVAL_S * 1000:.0f} ms from `/proc/self/status` (`lowmem_paligemma.profiler`). Load time is from
-the call to its return; interpreter start and library imports (torch, transformers) are not in it.
+the call to its return; interpreter start and library imports are not in it (each child imports the modules its
+loader uses first, transformers' lazily imported model class included).
 
 **Page cache.** *cold*: the checkpoint's pages were dropped (`posix_fadvise(DONTNEED)`) just before the run, so
 the load reads the disk, as a first load does. *warm*: the shards were read once just before the run. The
@@ -544,6 +580,14 @@ transformers' float16 load.
         if r.summary and r.summary["param_dtypes"] != [r.dtype]:
             got = ", ".join(r.summary["param_dtypes"])
             notes.append(f"- {r.strategy} {r.kind} -> {r.dtype} ({r.cache}): the parameters ended up as {got}.")
+    paid = sorted({f"{r.strategy} ({r.kind} -> {r.dtype})" for r in runs if r.summary.get("dynamo_imported_in_load")})
+    if paid:
+        notes.append(
+            "- torch imported `torch._dynamo` (about 0.9 s on this machine) inside the load of: "
+            + ", ".join(paid)
+            + ". It comes with the first `nn.init` call on a `meta` tensor (an `nn.Embedding` built on meta); "
+            "transformers' import of its model class already did it, outside its load time."
+        )
     if notes:
         text += "\nNotes:\n" + "\n".join(notes) + "\n"
     text += "\n## Plots\n\nOverlays (total RSS solid, anon dashed):\n\n"

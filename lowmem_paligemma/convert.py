@@ -29,7 +29,7 @@ from typing import BinaryIO
 import torch
 
 from .loader import DEFAULT_CHUNK_BYTES, CheckpointError, TensorEntry, read_checkpoint
-from .synth import _safetensors_header, _shard_plan
+from .synth import safetensors_header, shard_plan
 
 CONVERT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' "5GB" default, as on the Hub
@@ -85,12 +85,12 @@ def convert_checkpoint(
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     tmp.mkdir()
     try:
-        shards = _shard_plan(sizes, max_shard_bytes)
+        shards = shard_plan(sizes, max_shard_bytes)
         n = len(shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         done = 0
         for name, shard_keys in zip(names, shards, strict=True):
-            header = _safetensors_header([(k, _ST_NAMES[out_dtype[k]], entries[k].shape, sizes[k]) for k in shard_keys])
+            header = safetensors_header([(k, _ST_NAMES[out_dtype[k]], entries[k].shape, sizes[k]) for k in shard_keys])
             with open(tmp / name, "wb") as out:
                 out.write(header)
                 for key in shard_keys:

@@ -221,7 +221,7 @@ def _tensor_chunks(
         yield x
 
 
-def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+def shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     # huggingface_hub.split_state_dict_into_shards_factory: fill shards in order; a tensor that would tip the
     # current shard over the limit starts a new one; a tensor bigger than the limit gets a shard of its own.
     shards: list[list[str]] = []
@@ -241,7 +241,7 @@ def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
     """8-byte little-endian length + JSON header, padded with spaces so the data starts 8-byte aligned."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -264,7 +264,7 @@ def _write_safetensors(
     itemsize = torch.empty((), dtype=dtype).element_size()
     entries = [(name, _ST_DTYPES[dtype], shape, math.prod(shape) * itemsize) for name, shape in tensors]
     with open(path, "wb") as f:
-        f.write(_safetensors_header(entries))
+        f.write(safetensors_header(entries))
         for (name, shape), (_, _, _, nbytes) in zip(tensors, entries, strict=True):
             written = 0
             for x in chunks(name, shape):
@@ -289,7 +289,7 @@ def _write_sharded(
         raise ValueError(f"dtype {dtype} is not one of {', '.join(map(str, _ST_DTYPES))}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {name: math.prod(shape) * itemsize for name, shape in shapes.items()}
-    plan = _shard_plan(sizes, max_shard_bytes)
+    plan = shard_plan(sizes, max_shard_bytes)
     total, done = sum(sizes.values()), 0
 
     def on_tensor(nbytes: int) -> None:

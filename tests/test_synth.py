@@ -171,12 +171,12 @@ def test_full_size_layout_on_meta() -> None:
     # PaliGemma-3B fp32 at the 5 GB default splits into 3 shards, as on the Hub (SPEC §2.1); nothing is allocated.
     shapes = synth.param_shapes(PRESETS["paligemma-3b-224"])
     assert len(shapes) == 603 and sum(math.prod(s) for s in shapes.values()) == 2_923_466_480
-    plan = synth._shard_plan({k: 4 * math.prod(s) for k, s in shapes.items()}, synth.DEFAULT_MAX_SHARD_BYTES)
+    plan = synth.shard_plan({k: 4 * math.prod(s) for k, s in shapes.items()}, synth.DEFAULT_MAX_SHARD_BYTES)
     assert len(plan) == 3 and sum(map(len, plan)) == 603
 
 
 def test_shard_plan_big_tensor_alone() -> None:
-    plan = synth._shard_plan({"a": 4, "b": 4, "big": 100, "c": 4, "d": 8}, max_shard_bytes=10)
+    plan = synth.shard_plan({"a": 4, "b": 4, "big": 100, "c": 4, "d": 8}, max_shard_bytes=10)
     assert plan == [["big"], ["a", "b"], ["c"], ["d"]]  # huggingface_hub's order: the big one is emitted at once
 
 
