@@ -53,7 +53,7 @@ from .tasks import VAEWeightsError, VQVAEDecoder, draw_detections, parse_detecti
 
 # --- defaults, defined once ----------------------------------------------------------------------------------------
 
-DEFAULT_DTYPE = "bfloat16"  # in-memory weight dtype for generate / chat / profile / batch; set from measurements
+DEFAULT_DTYPE = "bfloat16"  # same memory as float16; the fastest CPU compute here (docs/speed.md, docs/kernels.md)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
