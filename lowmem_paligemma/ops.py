@@ -1,9 +1,9 @@
 """The one CPU-aware primitive: a linear layer that takes the kernel measured fastest on CPU.
 
 Decoding feeds one token per step and streams every weight once, so it runs at memory bandwidth. For
-a single row with bfloat16 weights `torch.mv` reads at the DRAM limit (27.6 GB/s against 23.1 for
-`F.linear`, 4 GB weight, 2 threads); with float16 weights `torch.mv` is the slow one (9.5 vs 14.2 GB/s),
-so float16 keeps `F.linear` (`bench/kernels.py`, docs/kernels.md). Prefill and GPU: plain `F.linear`.
+a single row with bfloat16 weights `torch.mv` reads close to the DRAM limit and faster than `F.linear`;
+with float16 weights it is the other way round, so float16 keeps `F.linear` (measured by
+`bench/kernels.py`, numbers in docs/kernels.md). Prefill and GPU: plain `F.linear`.
 """
 
 from __future__ import annotations
