@@ -12,7 +12,7 @@ No torch import here: configs are plain data.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +344,3 @@ def tiny(gemma2: bool = False, **text_overrides: Any) -> PaliGemmaConfig:
     text = replace(text, **text_overrides)
     return PaliGemmaConfig(vision=vision, text=text, image_token_index=TINY_IMAGE_TOKEN,
                            eos_token_ids=(1, 107) if gemma2 else (1,))  # fmt: skip
-
-
-def describe(cfg: PaliGemmaConfig) -> dict[str, Any]:
-    return asdict(cfg)

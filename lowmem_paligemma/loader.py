@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, PaliGemmaConfig, load_config
+from .config import ConfigError, load_config
 from .paligemma import PaliGemmaForConditionalGeneration
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # bound on the one temporary alive beyond the model (source-dtype rows)
@@ -408,13 +408,6 @@ def check_memory(
 
 
 # --- the PaliGemma entry points --------------------------------------------------------------------------
-
-
-def build_model(cfg: PaliGemmaConfig, dtype: torch.dtype = torch.float16, device: str = "cpu") -> nn.Module:
-    """An uninitialised PaliGemma of `cfg` in `dtype` on `device` (the meta build + materialise steps)."""
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(cfg)
-    return materialize(model, dtype, device)
 
 
 def stream_checkpoint(
