@@ -13,7 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = Path(os.environ.get("LOWMEM_CHECKPOINTS", ROOT / "checkpoints"))
 PRESET = "paligemma-3b-224"
-# The Hub's main branch is float32 in 3 shards of <= 5 GB; the bfloat16 revision fits in 2 (SPEC §2.1).
+# The Hub's main branch is float32 in 3 shards of <= 5 GB; the bfloat16 revision fits in 2
+# (docs/model.md, "Checkpoint layout").
 KINDS = {"fp32": (torch.float32, 5_000_000_000), "bf16": (torch.bfloat16, 5_000_000_000)}
 
 

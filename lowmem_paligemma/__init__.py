@@ -1,0 +1,64 @@
+"""lowmem_paligemma: run PaliGemma / PaliGemma 2 in little memory, and a streaming loader to import.
+
+    import torch
+    from lowmem_paligemma import Processor, TextStream, generate, load_hf_model
+
+    model, tokenizer = load_hf_model("paligemma-3b-pt-224", dtype=torch.bfloat16)
+
+Importing the package is cheap: transformers (for the tokenizer) is imported only when one is loaded.
+docs/architecture.md maps the modules.
+"""
+
+from .config import PRESETS, PaliGemmaConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ImageError,
+    InsufficientMemoryError,
+    LowmemError,
+    OutputError,
+    PromptError,
+    TokenizerError,
+    VAEWeightsError,
+)
+from .generate import encode_image, generate
+from .loader import stream_checkpoint
+from .paligemma import PaliGemmaForConditionalGeneration
+from .pretrained import load_hf_model, load_model, load_transformers_model
+from .processor import Processor, TextStream
+from .profiler import MemoryProfiler
+from .runtime import LoadOptions, SamplingOptions, Session, load_session, run_prompt
+
+__all__ = [
+    # loading
+    "load_model",
+    "load_hf_model",
+    "stream_checkpoint",
+    "load_transformers_model",
+    # running
+    "Processor",
+    "generate",
+    "encode_image",
+    "TextStream",
+    "LoadOptions",
+    "SamplingOptions",
+    "Session",
+    "load_session",
+    "run_prompt",
+    # model and config
+    "PaliGemmaForConditionalGeneration",
+    "PaliGemmaConfig",
+    "PRESETS",
+    # memory
+    "MemoryProfiler",
+    # errors
+    "LowmemError",
+    "CheckpointError",
+    "ConfigError",
+    "TokenizerError",
+    "ImageError",
+    "PromptError",
+    "VAEWeightsError",
+    "OutputError",
+    "InsufficientMemoryError",
+]

@@ -5,7 +5,7 @@ One dataclass per tower. Gemma 2 is a set of behaviour flags on `GemmaConfig`
 
 `from_hf` parses a Hub `config.json`. Hub configs omit many fields, so the defaults
 are load-bearing: each missing field takes the default of the transformers class
-that wrote the file (SiglipVisionConfig, GemmaConfig, Gemma2Config; SPEC §1.2).
+that wrote the file (SiglipVisionConfig, GemmaConfig, Gemma2Config; docs/model.md, "Config traps").
 No torch import here: configs are plain data.
 """
 
@@ -16,9 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a PaliGemma model."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class PaliGemmaConfig:
         return self.text.post_norms
 
     def to_hf(self) -> dict[str, Any]:
-        """The config.json the Hub ships for this model (legacy layout, SPEC §1.2)."""
+        """The config.json the Hub ships for this model (legacy layout, docs/model.md, "Config traps")."""
         v, t = self.vision, self.text
         text: dict[str, Any] = {
             "model_type": "gemma2" if self.is_gemma2 else "gemma",
@@ -145,7 +143,7 @@ class PaliGemmaConfig:
             "pad_token_id": self.pad_token_id,
             "image_token_index": self.image_token_index,
             "projection_dim": self.projection_dim,
-            "hidden_size": 2048,  # legacy top-level field, unused by the math (SPEC §1.2)
+            "hidden_size": 2048,  # legacy top-level field, unused by the math (docs/model.md, "Config traps")
             "vocab_size": t.vocab_size,
             "text_config": text,
             "vision_config": vision,
@@ -155,8 +153,8 @@ class PaliGemmaConfig:
 
 # --- parsing a Hub config.json -------------------------------------------------------------------------
 
-# Defaults of the transformers 5.23 classes for fields that Hub configs leave out (SPEC §1.2, checked by
-# instantiating PaliGemmaConfig with sparse sub-config dicts).
+# Defaults of the transformers 5.23 classes for fields that Hub configs leave out (docs/model.md, "Config traps";
+# checked by instantiating PaliGemmaConfig with sparse sub-config dicts).
 _SIGLIP_DEFAULTS = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
@@ -332,7 +330,10 @@ TINY_IMAGE_TOKEN = TINY_BASE_VOCAB + 1024 + 128
 
 
 def tiny(gemma2: bool = False, **text_overrides: Any) -> PaliGemmaConfig:
-    """A tiny random-test config (SPEC §6, §10): 16 image tokens, a few layers, real prompt layout."""
+    """A tiny random-test config: 16 image tokens, a few layers, the real prompt layout.
+
+    docs/model.md, "Making tiny test models that can fail", says what makes such a model a useful test subject.
+    """
     vision = SiglipConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                           image_size=28, patch_size=7)  # fmt: skip
     text = GemmaConfig(vocab_size=1728, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

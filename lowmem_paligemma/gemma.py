@@ -1,9 +1,10 @@
 """Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) decoder: one code path, Gemma 2 by config flags.
 
-What is special (each checked bit-for-bit against transformers' eager path, SPEC §3):
+What is special (each checked bit-for-bit against transformers' eager path, docs/model.md, "Forward pass"):
 - RMSNorm computes in float32 and scales by (1 + w): "Gemma is (x * w).to(dtype)" (gemma_pytorch).
 - RoPE is half-split (rotate_half), tables computed on the fly from positions: no buffers to go stale
-  after `to_empty` (the fork's uninitialised `inv_freq` bug, SPEC §9).
+  after `to_empty` (docs/model.md, "Forward pass": a port that kept `inv_freq` as a buffer gave a different
+  answer on every run).
 - Gemma 2 flags: post-norms around both sub-blocks, tanh soft-cap on attention scores before the mask,
   attention scale query_pre_attn_scalar**-0.5, sliding window on `sliding_layers` (the mask says which).
 - The KV cache is preallocated per request and written in place at `start` (never grown by cat).

@@ -88,26 +88,3 @@ def generate(
         pos = length + i
         ids[0, pos] = token
         logits = decode_step(model, ids, token_types, pos, cache)
-
-
-class TextStream:
-    """Incremental detokenisation: push token ids, get back only the new text.
-
-    SentencePiece byte-fallback pieces can split one character over several tokens; while the decoded
-    text ends in U+FFFD the tail is held back until the character is complete.
-    """
-
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.text = ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.text) :] if text.startswith(self.text) else text
-        self.text = text
-        return new

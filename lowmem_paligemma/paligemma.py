@@ -1,11 +1,11 @@
 """PaliGemma: SigLIP vision tower + linear projector + Gemma / Gemma 2 decoder, prefix-LM attention.
 
-Parameter names are the Hub checkpoint keys (SPEC §2.2): `vision_tower.vision_model.*`,
+Parameter names are the Hub checkpoint keys (docs/model.md, "Checkpoint layout"): `vision_tower.vision_model.*`,
 `multi_modal_projector.linear.*`, `language_model.model.*`. The output head is the embedding table
 (tied), so there is no `lm_head` parameter to keep in sync.
 
-Sequence layout (SPEC §4.2): [<image>] * N + [<bos>] + prefix + ["\n"] (token type 0: one bidirectional
-block) then the suffix / generated tokens (token type 1: causal).
+Sequence layout (docs/model.md, "Prompt and tokens"): [<image>] * N + [<bos>] + prefix + ["\n"] (token type 0:
+one bidirectional block) then the suffix / generated tokens (token type 1: causal).
 
 Axes: B batch, L sequence, T query length, S key length, N image tokens, D text width, V vocab.
 """
@@ -40,7 +40,8 @@ def make_attn_mask(
     """Additive mask (B, 1, T, S) for queries at positions q_start..S-1 over keys 0..S-1.
 
     allowed[q, k] = (causal(q, k) and in_window(q, k)) or (tt[q] == 0 and tt[k] == 0), then and valid[k]
-    (transformers 5.23 `masking_utils`: the prefix block is OR-ed in on sliding layers too; SPEC §3.1-3.2).
+    (transformers 5.23 `masking_utils`: the prefix block is OR-ed in on sliding layers too; docs/model.md,
+    "Prefix-LM mask" and "Sliding window").
 
     Example, tt = [0 0 0 1 1] (three prefix tokens, two suffix tokens), no window:
         q0: 1 1 1 0 0     the prefix is one bidirectional block,
@@ -81,7 +82,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels in [-1, 1] -> (B, N, D) features that replace the <image> tokens."""
-        # Not divided by sqrt(D): transformers 5.x and big_vision use the raw projector output (SPEC §3.2).
+        # Not divided by sqrt(D): transformers 5.x and big_vision use the raw projector output
+        # (docs/model.md, "Forward pass").
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:

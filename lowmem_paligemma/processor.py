@@ -1,4 +1,6 @@
-"""Image -> pixel values and prompt -> token ids / prefix mask, as transformers' PaliGemmaProcessor does (SPEC §4).
+"""Image -> pixel values and prompt -> token ids / prefix mask, as transformers' PaliGemmaProcessor does.
+
+docs/model.md, "Prompt and tokens", has the layout this follows.
 
 Image (SiglipImageProcessor with the PIL backend, Hub `preprocessor_config.json`): convert to RGB with transparency
 composited onto white, BICUBIC resize to S x S ignoring the aspect ratio, x / 255, (x - 0.5) / 0.5 -> [-1, 1], CHW.
@@ -19,16 +21,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import PaliGemmaConfig, load_config
+from .errors import ImageError, PromptError, TokenizerError
 
 IMAGE_TOKEN = "<image>"
-
-
-class ImageError(ValueError):
-    """A file that is missing or cannot be decoded as an image."""
-
-
-class TokenizerError(ValueError):
-    """A model directory without a loadable tokenizer, or one that does not match the model config."""
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -77,6 +72,19 @@ def load_tokenizer(model_dir: str | Path) -> Any:
         raise TokenizerError(f"{d}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
+def check_prompt(prompt: str, allow_empty: bool = False) -> str:
+    """The prompt, or a PromptError: empty, or holding the <image> placeholder that the processor adds itself.
+
+    The model takes an empty prompt (transformers' integration test uses one), but a person typing one
+    almost certainly meant something else, so front ends refuse it and the processor allows it.
+    """
+    if not allow_empty and not prompt.strip():
+        raise PromptError('the prompt is empty; try "caption en", "answer en <question>" or "detect cat"')
+    if IMAGE_TOKEN in prompt:
+        raise PromptError(f"the prompt must not contain {IMAGE_TOKEN}; the image tokens are added for you")
+    return prompt
+
+
 def build_prompt(
     tokenizer: Any,
     prompt: str,
@@ -86,9 +94,8 @@ def build_prompt(
     suffix: str | None = None,
     eos_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (1, L), token_type_ids (1, L)) for one image and one prompt (SPEC §4.2)."""
-    if IMAGE_TOKEN in prompt:
-        raise ValueError(f"the prompt must not contain {IMAGE_TOKEN}: the processor adds the image tokens itself")
+    """(input_ids (1, L), token_type_ids (1, L)) for one image and one prompt (docs/model.md, "Prompt and tokens")."""
+    check_prompt(prompt, allow_empty=True)
     prefix = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
     ids = [image_token_index] * num_image_tokens + [bos_id] + prefix
     types = [0] * len(ids)
@@ -152,3 +159,26 @@ class Processor:
         # loc/seg tokens are not special: they survive skip_special_tokens=True for detection/segmentation parsing.
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class TextStream:
+    """Incremental detokenisation: push token ids, get back only the new text.
+
+    SentencePiece byte-fallback pieces can split one character over several tokens; while the decoded
+    text ends in U+FFFD the tail is held back until the character is complete.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.text) :] if text.startswith(self.text) else text
+        self.text = text
+        return new

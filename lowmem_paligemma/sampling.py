@@ -1,10 +1,10 @@
 """Next-token choice from logits: small pure functions with an explicit `torch.Generator`.
 
-Temperature 0 means greedy (big_vision's and HF's default for PaliGemma, SPEC §4.4). Otherwise the order is
-temperature -> top-k -> top-p -> `torch.multinomial`, the order of HF's default warpers. All math is float32
-whatever the logits' dtype: bf16 softmax tails are too coarse to sample from. Filters return float32 logits
-with removed tokens set to -inf. Ties are broken towards the lower token id everywhere (a stable sort), so
-the same logits always give the same kept set.
+Temperature 0 means greedy (big_vision's and HF's default for PaliGemma, docs/model.md, "Generation and stopping").
+Otherwise the order is temperature -> top-k -> top-p -> `torch.multinomial`, the order of HF's default warpers.
+All math is float32 whatever the logits' dtype: bf16 softmax tails are too coarse to sample from. Filters return
+float32 logits with removed tokens set to -inf. Ties are broken towards the lower token id everywhere (a stable sort),
+so the same logits always give the same kept set.
 
 Axis legend: B: batch, V: vocabulary.
 """

@@ -2,7 +2,7 @@
 
 Module names follow the checkpoint keys `vision_tower.vision_model.{embeddings,encoder,post_layernorm}`.
 Meta-safe: `__init__` creates parameters only. There is no `position_ids` buffer: positions are
-`0..N-1` at native resolution, so the position table is added whole (SPEC §3).
+`0..N-1` at native resolution, so the position table is added whole (docs/model.md, "Forward pass").
 
 Axes: B batch, N patches (= image tokens), D width (1152), H heads (16), K head dim (72).
 """
@@ -63,7 +63,7 @@ class SiglipMLP(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_pytorch_tanh (SPEC §3.4)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_pytorch_tanh (docs/model.md, "Forward pass")
 
 
 class SiglipEncoderLayer(nn.Module):

@@ -1,10 +1,13 @@
-"""Random-weight PaliGemma checkpoints in the exact Hub layout (SPEC §2, §4), for tests and benchmarks.
+"""Random-weight PaliGemma checkpoints in the exact Hub layout, for tests and benchmarks.
+
+The layout is docs/model.md, "Checkpoint layout" and "Prompt and tokens".
 
 What a Hub model directory holds, written offline and for any `PaliGemmaConfig` (tiny or full size):
-  config.json, generation_config.json, preprocessor_config.json        (SPEC §1.2, §4.1)
-  model-0000k-of-0000n.safetensors + model.safetensors.index.json      (legacy keys, SPEC §2.2; or model.safetensors)
+  config.json, generation_config.json, preprocessor_config.json     (docs/model.md, "Config traps", "Prompt and tokens")
+  model-0000k-of-0000n.safetensors + model.safetensors.index.json   (or model.safetensors)
   tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json
-The tokenizer keeps the real id layout (SPEC §4.3) at any base size: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4,
+The tokenizer keeps the real id layout (docs/model.md, "Prompt and tokens") at any base size: <pad> 0, <eos> 1,
+<bos> 2, <unk> 3, <mask> 4,
 <start_of_turn> 106, <end_of_turn> 107, "\\n" 108, byte-fallback pieces, then <loc0000> at base_vocab,
 <seg000> at base_vocab + 1024 and <image> at base_vocab + 1152 (257152 for the real 256000-piece vocabulary).
 
@@ -13,7 +16,8 @@ length, JSON header, raw bytes) one chunk of rows (<= 16 MB of fp32) at a time, 
 PaliGemma-3B needs no more memory than the imports. Values depend only on (seed, key name, chunk index): the same
 checkpoint written in fp32 and bf16, or with another shard size, holds the same numbers up to rounding.
 
-Initialisation (SPEC §10) is chosen so tiny models generate non-degenerate text and full-size fp16 stays finite:
+Initialisation (docs/model.md, "Making tiny test models that can fail") is chosen so tiny models generate
+non-degenerate text and full-size fp16 stays finite:
 matrices N(0, (scale * 1.5 / sqrt(fan_in))^2); the embedding small (the residual stream is E * sqrt(D), which
 must not drown the layers' output) with the rows of pad/eos/bos/unk/"\\n"/<image> and the padding rows after
 <image> zero (their tied logits stay 0 while the max over random rows is positive, so generation does not stop
@@ -27,7 +31,6 @@ import itertools
 import json
 import math
 import shutil
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +38,11 @@ from typing import Any
 import torch
 
 from .config import PaliGemmaConfig, tiny
+from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, WEIGHT_DTYPES, TensorSpec, dtype_name, write_sharded
 
 # --- tokenizer --------------------------------------------------------------------------------------------------
 
-HUB_BASE_VOCAB = 256000  # Gemma SentencePiece pieces; loc/seg/<image> follow (SPEC §4.3)
+HUB_BASE_VOCAB = 256000  # Gemma SentencePiece pieces; loc/seg/<image> follow (docs/model.md, "Prompt and tokens")
 NUM_LOC, NUM_SEG = 1024, 128
 NEWLINE_ID = 108
 UNK_ID = 3
@@ -96,7 +100,10 @@ def tokenizer_vocab(base_vocab: int = HUB_BASE_VOCAB) -> tuple[dict[str, int], l
 
 
 def write_preprocessor_config(out_dir: str | Path, image_size: int, image_seq_length: int) -> None:
-    """The Hub `preprocessor_config.json` (SPEC §4.1): RGB, bicubic resize to S x S, x/255, (x - 0.5) / 0.5."""
+    """The Hub `preprocessor_config.json`: RGB, bicubic resize to S x S, x/255, (x - 0.5) / 0.5.
+
+    docs/model.md, "Prompt and tokens".
+    """
     cfg = {
         "do_convert_rgb": None,
         "do_normalize": True,
@@ -127,7 +134,8 @@ def write_tokenizer(
     tok = GemmaTokenizer(vocab=vocab, merges=merges)
     # Turn markers keep their vocab ids but match as whole strings (Gemma user-defined symbols); not special.
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in _TURN])
-    # loc/seg are ordinary added tokens so they survive decode(skip_special_tokens=True) (SPEC §4.3).
+    # loc/seg are ordinary added tokens so they survive decode(skip_special_tokens=True)
+    # (docs/model.md, "Prompt and tokens").
     tok.add_tokens([f"<loc{i:04d}>" for i in range(NUM_LOC)] + [f"<seg{i:03d}>" for i in range(NUM_SEG)])
     tok.add_special_tokens(
         {"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]},
@@ -160,9 +168,7 @@ def tokenizer_base_vocab(cfg: PaliGemmaConfig) -> int:
 
 # --- weights ----------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _CHUNK_ELEMENTS = 1 << 22  # 16 MB of fp32 per generated chunk; part of the value definition, do not change
-DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers 4.4x default "5GB": the Hub PaliGemma-3B shards
 # Measured on the tiny configs (greedy, 16 tokens, 6 prompts x 3 seeds): gain 0.5-1.0 leaves Gemma 1 stuck on one
 # token; gain 1.5 with the embedding at 0.03 RMS gives 5-16 distinct tokens per prompt for Gemma 1 and Gemma 2.
 _MATRIX_GAIN = 1.5  # std = gain / sqrt(fan_in): each layer's output about 1.5x its input RMS
@@ -198,7 +204,7 @@ def _tensor_chunks(
     fan_in = row if len(shape) > 1 else 1
     is_embed = name.endswith("embed_tokens.weight")
     # embed: the residual stream starts at E * sqrt(D); kept small so the layers, not a copy of the input
-    # token through the tied head, decide the next token (SPEC §10).
+    # token through the tied head, decide the next token (docs/model.md, "Making tiny test models that can fail").
     if is_embed:
         std = scale * _EMBED_RMS / math.sqrt(shape[1])
     elif len(shape) > 1:
@@ -214,110 +220,16 @@ def _tensor_chunks(
         g = torch.Generator().manual_seed(_seed(seed, name, c))
         x = torch.randn((n, *shape[1:]), generator=g).mul_(std).add_(offset)
         if is_embed:
-            # Padding rows after <image> are never emitted by the tokenizer (SPEC §2.2): zero them too.
+            # Padding rows after <image> are never emitted by the tokenizer (docs/model.md, "Checkpoint layout"):
+            # zero them too.
             x[max(0, cfg.image_token_index + 1 - start) :] = 0
             local = zero[(zero >= start) & (zero < start + n)] - start
             x[local] = 0
         yield x
 
 
-def shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
-    # huggingface_hub.split_state_dict_into_shards_factory: fill shards in order; a tensor that would tip the
-    # current shard over the limit starts a new one; a tensor bigger than the limit gets a shard of its own.
-    shards: list[list[str]] = []
-    current: list[str] = []
-    current_size = 0
-    for name, size in sizes.items():
-        if size > max_shard_bytes:
-            shards.append([name])
-            continue
-        if current and current_size + size > max_shard_bytes:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(name)
-        current_size += size
-    if current:
-        shards.append(current)
-    return shards
-
-
-def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
-    """8-byte little-endian length + JSON header, padded with spaces so the data starts 8-byte aligned."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def _write_safetensors(
-    path: Path,
-    tensors: list[tuple[str, tuple[int, ...]]],
-    dtype: torch.dtype,
-    chunks: Callable[[str, tuple[int, ...]], Iterator[torch.Tensor]],
-    on_tensor: Callable[[int], None],
-) -> None:
-    """Write one shard; `chunks(name, shape)` yields the tensor's rows in order, `on_tensor(nbytes)` after each."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    entries = [(name, _ST_DTYPES[dtype], shape, math.prod(shape) * itemsize) for name, shape in tensors]
-    with open(path, "wb") as f:
-        f.write(safetensors_header(entries))
-        for (name, shape), (_, _, _, nbytes) in zip(tensors, entries, strict=True):
-            written = 0
-            for x in chunks(name, shape):
-                buf = x.to(dtype).contiguous().view(torch.uint8).numpy()  # raw little-endian bytes
-                f.write(buf.data)
-                written += buf.nbytes
-            if written != nbytes:
-                raise AssertionError(f"{name}: wrote {written} bytes, expected {nbytes}")
-            on_tensor(nbytes)
-
-
-def _write_sharded(
-    out: Path,
-    shapes: dict[str, tuple[int, ...]],
-    dtype: torch.dtype,
-    max_shard_bytes: int,
-    chunks: Callable[[str, tuple[int, ...]], Iterator[torch.Tensor]],
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Shards named as transformers names them, plus the index when there is more than one."""
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype {dtype} is not one of {', '.join(map(str, _ST_DTYPES))}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {name: math.prod(shape) * itemsize for name, shape in shapes.items()}
-    plan = shard_plan(sizes, max_shard_bytes)
-    total, done = sum(sizes.values()), 0
-
-    def on_tensor(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress(done, total)
-
-    # A previous checkpoint in the same directory with another shard count would leave files a loader might read.
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-    weight_map = {}
-    for k, names in enumerate(plan, 1):
-        fname = "model.safetensors" if len(plan) == 1 else f"model-{k:05d}-of-{len(plan):05d}.safetensors"
-        _write_safetensors(out / fname, [(n, shapes[n]) for n in names], dtype, chunks, on_tensor)
-        weight_map |= dict.fromkeys(names, fname)
-    if len(plan) > 1:
-        n_params = sum(math.prod(s) for s in shapes.values())
-        index = {"metadata": {"total_parameters": n_params, "total_size": total}, "weight_map": weight_map}
-        _write_json(out / "model.safetensors.index.json", index, sort_keys=True)
-
-
 def _write_json(path: Path, obj: object, sort_keys: bool = False) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def write_checkpoint(
@@ -331,11 +243,13 @@ def write_checkpoint(
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a random-weight model directory in the Hub layout; `progress(bytes_done, bytes_total)` per tensor."""
+    if dtype not in WEIGHT_DTYPES.values():
+        raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", cfg.to_hf() | {"torch_dtype": _dtype_name(dtype)})
+    _write_json(out / "config.json", cfg.to_hf() | {"torch_dtype": dtype_name(dtype)})
     eos = list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0]
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
     _write_json(out / "generation_config.json", gen)
@@ -344,10 +258,8 @@ def write_checkpoint(
     else:
         write_preprocessor_config(out, cfg.vision.image_size, cfg.num_image_tokens)
 
-    def chunks(name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
-        return _tensor_chunks(name, shape, cfg, seed, scale)
-
-    _write_sharded(out, param_shapes(cfg), dtype, max_shard_bytes, chunks, progress)
+    specs = [TensorSpec(name, dtype, shape) for name, shape in param_shapes(cfg).items()]
+    write_sharded(out, specs, lambda s: _tensor_chunks(s.name, s.shape, cfg, seed, scale), max_shard_bytes, progress)
     return out
 
 
@@ -357,7 +269,7 @@ def tiny_checkpoint(out_dir: str | Path, gemma2: bool = False, dtype: torch.dtyp
     return write_checkpoint(out_dir, tiny(gemma2), dtype=dtype, **kw)
 
 
-# --- key-name variants (SPEC §2.3) -----------------------------------------------------------------------------
+# --- key-name variants (docs/model.md, "Key-name variants") -------------------------------------------------
 
 KEY_VARIANTS = ("hub", "tf_4_52", "tf5_memory", "tf5_save")
 _VISION, _PROJ, _LM = "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model."
@@ -401,15 +313,9 @@ def write_key_variant(src_dir: str | Path, out_dir: str | Path, variant: str, lm
     renamed = {rename_key(k, variant): v for k, v in tensors.items()}
     if lm_head:
         renamed[_PREFIXES[variant][3]] = tensors[_EMBED]
-    dtype = tensors[_EMBED].dtype
     # Roughly the source's shard count, so multi-shard loading is exercised in every variant.
     n_shards = max(1, len(list(src.glob("*.safetensors"))))
     max_bytes = max(1, sum(t.nbytes for t in renamed.values()) // n_shards + 1)
-    _write_sharded(
-        out,
-        {k: tuple(v.shape) for k, v in renamed.items()},
-        dtype,
-        max_bytes,
-        lambda name, _shape: iter([renamed[name]]),
-    )
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in renamed.items()]
+    write_sharded(out, specs, lambda s: iter([renamed[s.name]]), max_bytes)
     return out

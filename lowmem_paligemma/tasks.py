@@ -1,4 +1,6 @@
-"""Detection and segmentation outputs: parse the text, decode the masks, draw the result (SPEC §5).
+"""Detection and segmentation outputs: parse the text, decode the masks, draw the result.
+
+The formats are docs/model.md, "Output formats".
 
 What is special here:
 * PaliGemma answers `detect`/`segment` prompts with text, one object per `" ; "`-separated entry:
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
+
+from .errors import VAEWeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +129,8 @@ def to_pixels(det: Detection | tuple[int, int, int, int], width: int, height: in
     """(x0, y0, x1, y1) pixel edges on the original width x height image: slice as `img[y0:y1, x0:x1]`.
 
     Bins are divided by 1024 and rounded with Python's `round` (ties to even), exactly as Google's demo
-    (`paligemma_parse.py::extract_objs`, SPEC §5.1); big_vision's evaluator divides by 1023 (Δ <= 0.1 %).
+    (`paligemma_parse.py::extract_objs`, docs/model.md, "Detection"); big_vision's evaluator divides by 1023
+    (Δ <= 0.1 %).
     The result is clamped to the image and its corners ordered, so x0 <= x1 and y0 <= y1 always.
     """
     if width <= 0 or height <= 0:
@@ -137,13 +142,9 @@ def to_pixels(det: Detection | tuple[int, int, int, int], width: int, height: in
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Segmentation mask decoder (big_vision `get_reconstruct_masks`, SPEC §5.2)
+# Segmentation mask decoder (big_vision `get_reconstruct_masks`, docs/model.md, "Segmentation")
 
 _EMBEDDING_KEY = "_vq_vae._embedding"
-
-
-class VAEWeightsError(ValueError):
-    """A `vae-oid.npz` that does not hold the decoder this module implements."""
 
 
 class _ResBlock(nn.Module):
@@ -172,7 +173,8 @@ class VQVAEDecoder(nn.Module):
         super().__init__()
         self.codebook = nn.Parameter(torch.empty(CODEBOOK_SIZE, CODE_DIM))  # npz key `_vq_vae._embedding`
         # Indices are the npz keys `decoder.{i}`. flax ConvTranspose(4x4, s2, padding=2, transpose_kernel=True)
-        # equals torch ConvTranspose2d(k4, s2, p1) on the npz's [in, out, kh, kw] weight (SPEC §5.2, verified).
+        # equals torch ConvTranspose2d(k4, s2, p1) on the npz's [in, out, kh, kw] weight (verified numerically;
+        # docs/model.md, "Segmentation").
         self.decoder = nn.Sequential(
             nn.Conv2d(CODE_DIM, 128, 1),  # 0
             nn.ReLU(),
@@ -263,7 +265,8 @@ def paste_mask(
 ) -> np.ndarray:
     """Place one decoded 64x64 mask into its (x0, y0, x1, y1) box of a width x height image -> (H, W).
 
-    As Google's demo (SPEC §5.2): `clip(m * 0.5 + 0.5, 0, 1)`, PIL bilinear resize to the box, zeros outside.
+    As Google's demo (docs/model.md, "Segmentation"): `clip(m * 0.5 + 0.5, 0, 1)`, PIL bilinear resize to the box,
+    zeros outside.
     The resize runs on float32 (mode "F") rather than the demo's uint8, so there is no 1/255 quantisation.
     Returns the soft mask (float32 in [0, 1]) or, with `threshold`, the bool mask `soft > threshold`;
     0.5 is the decoder's own boundary (big_vision's evaluator keeps raw output > 0.0).
@@ -365,7 +368,8 @@ def _vae_shapes() -> dict[str, tuple[int, ...]]:
         conv_t(key, cin, cout)
     conv("decoder.12", 1, 16, 1)
     # The encoder (mask -> codes) is not used here; its keys are written so the loader's "ignore" path is
-    # exercised. Channels 1->16->32->64->128 with 4x4 kernels, then 128->512 (SPEC §5.2, [inferred]).
+    # exercised. Channels 1->16->32->64->128 with 4x4 kernels, then 128->512 (docs/model.md, "Segmentation",
+    # inferred from the file size).
     for key, cin, cout in [("encoder.0", 1, 16), ("encoder.2", 16, 32), ("encoder.4", 32, 64), ("encoder.6", 64, 128)]:
         conv(key, cout, cin, 4)
     resblock("encoder.8", 128)

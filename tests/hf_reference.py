@@ -19,7 +19,7 @@ def write_hf_checkpoint(cfg: PaliGemmaConfig, out_dir: Path, seed: int = 0) -> P
     """Random weights via transformers' own init and save_pretrained (5.x key layout, several shards).
 
     Matrices are scaled x3 and norm weights perturbed so soft-caps, (1 + w) norms and LayerNorm affine
-    all matter (SPEC §10): a port that gets one of them wrong cannot pass.
+    all matter (docs/model.md, "Making tiny test models that can fail"): a port that gets one of them wrong cannot pass.
     """
     from transformers import PaliGemmaForConditionalGeneration
 

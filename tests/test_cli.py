@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -13,14 +12,17 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from lowmem_paligemma import cli
-from lowmem_paligemma.cli import DEFAULT_DTYPE, DTYPES, format_size, main, parse_size
+from lowmem_paligemma import runtime
+from lowmem_paligemma.cli import files as cli_files
+from lowmem_paligemma.cli import main
 from lowmem_paligemma.config import PRESETS
 from lowmem_paligemma.generate import generate
-from lowmem_paligemma.loader import load_model, read_checkpoint
 from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.pretrained import load_model
 from lowmem_paligemma.processor import Processor
 from lowmem_paligemma.profiler import Timeline
+from lowmem_paligemma.runtime import DEFAULT_DTYPE
+from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES, read_checkpoint
 from lowmem_paligemma.synth import tiny_checkpoint
 from lowmem_paligemma.tasks import write_synthetic_vae_npz
 
@@ -131,7 +133,7 @@ def test_sampling_options_change_the_output(tiny_pg1_dir, images):
 
 
 def test_generate_uses_the_default_dtype(tiny_pg2_dir, images):
-    _, text = library_answer(tiny_pg2_dir, images["b"], "caption en", DTYPES[DEFAULT_DTYPE], max_new_tokens=10)
+    _, text = library_answer(tiny_pg2_dir, images["b"], "caption en", WEIGHT_DTYPES[DEFAULT_DTYPE], max_new_tokens=10)
     assert ok(run("generate", tiny_pg2_dir, images["b"], "caption en", "--max-new-tokens", 10)).stdout == text + "\n"
     assert f"({DEFAULT_DTYPE} on cpu)" in run("generate", tiny_pg2_dir, images["b"], "caption en").stderr
 
@@ -140,7 +142,7 @@ def _fixed_output(monkeypatch: pytest.MonkeyPatch, model_dir: Path, text: str) -
     """Make the CLI's generate() yield the tokens of `text` + EOS: a known detect / segment answer."""
     tokenizer = Processor.from_pretrained(model_dir).tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [1]
-    monkeypatch.setattr(cli, "generate", lambda *args, **kwargs: iter(ids))
+    monkeypatch.setattr(runtime, "generate", lambda *args, **kwargs: iter(ids))
 
 
 SEG = "".join(f"<seg{i:03d}>" for i in range(0, 128, 8))
@@ -251,7 +253,7 @@ def test_synth_tiny_writes_a_loadable_checkpoint(tmp_path):
 
 def test_synth_preset_passes_the_options(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "write_checkpoint", lambda out, cfg, **kw: calls.append((cfg, kw)) or Path(out))
+    monkeypatch.setattr(cli_files, "write_checkpoint", lambda out, cfg, **kw: calls.append((cfg, kw)) or Path(out))
     ok(run("synth", tmp_path / "big", "--preset", "paligemma2-3b-448", "--dtype", "float16", "--max-shard-size", "2GB"))
     (cfg, kw), = calls  # fmt: skip
     assert cfg is PRESETS["paligemma2-3b-448"]
@@ -331,6 +333,21 @@ def broken_checkpoint(tiny_pg1_dir, tmp_path_factory) -> Path:
     return d
 
 
+def _broken_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of a checkpoint broken as a download or a hand edit can break it (test_loader_malformed.py has all)."""
+    shutil.copytree(src, dst)
+    if how == "pickle only":
+        for p in dst.glob("*.safetensors"):
+            p.unlink()
+        (dst / "model.safetensors.index.json").unlink()
+        (dst / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    elif how == "missing shard":
+        sorted(dst.glob("*.safetensors"))[-1].unlink()
+    elif how == "broken config":
+        (dst / "config.json").write_text('{"model_type": "paligemma", "text_config": ')
+    return dst
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -338,7 +355,8 @@ def broken_checkpoint(tiny_pg1_dir, tmp_path_factory) -> Path:
         "image token in prompt", "unknown option", "bad dtype", "negative max-new-tokens", "top-p above 1",
         "nan temperature", "vae without draw", "batch empty prompt", "batch missing folder", "chat not an image",
         "profile without --out", "synth bad size", "synth preset and tiny", "synth gemma2 with preset",
-        "synth nonempty dir", "no command option",
+        "synth nonempty dir", "no command option", "pickle only", "missing shard", "broken config",
+        "model dir is a file",
     ],
 )  # fmt: skip
 def test_expected_failures_are_one_error_line(case, tiny_pg1_dir, broken_checkpoint, images, tmp_path):
@@ -370,7 +388,8 @@ def test_expected_failures_are_one_error_line(case, tiny_pg1_dir, broken_checkpo
         "synth gemma2 with preset": ["synth", tmp_path / "s", "--preset", "paligemma-3b-224", "--gemma2"],
         "synth nonempty dir": ["synth", tmp_path / "full", "--tiny"],
         "no command option": ["generate", "--no-such-thing"],
-    }[case]
+        "model dir is a file": ["generate", a, a, "caption en"],
+    }.get(case) or ["generate", _broken_copy(m, tmp_path / "copy", case), a, "caption en"]
     line = assert_user_error(run(*args))
     assert len(line) < 300
 
@@ -380,6 +399,9 @@ def test_errors_name_the_problem(tiny_pg1_dir, broken_checkpoint, images, tmp_pa
     assert "prompt is empty" in assert_user_error(run("generate", tiny_pg1_dir, images["a"], ""))
     assert "model-" in assert_user_error(run("generate", broken_checkpoint, images["a"], "caption en"))
     assert "config.json" in assert_user_error(run("generate", tmp_path, images["a"], "caption en"))
+    assert "no such directory" in assert_user_error(run("generate", tmp_path / "nope", images["a"], "caption en"))
+    hub = assert_user_error(run("generate", "google/paligemma-3b-pt-224", images["a"], "caption en"))
+    assert "Hub model id" in hub and "huggingface-cli download google/paligemma-3b-pt-224" in hub
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -395,23 +417,3 @@ def test_help(command):
 
 def test_version():
     assert "lowmem-paligemma" in ok(run("--version")).stdout
-
-
-@pytest.mark.parametrize(
-    "text, n", [("5GB", 5 * 10**9), ("100KB", 100_000), ("1.5MB", 1_500_000), ("2GiB", 2 * 2**30), ("4096", 4096)]
-)
-def test_sizes(text, n):
-    assert parse_size(text) == n
-    assert parse_size(format_size(n)) == n
-
-
-@pytest.mark.parametrize("text", ["", "0", "-5GB", "5 parsecs", "GB", "nan"])
-def test_bad_sizes(text):
-    with pytest.raises(ValueError):
-        parse_size(text)
-
-
-def test_tokens_per_second_ignores_the_prefill_token():
-    gen = cli.Generation("x", [5, 6, 7], prompt_tokens=20, prefill_s=1.0, decode_s=0.5)
-    assert math.isclose(gen.tokens_per_s, 4.0)
-    assert cli.Generation("x", [5], 20, 1.0, 0.0).tokens_per_s is None

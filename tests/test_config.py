@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lowmem_paligemma.config import PRESETS, ConfigError, from_hf, load_config, tiny
-from lowmem_paligemma.loader import LM_HEAD, normalize_key
 from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.pretrained import LM_HEAD, normalize_key
 
-# google/paligemma-3b-pt-224 and google/paligemma2-3b-pt-224 config.json as the Hub ships them (SPEC §1.2).
+# google/paligemma-3b-pt-224 and google/paligemma2-3b-pt-224 config.json as the Hub ships them
+# (docs/model.md, "Config traps").
 PG1_HUB = {
     "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2, "eos_token_id": 1, "hidden_size": 2048,
     "ignore_index": -100, "image_token_index": 257152, "model_type": "paligemma", "pad_token_id": 0,
@@ -40,7 +41,7 @@ PG2_HUB = {
                       "vision_use_head": False},
 }  # fmt: skip
 
-# Parameter counts from SPEC §1.1 (meta-device instantiation of transformers' class).
+# Parameter counts from docs/model.md, "Configurations" (meta-device instantiation of transformers' class).
 PARAMS = {
     "paligemma-3b-224": 2_923_466_480, "paligemma-3b-448": 2_924_351_216, "paligemma-3b-896": 2_927_890_160,
     "paligemma2-3b-224": 3_032_242_416, "paligemma2-3b-448": 3_033_127_152, "paligemma2-3b-896": 3_036_666_096,

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowmem_paligemma import CheckpointError, load_model
 from lowmem_paligemma.config import tiny
 from lowmem_paligemma.convert import convert_checkpoint
-from lowmem_paligemma.loader import CheckpointError, load_model, read_checkpoint
+from lowmem_paligemma.safetensors_io import read_checkpoint
 from lowmem_paligemma.synth import write_checkpoint, write_key_variant
 
 MB = 10**6

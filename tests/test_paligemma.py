@@ -4,8 +4,8 @@ import pytest
 import torch
 from hf_reference import hf_load, write_hf_checkpoint
 
+from lowmem_paligemma import load_model
 from lowmem_paligemma.config import tiny
-from lowmem_paligemma.loader import load_model
 from lowmem_paligemma.paligemma import make_attn_mask
 
 

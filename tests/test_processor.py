@@ -23,7 +23,7 @@ from lowmem_paligemma.processor import (
 
 
 def hf_processor(model_dir: Path):
-    # Pin the PIL image backend: the torchvision one resizes differently (SPEC §4.1).
+    # Pin the PIL image backend: the torchvision one resizes differently (docs/model.md, "Prompt and tokens").
     from transformers import AutoTokenizer, PaliGemmaProcessor, SiglipImageProcessorPil
 
     image_processor = SiglipImageProcessorPil.from_pretrained(model_dir)

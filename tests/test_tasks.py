@@ -124,7 +124,7 @@ def test_to_pixels_orders_and_clamps():
 # ---------------------------------------------------------------------------------------------------------------------
 # VQ-VAE mask decoder
 
-# SPEC §5.2, written out so the synthetic file cannot drift from it.
+# docs/model.md, "Segmentation", written out so the synthetic file cannot drift from it.
 DECODER_SHAPES = {
     "_vq_vae._embedding": (128, 512),
     "decoder.0.weight": (128, 512, 1, 1),

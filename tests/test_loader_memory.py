@@ -20,7 +20,7 @@ SLACK = 48 << 20  # allocator rounding, the KV-free eval model's small extras, s
 
 CHILD = r"""
 import json, sys, torch
-from lowmem_paligemma.loader import load_model
+from lowmem_paligemma import load_model
 from lowmem_paligemma.profiler import MemoryProfiler, current_rss
 path, dtype, chunk = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
 load_model(sys.argv[4], dtype=dtype)          # warm-up on a tiny checkpoint: every module and .so mapped already

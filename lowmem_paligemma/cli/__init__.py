@@ -1,0 +1,38 @@
+"""`lowmem-paligemma`: generate, chat, profile, batch, synth and convert from the command line.
+
+- options.py: option groups and validation (each group arrives as one runtime.py dataclass);
+- report.py: what goes to stderr (load / speed / memory lines, progress bars, the one-line `Error:`);
+- run.py: the commands that run the model; files.py: the commands that write checkpoints.
+Every failure a user can cause ends as one `Error: ...` line and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+from .files import convert_command, synth_command
+from .run import batch_command, chat_command, generate_command, profile_command
+
+
+def _package_version() -> str:
+    try:
+        return version("lowmem_paligemma")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_package_version(), prog_name="lowmem-paligemma")
+def main() -> None:
+    """Low-RAM PaliGemma / PaliGemma 2: stream a Hub checkpoint in, then caption, answer, detect and segment.
+
+    MODEL_DIR is a Hub-layout directory (config.json, *.safetensors, tokenizer files).
+    """
+
+
+for _command in (generate_command, chat_command, profile_command, batch_command, synth_command, convert_command):
+    main.add_command(_command)
+
+__all__ = ["main"]

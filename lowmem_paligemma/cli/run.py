@@ -1,0 +1,230 @@
+"""The commands that run the model: generate, chat, profile, batch. Each is a few lines over runtime.py.
+
+Results go to stdout (streamed tokens, JSON, paths written); diagnostics go to stderr (cli/report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import click
+import torch
+
+from ..batch import list_images, recorded_images, run_batch
+from ..errors import ImageError, PromptError
+from ..plot import plot_timeline
+from ..processor import check_prompt, load_image, to_rgb
+from ..profiler import MemoryProfiler
+from ..runtime import Generation, LoadOptions, SamplingOptions, Session, draw_output, load_session, run_prompt
+from ..tasks import VQVAEDecoder
+from .options import EXISTING_FILE, MODEL_DIR, NEW_DIR, load_options, prompt_argument, sampling_options
+from .report import (
+    detections_report,
+    echo_text,
+    load_line,
+    memory_line,
+    profile_summary,
+    show_progress,
+    speed_line,
+    user_errors,
+)
+
+PROFILE_INTERVAL_S = 0.05  # RSS sampling period; VmHWM catches anything shorter
+
+
+def _load(model_dir: Path, load: LoadOptions, on_phase: Callable[[str], None] | None = None) -> Session:
+    session = load_session(model_dir, load, on_phase=on_phase, progress=show_progress())
+    click.echo(load_line(session), err=True)
+    return session
+
+
+@click.command("generate")
+@click.argument("model_dir", type=MODEL_DIR)
+@click.argument("image", type=EXISTING_FILE)
+@prompt_argument
+@sampling_options
+@load_options
+@click.option(
+    "--draw",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw detect / segment output onto IMAGE and save it here as PNG; boxes listed on stderr.",
+)
+@click.option("--vae", type=EXISTING_FILE, help="vae-oid.npz, to decode segmentation masks for --draw.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (output, timings, memory) instead.")
+def generate_command(
+    model_dir: Path,
+    image: Path,
+    prompt: str,
+    sampling: SamplingOptions,
+    load: LoadOptions,
+    draw: Path | None,
+    vae: Path | None,
+    as_json: bool,
+) -> None:
+    """Answer PROMPT about IMAGE; the answer streams to stdout, timings and memory go to stderr.
+
+    \b
+    Prompts: "caption en", "answer en what is on the table?", "ocr",
+    "detect cat ; dog" or "segment cat" (with --draw out.png).
+    """
+    if vae is not None and draw is None:
+        raise click.BadParameter("--vae is only used with --draw", param_hint="'--vae'")
+    with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
+        img = load_image(image)  # before the (slow) model load, so a bad image fails at once
+        decoder = VQVAEDecoder.from_npz(vae) if vae else None
+        session = _load(model_dir, load)
+        gen = run_prompt(session, session.encode(img), prompt, sampling, on_text=None if as_json else echo_text)
+        found = draw_output(to_rgb(img), gen.text, draw, decoder) if draw else None
+    peak = prof.peak()
+    if as_json:
+        record = {"image": str(image), "prompt": prompt, **gen.to_json(), "load_s": round(session.load_s, 4)}
+        record |= {"peak_rss": peak.hwm or peak.rss} | ({"detections": found} if found is not None else {})
+        click.echo(json.dumps(record, ensure_ascii=False))
+    else:
+        click.echo()  # end the streamed answer
+    report = [speed_line(gen), memory_line(peak)]
+    if draw is not None and found is not None:
+        report += detections_report(found, draw, decoder is not None)
+    click.echo("\n".join(report), err=True)
+
+
+def input_lines(stream: TextIO) -> Iterator[str]:
+    """Lines of `stream` without their newline, with a `> ` prompt on stderr when a person is typing."""
+    interactive = stream.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = stream.readline()
+        if not line:
+            return
+        yield line.rstrip("\r\n")
+
+
+def run_chat(
+    session: Session,
+    image_features: torch.Tensor,
+    lines: Iterable[str],
+    sampling: SamplingOptions,
+    on_answer: Callable[[Generation], None],
+) -> int:
+    """Answer each line on the current image; `:image PATH` encodes another, `:quit` stops. Returns the answers."""
+    answers = 0
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line == ":quit":
+            break
+        if line == ":image" or line.startswith(":image "):
+            path = line.removeprefix(":image").strip()
+            try:
+                image = load_image(path)
+            except ImageError as e:
+                click.echo(f"Error: {e} (keeping the current image)", err=True)
+                continue
+            image_features = session.encode(image)
+            click.echo(f"image: {path} ({image.width}x{image.height})", err=True)
+            continue
+        if line.startswith(":"):
+            click.echo(f"Error: unknown command {line.split()[0]!r}; use :image PATH or :quit", err=True)
+            continue
+        try:
+            check_prompt(line)
+        except PromptError as e:
+            click.echo(f"Error: {e}", err=True)
+            continue
+        gen = run_prompt(session, image_features, line, sampling, on_text=echo_text)
+        click.echo()
+        on_answer(gen)
+        answers += 1
+    return answers
+
+
+@click.command("chat")
+@click.argument("model_dir", type=MODEL_DIR)
+@click.argument("image", type=EXISTING_FILE)
+@sampling_options
+@load_options
+def chat_command(model_dir: Path, image: Path, sampling: SamplingOptions, load: LoadOptions) -> None:
+    """Ask many questions about one image: one prompt per line on stdin, the image is encoded once.
+
+    \b
+    :image PATH   switch to another image (encoded once)
+    :quit         stop (so does end of input)
+    """
+    with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
+        img = load_image(image)
+        session = _load(model_dir, load)
+        features = session.encode(img)
+
+        def report(gen: Generation) -> None:
+            click.echo(f"[{speed_line(gen)}; {memory_line(prof.peak())}]", err=True)
+
+        run_chat(session, features, input_lines(sys.stdin), sampling, report)
+
+
+@click.command("profile")
+@click.argument("model_dir", type=MODEL_DIR)
+@click.argument("image", type=EXISTING_FILE)
+@prompt_argument
+@click.option("--out", type=NEW_DIR, required=True, help="Directory for profile.json (timeline) and profile.png.")
+@sampling_options
+@load_options
+def profile_command(
+    model_dir: Path, image: Path, prompt: str, out: Path, sampling: SamplingOptions, load: LoadOptions
+) -> None:
+    """Load the model and answer PROMPT once under the memory profiler, with phases load / encode / prefill / decode.
+
+    Writes OUT/profile.json (RSS timeline with anon / file split and phase marks) and OUT/profile.png.
+    """
+    with user_errors():
+        img = load_image(image)
+        meta = {"label": f"{model_dir.name}: {load.dtype} on {load.device}", "prompt": prompt}
+        with MemoryProfiler(PROFILE_INTERVAL_S, meta) as prof:
+            with prof.phase("load"):
+                session = _load(model_dir, load, on_phase=lambda name: prof.mark(f"load: {name}"))
+            prof.meta["model_bytes"] = session.weight_bytes
+            with prof.phase("encode"):
+                features = session.encode(img)
+            gen = run_prompt(session, features, prompt, sampling, phase=prof.phase)
+        timeline = prof.timeline()
+        files = [timeline.to_json(out / "profile.json"), plot_timeline(timeline, out / "profile.png")]
+    click.echo("\n".join(profile_summary(gen, session, timeline, files)))
+
+
+@click.command("batch")
+@click.argument("model_dir", type=MODEL_DIR)
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@prompt_argument
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="JSONL results, appended to: images already in it are skipped (resume; delete a line to redo).",
+)
+@sampling_options
+@load_options
+def batch_command(
+    model_dir: Path, image_dir: Path, prompt: str, out: Path, sampling: SamplingOptions, load: LoadOptions
+) -> None:
+    """Answer PROMPT for every image in IMAGE_DIR (jpg, jpeg, png, webp, bmp, gif), one JSON line per image.
+
+    A file that cannot be read as an image gets an {"image", "error"} line and the run goes on.
+    """
+    from tqdm import tqdm
+
+    with user_errors():
+        images = list_images(image_dir)
+        done = recorded_images(out)
+        todo = [p for p in images if p.name not in done]
+        click.echo(f"{len(images)} image(s) in {image_dir}, {len(images) - len(todo)} already in {out}", err=True)
+        if not todo:
+            return
+        session = _load(model_dir, load)
+        skip = lambda message: tqdm.write(message, file=sys.stderr)  # tqdm.write keeps the bar intact
+        failed = run_batch(session, todo, prompt, sampling, out, progress=show_progress(), on_skip=skip)
+    click.echo(f"answered {len(todo) - failed}, skipped {failed} unreadable; results in {out}", err=True)

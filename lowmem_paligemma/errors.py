@@ -1,0 +1,45 @@
+"""The failures a user can cause and fix, in one small hierarchy.
+
+Every message is one line that names the file, field or value and the problem. The CLI turns any
+`LowmemError` into one `Error: ...` line and a non-zero exit; anything else is a bug and keeps its
+traceback. The ones that describe a bad input value also subclass `ValueError`, so callers that
+already catch `ValueError` keep working.
+"""
+
+from __future__ import annotations
+
+
+class LowmemError(Exception):
+    """Base class: a failure the user can cause and fix (bad input, not enough memory)."""
+
+
+class ConfigError(LowmemError, ValueError):
+    """A config.json that cannot describe a PaliGemma model."""
+
+
+class CheckpointError(LowmemError, ValueError):
+    """A checkpoint that cannot be loaded: a missing directory, bad headers, keys or shapes."""
+
+
+class TokenizerError(LowmemError, ValueError):
+    """A model directory without a loadable tokenizer, or one that does not match the model config."""
+
+
+class ImageError(LowmemError, ValueError):
+    """A file that is missing or cannot be decoded as an image."""
+
+
+class PromptError(LowmemError, ValueError):
+    """A prompt the model cannot take (empty, or holding the <image> placeholder the processor adds)."""
+
+
+class VAEWeightsError(LowmemError, ValueError):
+    """A vae-oid.npz that is missing, unreadable or not in big_vision's key layout."""
+
+
+class OutputError(LowmemError, ValueError):
+    """A destination that cannot be written as asked (exists and is not empty, is the source, no space)."""
+
+
+class InsufficientMemoryError(LowmemError):
+    """The load would not fit in the memory available now."""

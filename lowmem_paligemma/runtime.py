@@ -1,0 +1,172 @@
+"""One runtime for every front end: load options, sampling options, a loaded session, one prompt, drawing.
+
+The CLI commands, `make demo` and the benchmarks all go through here, so what a user runs is what is
+measured. A `Session` holds the model and its processor; `Session.encode` turns an image into features
+once, and `run_prompt` generates for one prompt on them, timing prefill (prompt in, first token out)
+and decode (every further token) separately.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .generate import encode_image, generate
+from .paligemma import PaliGemmaForConditionalGeneration
+from .pretrained import load_model, resolve_model_dir
+from .processor import Processor, TextStream
+from .safetensors_io import WEIGHT_DTYPES
+from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
+
+# bfloat16 on CPU: the same memory as float16, and float16 products and conversions measured several times
+# slower than bfloat16 ones (docs/results/kernels.md).
+DEFAULT_DTYPE = "bfloat16"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    dtype: str = DEFAULT_DTYPE  # a key of safetensors_io.WEIGHT_DTYPES
+    device: str = "cpu"  # cpu / cuda / mps (front ends resolve "auto")
+    zero_copy: bool = False  # map the shards instead of copying (CPU, checkpoint stored in `dtype`)
+    preflight: bool = True  # refuse a load that would not fit in the memory available now
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Session:
+    """A loaded model and its processor, reused for every prompt of a command."""
+
+    model: PaliGemmaForConditionalGeneration
+    processor: Processor
+    load_s: float
+    options: LoadOptions
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.nbytes for p in self.model.parameters())
+
+    def encode(self, image: Image.Image) -> torch.Tensor:
+        """(1, N, D) image features: computed once per image and reused by every prompt on it."""
+        return encode_image(self.model, self.processor.pixel_values(image))
+
+
+def load_session(
+    model_dir: str | os.PathLike,
+    options: LoadOptions = LoadOptions(),
+    on_phase: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> Session:
+    """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model."""
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(model_dir)
+    processor = Processor.from_pretrained(model_dir)
+    model = load_model(
+        model_dir, device=options.device, dtype=WEIGHT_DTYPES[options.dtype], zero_copy=options.zero_copy,
+        preflight=options.preflight, progress=progress, on_phase=on_phase,
+    )  # fmt: skip
+    return Session(model, processor, time.perf_counter() - t0, options)
+
+
+@dataclass
+class Generation:
+    text: str  # decoded with special tokens skipped (<loc>/<seg> survive)
+    token_ids: list[int]  # as generated, including a final EOS
+    prompt_tokens: int
+    prefill_s: float  # prompt in, first token out
+    decode_s: float  # every further token
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        n = len(self.token_ids) - 1  # the first token comes out of the prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.tokens_per_s
+        return {
+            "output": self.text,
+            "tokens": len(self.token_ids),
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "tokens_per_s": None if rate is None else round(rate, 2),
+        }
+
+
+def run_prompt(
+    session: Session,
+    image_features: torch.Tensor,
+    prompt: str,
+    sampling: SamplingOptions = SamplingOptions(),
+    on_text: Callable[[str], None] | None = None,
+    phase: Callable[[str], AbstractContextManager[object]] = nullcontext,
+) -> Generation:
+    """Generate for one prompt on already-encoded image features; `on_text` receives the text as it grows.
+
+    `phase(name)` wraps the "prefill" and "decode" steps, e.g. with `MemoryProfiler.phase`.
+    """
+    input_ids, token_type_ids = session.processor.prompt_inputs(prompt)
+    tokens = generate(
+        session.model, input_ids, token_type_ids, image_features=image_features,
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, seed=sampling.seed,
+    )  # fmt: skip
+    stream = TextStream(session.processor.tokenizer)
+    ids: list[int] = []
+
+    def take(token: int) -> None:
+        ids.append(token)
+        piece = stream.push(token) if on_text else ""
+        if piece and on_text:
+            on_text(piece)
+
+    t0 = time.perf_counter()
+    with phase("prefill"):
+        take(next(tokens))  # generate() always yields at least one token
+    t1 = time.perf_counter()
+    with phase("decode"):
+        for token in tokens:
+            take(token)
+    t2 = time.perf_counter()
+    text = session.processor.decode(ids)
+    if on_text and text.startswith(stream.text) and len(text) > len(stream.text):
+        on_text(text[len(stream.text) :])  # a character the stream held back as incomplete bytes
+    return Generation(text, ids, int(input_ids.shape[1]), t1 - t0, t2 - t1)
+
+
+def draw_output(image: Image.Image, text: str, path: Path, vae: VQVAEDecoder | None) -> list[dict[str, Any]]:
+    """Parse detect/segment output, draw it on `image` as a PNG at `path`; the objects in pixels (x0, y0, x1, y1)."""
+    dets = parse_detections(text)
+    width, height = image.size
+    boxes = [to_pixels(d, width, height) for d in dets]
+    masks = None
+    if vae is not None and any(d.seg is not None for d in dets):
+        masks = [
+            None if d.seg is None else paste_mask(vae.decode_masks([d.seg])[0], box, width, height)
+            for d, box in zip(dets, boxes)
+        ]
+    draw_detections(image, dets, path, masks)
+    return [
+        {
+            "label": d.label,
+            "box": list(box),
+            "mask": masks is not None and masks[i] is not None,
+            "seg": d.seg is not None,
+        }
+        for i, (d, box) in enumerate(zip(dets, boxes))
+    ]
