@@ -16,6 +16,7 @@ from .errors import (
     ImageError,
     InsufficientMemoryError,
     LowmemError,
+    OptionError,
     OutputError,
     PromptError,
     TokenizerError,
@@ -60,5 +61,6 @@ __all__ = [
     "PromptError",
     "VAEWeightsError",
     "OutputError",
+    "OptionError",
     "InsufficientMemoryError",
 ]

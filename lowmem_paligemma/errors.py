@@ -41,5 +41,9 @@ class OutputError(LowmemError, ValueError):
     """A destination that cannot be written as asked (exists and is not empty, is the source, no space)."""
 
 
+class OptionError(LowmemError, ValueError):
+    """An option value, or a combination of options, the runtime cannot honour (e.g. int4 on a GPU)."""
+
+
 class InsufficientMemoryError(LowmemError):
     """The load would not fit in the memory available now."""

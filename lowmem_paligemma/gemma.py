@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GemmaConfig
-from .ops import Embedding, Linear, linear
+from .ops import Embedding, Linear
 
 
 class RMSNorm(nn.Module):
@@ -163,9 +163,9 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        # sqrt(D) rounded to the weight dtype, as transformers and big_vision do (bf16: sqrt(2048) -> 45.25).
-        return F.embedding(ids, w) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
+        x = self.embed_tokens.lookup(ids)  # (B, T, D) in the model dtype, whether the table is dense or int8
+        # sqrt(D) rounded to the model dtype, as transformers and big_vision do (bf16: sqrt(2048) -> 45.25).
+        return x * torch.tensor(self.cfg.hidden_size**0.5).to(x.dtype)
 
     def forward(
         self,
@@ -190,7 +190,7 @@ class GemmaForCausalLM(nn.Module):
         self.final_logit_softcap = cfg.final_logit_softcap
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = linear(hidden, self.model.embed_tokens.weight)  # (B, T, V): x @ E^T
+        out = self.model.embed_tokens.logits(hidden)  # (B, T, V): x @ E^T
         if self.final_logit_softcap is not None:
             out = torch.tanh(out / self.final_logit_softcap) * self.final_logit_softcap
         return out

@@ -43,7 +43,36 @@ RUNTIME_MARGIN_BYTES = 300 << 20  # interpreter, torch, tokenizer and the read c
 KeyMap = Callable[[str], "str | None"]
 
 
-# --- matching keys to parameters (on meta: costs nothing) ------------------------------------------------
+# --- matching stored tensors to parameters (on meta: costs nothing) --------------------------------------
+
+
+@dataclass(frozen=True)
+class RowFill:
+    """Parameters filled from one stored tensor a few rows at a time, e.g. quantized while it streams.
+
+    A module offers these through a `row_fills()` method: {stored local name: RowFill}. A stored tensor
+    whose dtype and shape equal a parameter's is copied instead (a checkpoint already in the format).
+    """
+
+    shape: tuple[int, ...]  # the stored tensor's shape
+    fill: Callable[[torch.Tensor, int], None]  # (rows (n, *shape[1:]) in the stored dtype, first row)
+    fills: tuple[str, ...]  # the module's parameters it writes (local names)
+    row_multiple: int = 1  # every chunk but the last holds a multiple of this many rows
+
+
+@dataclass
+class LoadPlan:
+    copies: dict[str, TensorEntry]  # parameter name -> the stored tensor read into it
+    fills: dict[str, tuple[TensorEntry, RowFill]]  # stored name (mapped) -> the tensor and what its rows fill
+
+
+def row_fills(model: nn.Module) -> dict[str, RowFill]:
+    """Every `row_fills()` offer of the model's modules, by full (mapped) name."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "row_fills"):
+            out |= {f"{prefix}.{local}" if prefix else local: rf for local, rf in module.row_fills().items()}
+    return out
 
 
 def _listing(keys: Iterable[str], limit: int = 8) -> str:
@@ -54,28 +83,46 @@ def _listing(keys: Iterable[str], limit: int = 8) -> str:
 
 def match_entries(
     model: nn.Module, entries: dict[str, TensorEntry], key_map: KeyMap, tied: Mapping[str, str] | None = None
-) -> dict[str, TensorEntry]:
-    """Parameter name -> checkpoint entry, every parameter exactly once, or a CheckpointError.
+) -> LoadPlan:
+    """Every parameter filled exactly once from the stored tensors, or a CheckpointError listing what is not.
 
-    `key_map(stored_key)` gives a parameter name, or None for a key the module does not have. A mapped
-    name found in `tied` is a stored copy of the parameter `tied[name]`: shape-checked, then skipped.
+    `key_map(stored_key)` gives a parameter name (or a `row_fills` name), or None for a key the module does
+    not have. A mapped name found in `tied` is a stored copy of the parameter `tied[name]`: shape-checked,
+    then skipped.
     """
     tied = tied or {}
     params = dict(model.named_parameters())
-    plan: dict[str, TensorEntry] = {}
+    offers = row_fills(model)
+    plan = LoadPlan({}, {})
     copies: list[tuple[TensorEntry, str]] = []
     unexpected = []
     for key, entry in entries.items():
         name = key_map(key)
         if name in tied:
             copies.append((entry, tied[name]))
-        elif name is None or name not in params:
-            unexpected.append(key)
-        elif name in plan:
-            raise CheckpointError(f"{entry.path}: {key!r} and {plan[name].key!r} both map to parameter {name!r}")
+        elif name in plan.copies or name in plan.fills:
+            other = (plan.copies.get(name) or plan.fills[name][0]).key
+            raise CheckpointError(f"{entry.path}: {key!r} and {other!r} both map to parameter {name!r}")
+        elif name in params and (name not in offers or entry.dtype == params[name].dtype):
+            want = tuple(params[name].shape)
+            if want != entry.shape:
+                raise CheckpointError(
+                    f"{entry.path}: {key!r} has shape {list(entry.shape)}, the model expects {list(want)}"
+                )
+            plan.copies[name] = entry
+        elif name in offers:
+            if offers[name].shape != entry.shape:
+                raise CheckpointError(
+                    f"{entry.path}: {key!r} has shape {list(entry.shape)}, the model expects {list(offers[name].shape)}"
+                )
+            plan.fills[name] = (entry, offers[name])
         else:
-            plan[name] = entry
-    missing = [n for n in params if n not in plan]
+            unexpected.append(key)
+    covered = set(plan.copies)
+    for name, (_, rf) in plan.fills.items():
+        prefix = name.rpartition(".")[0]
+        covered |= {f"{prefix}.{p}" if prefix else p for p in rf.fills}
+    missing = [n for n in params if n not in covered]
     if missing or unexpected:
         parts = []
         if missing:
@@ -83,12 +130,6 @@ def match_entries(
         if unexpected:
             parts.append(f"unexpected key(s): {_listing(unexpected)}")
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
-    for name, entry in plan.items():
-        want = list(params[name].shape)
-        if tuple(want) != entry.shape:
-            raise CheckpointError(
-                f"{entry.path}: {entry.key!r} has shape {list(entry.shape)}, the model expects {want}"
-            )
     for entry, target in copies:  # a stored tied copy must have its parameter's shape; its values are not used
         if entry.shape != tuple(params[target].shape):
             raise CheckpointError(f"{entry.path}: {entry.key!r} shape {list(entry.shape)} is not {target}'s")
@@ -98,9 +139,9 @@ def match_entries(
 # --- the memory pre-flight -------------------------------------------------------------------------------
 
 
-def load_bytes(plan: dict[str, TensorEntry], dtype: torch.dtype) -> int:
-    """Bytes the loaded parameters occupy in `dtype` (read from the headers, before any allocation)."""
-    return sum(e.numel * dtype.itemsize for e in plan.values())
+def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes `model`'s parameters take once loaded in `dtype` (float ones; others keep theirs). Works on meta."""
+    return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size()) for p in model.parameters())
 
 
 def available_bytes(device: torch.device | str) -> int:
@@ -112,14 +153,12 @@ def available_bytes(device: torch.device | str) -> int:
     return psutil.virtual_memory().available
 
 
-def check_memory(
-    plan: dict[str, TensorEntry], dtype: torch.dtype, device: torch.device | str, chunk_bytes: int
-) -> None:
-    need = load_bytes(plan, dtype) + chunk_bytes + RUNTIME_MARGIN_BYTES
+def check_memory(need: int, device: torch.device | str, advice: str = "") -> None:
+    """Refuse, before anything large is allocated, a load that needs more than the memory available now."""
+    need += RUNTIME_MARGIN_BYTES
     have = available_bytes(device)
     if need > have:
         where = torch.device(device).type
-        advice = " or load in a 16-bit dtype" if dtype == torch.float32 else ""
         raise InsufficientMemoryError(
             f"loading needs about {format_bytes(need)} of {where} memory but {format_bytes(have)} is available; "
             f"close other programs{advice}, or skip this check (--force / preflight=False)"
@@ -130,53 +169,84 @@ def check_memory(
 
 
 def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Meta model -> uninitialised model on `device`: cast on meta first so pages are committed once."""
+    """Meta model -> uninitialised model on `device`: cast on meta first so pages are committed once.
+    Only floating-point parameters take `dtype` (quantized weights stay int8 / uint8)."""
     model.to(dtype=dtype)  # on meta: changes the dtype, allocates nothing
     return model.to_empty(device=device)
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """One bounded read: the bytes at file `offset` into `dest` (a flat slice of a parameter)."""
+    """One bounded read of `nbytes` at file `offset`: into `dest` (a flat slice of a parameter), or its rows
+    handed to `fill` starting at row `start`."""
 
     offset: int
-    dest: torch.Tensor
+    nbytes: int
     dtype: torch.dtype  # stored dtype of the bytes
+    dest: torch.Tensor | None = None
+    fill: Callable[[torch.Tensor, int], None] | None = None
+    row_shape: tuple[int, ...] = ()  # the stored tensor's shape after dim 0 (fills)
+    start: int = 0  # first row (fills)
+    done: int = 0  # bytes of loaded parameters this chunk completes (progress)
 
 
-def _chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> list[_Chunk]:
+def _copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> list[_Chunk]:
     flat = dest.view(-1)  # parameters are contiguous after to_empty
     step = max(1, chunk_bytes // entry.dtype.itemsize)  # elements per chunk
+    size = entry.dtype.itemsize
     return [
-        _Chunk(entry.offset + e0 * entry.dtype.itemsize, flat[e0 : e0 + step], entry.dtype)
+        _Chunk(entry.offset + e0 * size, min(step, entry.numel - e0) * size, entry.dtype,
+               dest=flat[e0 : e0 + step], done=min(step, entry.numel - e0) * dest.element_size())
         for e0 in range(0, entry.numel, step)
-    ]
+    ]  # fmt: skip
 
 
-def _read_chunk(fd: int, path: Path, chunk: _Chunk, local: threading.local, chunk_bytes: int) -> None:
+def _fill_chunks(entry: TensorEntry, rf: RowFill, filled_bytes: int, chunk_bytes: int) -> list[_Chunk]:
+    rows = entry.shape[0]
+    row_bytes = entry.nbytes // max(rows, 1)
+    # The fill converts rows to float32 (and more): size chunks by that, so chunk_bytes bounds its temporaries.
+    per = max(1, chunk_bytes // max(1, row_bytes // entry.dtype.itemsize * 4))
+    per = max(rf.row_multiple, per // rf.row_multiple * rf.row_multiple)
+    return [
+        _Chunk(entry.offset + r0 * row_bytes, min(per, rows - r0) * row_bytes, entry.dtype, fill=rf.fill,
+               row_shape=entry.shape[1:], start=r0, done=filled_bytes * min(per, rows - r0) // rows)
+        for r0 in range(0, rows, per)
+    ]  # fmt: skip
+
+
+def _read_chunk(fd: int, path: Path, chunk: _Chunk, local: threading.local) -> None:
     """Same dtype on the CPU: the bytes land in the parameter itself. Otherwise they are read into this
-    thread's reused staging buffer (stored dtype) and `copy_` converts them into the final pages."""
-    if chunk.dtype == chunk.dest.dtype and chunk.dest.device.type == "cpu":
+    thread's reused staging buffer (stored dtype), then `copy_` converts them into the final pages or the
+    fill computes from them."""
+    if chunk.dest is not None and chunk.dtype == chunk.dest.dtype and chunk.dest.device.type == "cpu":
         pread_into(fd, chunk.dest, chunk.offset, path)
         return
-    if not hasattr(local, "buffer"):
-        local.buffer = torch.empty(chunk_bytes, dtype=torch.uint8)
-    staged = local.buffer[: chunk.dest.numel() * chunk.dtype.itemsize].view(chunk.dtype)
+    if getattr(local, "buffer", None) is None or local.buffer.numel() < chunk.nbytes:
+        local.buffer = torch.empty(chunk.nbytes, dtype=torch.uint8)
+    staged = local.buffer[: chunk.nbytes].view(chunk.dtype)
     pread_into(fd, staged, chunk.offset, path)
     with torch.no_grad():  # grad mode is per thread: this is a worker
-        chunk.dest.copy_(staged)  # dtype conversion (and host-to-device copy) happens here
+        if chunk.dest is not None:
+            chunk.dest.copy_(staged)  # dtype conversion (and host-to-device copy) happens here
+        else:
+            chunk.fill(staged.view(-1, *chunk.row_shape), chunk.start)
 
 
-def _by_file(plan: dict[str, TensorEntry]) -> dict[Path, list[tuple[str, TensorEntry]]]:
-    by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
-    for name, entry in plan.items():
-        by_file.setdefault(entry.path, []).append((name, entry))
-    return by_file
+def _by_file(plan: LoadPlan, params: dict[str, torch.Tensor], model: nn.Module, chunk_bytes: int):
+    """Chunks grouped by shard, each shard's in file order."""
+    by_file: dict[Path, list[_Chunk]] = {}
+    for name, entry in plan.copies.items():
+        by_file.setdefault(entry.path, []).extend(_copy_chunks(entry, params[name], chunk_bytes))
+    for name, (entry, rf) in plan.fills.items():
+        prefix = name.rpartition(".")[0]
+        filled = sum(params[f"{prefix}.{p}" if prefix else p].nbytes for p in rf.fills)
+        by_file.setdefault(entry.path, []).extend(_fill_chunks(entry, rf, filled, chunk_bytes))
+    return {path: sorted(chunks, key=lambda c: c.offset) for path, chunks in by_file.items()}
 
 
 def stream_into(
     model: nn.Module,
-    plan: dict[str, TensorEntry],
+    plan: LoadPlan,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
@@ -184,20 +254,20 @@ def stream_into(
 ) -> None:
     """Fill every planned parameter in place, one shard open at a time, chunks in file order.
 
-    `workers` threads keep that many reads in flight (pread and copy_ release the GIL); each converting
-    thread owns one staging buffer of chunk_bytes / workers, so chunk_bytes bounds all temporaries. The
-    progress bar (stderr) counts the bytes of the loaded parameters, the size the model ends up.
+    `workers` threads keep that many reads in flight (pread, copy_ and the fills' torch ops release the GIL);
+    each converting thread owns one staging buffer of about chunk_bytes / workers, so chunk_bytes bounds the
+    temporaries. The progress bar (stderr) counts the bytes of the loaded parameters: the model's size.
     """
     from tqdm import tqdm
 
     params = dict(model.named_parameters())
     per_thread = max(1 << 20, chunk_bytes // workers)
     local = threading.local()
-    total = sum(params[name].nbytes for name in plan)
+    by_file = _by_file(plan, params, model, per_thread)
+    total = sum(c.done for chunks in by_file.values() for c in chunks)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, leave=False)
     with torch.no_grad(), bar, ThreadPoolExecutor(workers) as pool:
-        by_file = _by_file(plan)
-        for i, (path, items) in enumerate(by_file.items(), 1):
+        for i, (path, chunks) in enumerate(by_file.items(), 1):
             if on_phase:
                 on_phase(f"shard {i}/{len(by_file)}")
             try:
@@ -207,12 +277,10 @@ def stream_into(
             futures = []
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: the file is read once
-                ordered = sorted(items, key=lambda item: item[1].offset)
-                chunks = [c for name, entry in ordered for c in _chunks(entry, params[name], per_thread)]
-                futures = [pool.submit(_read_chunk, fd, path, c, local, per_thread) for c in chunks]
+                futures = [pool.submit(_read_chunk, fd, path, c, local) for c in chunks]
                 for chunk, future in zip(chunks, futures):
                     future.result()  # re-raises the first failure
-                    bar.update(chunk.dest.nbytes)
+                    bar.update(chunk.done)
             except OSError as e:
                 raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
             finally:  # on failure: drop what has not started, let running reads finish, then close
@@ -227,25 +295,33 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def map_into(model: nn.Module, plan: dict[str, TensorEntry], dtype: torch.dtype) -> None:
+def map_into(model: nn.Module, plan: LoadPlan, dtype: torch.dtype) -> None:
     """Zero-copy: every parameter becomes a view of its shard's pages (private, copy-on-write mapping).
 
     Nothing is read up front; pages come in on first use and count as file-backed RSS, which the kernel
     can drop and re-read under pressure. The price: the first forward pays the disk reads, and the files
-    must stay in place while the model lives.
+    must stay in place while the model lives. Needs every tensor stored as loaded: `dtype` for floating
+    point ones, and nothing to compute on the way (no quantization while loading).
     """
-    wrong = sorted({dtype_name(e.dtype) for e in plan.values() if e.dtype != dtype})
-    if wrong:
+    params = dict(model.named_parameters())
+
+    def loaded_dtype(name: str) -> torch.dtype:
+        return dtype if params[name].is_floating_point() else params[name].dtype
+
+    wrong = sorted({dtype_name(e.dtype) for n, e in plan.copies.items() if e.dtype != loaded_dtype(n)})
+    if wrong or plan.fills:
+        held = ", ".join(wrong) if wrong else "weights to quantize while loading"
         raise CheckpointError(
-            f"zero-copy needs a checkpoint stored in {dtype_name(dtype)}, this one holds {', '.join(wrong)}; "
+            f"zero-copy needs a checkpoint stored in {dtype_name(dtype)} (or pre-quantized), this one holds {held}; "
             "convert it once with `lowmem-paligemma convert` or load without zero-copy"
         )
-    for path, items in _by_file(plan).items():
+    for path in {e.path for e in plan.copies.values()}:
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for name, entry in items:
-            view = torch.frombuffer(mapped, dtype=dtype, count=entry.numel, offset=entry.offset)
-            _set_parameter(model, name, view.view(entry.shape))
+        for name, entry in plan.copies.items():
+            if entry.path == path:
+                view = torch.frombuffer(mapped, dtype=entry.dtype, count=entry.numel, offset=entry.offset)
+                _set_parameter(model, name, view.view(entry.shape))
 
 
 # --- the one entry point ---------------------------------------------------------------------------------
@@ -265,6 +341,8 @@ def stream_checkpoint(
     preflight: bool = True,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    extra_bytes: int = 0,
+    advice: str = "",
     on_phase: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Fill any `nn.Module` built on `meta` from a safetensors checkpoint directory, in eval mode.
@@ -272,8 +350,10 @@ def stream_checkpoint(
     `key_map` maps a stored key to a parameter name (None: unexpected); `tied` names stored copies of a
     parameter to skip (see `match_entries`). `tie` re-ties shared parameters after materialisation;
     `repair` rebuilds non-persistent buffers. `preflight` refuses a load that would not fit in the memory
-    available now. Errors are raised before any allocation where the headers can tell (keys, shapes,
-    memory), and nothing half-loaded is returned.
+    available now (the parameters, a chunk and `extra_bytes`, e.g. what the first request will need), with
+    `advice` (", or ...") in its message. Modules with a `row_fills()` method are filled through it
+    (quantized while streaming, see `RowFill`). Errors are raised before any allocation where the headers
+    can tell (keys, shapes, memory), and nothing half-loaded is returned.
     """
     if dtype not in WEIGHT_DTYPES.values():
         raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -283,7 +363,8 @@ def stream_checkpoint(
     entries = read_checkpoint(Path(model_dir))
     plan = match_entries(model, entries, key_map, tied)  # on meta: a mismatch costs nothing
     if preflight and not zero_copy:
-        check_memory(plan, dtype, device, chunk_bytes)
+        advice += " or load in a 16-bit dtype" if dtype == torch.float32 else ""
+        check_memory(model_bytes(model, dtype) + chunk_bytes + extra_bytes, device, advice)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)

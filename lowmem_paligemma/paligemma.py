@@ -74,11 +74,12 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.model.embed_tokens.weight.dtype
+        """The compute dtype: that of the floating-point weights (quantized tables are int8 / uint8)."""
+        return self.language_model.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.model.embed_tokens.weight.device
+        return self.language_model.model.norm.weight.device
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels in [-1, 1] -> (B, N, D) features that replace the <image> tokens."""

@@ -22,9 +22,13 @@ import torch
 from torch import nn
 
 from .config import load_config
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
+from .kernels import Measured, choose_dtype, choose_kernels, layer_shapes
 from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
+from .ops import use_kernels
 from .paligemma import PaliGemmaForConditionalGeneration
+from .quant import quantize_model
+from .safetensors_io import WEIGHT_DTYPES
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
@@ -65,32 +69,73 @@ def normalize_key(key: str) -> str:
     return key
 
 
+def build_model(
+    model_dir: str | os.PathLike, quantize: str | None = None, device: str | torch.device = "cpu"
+) -> PaliGemmaForConditionalGeneration:
+    """Our model for `model_dir`'s config.json on meta (zero bytes), its layers quantized as `quantize` asks."""
+    if quantize == "int4" and torch.device(device).type != "cpu":
+        raise OptionError("--quantize int4 runs on the CPU only (torch's int4 kernel here is CPU code); use int8")
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(load_config(model_dir))
+    return quantize_model(model, quantize) if quantize is not None else model
+
+
+def resolve_dtype(
+    model: nn.Module, dtype: torch.dtype | str, device: str | torch.device
+) -> tuple[torch.dtype, Measured | None]:
+    """A torch dtype from a torch dtype, a name, or "auto" (the 16-bit dtype measured fastest for this model
+    here: the measurement is returned too)."""
+    if not isinstance(dtype, str):
+        return dtype, None
+    if dtype == "auto":
+        largest = max(layer_shapes(model).values(), key=lambda s: s[0] * s[1])
+        why = choose_dtype(largest, model.cfg.num_image_tokens + 8, device)
+        return WEIGHT_DTYPES[why.choice], why
+    if dtype not in WEIGHT_DTYPES:
+        raise OptionError(f"dtype {dtype!r} is not auto or one of {', '.join(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[dtype], None
+
+
 def load_model(
     model_path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | str = torch.float16,
     *,
+    quantize: str | None = None,
+    kernels: str | None = None,
     zero_copy: bool = False,
     preflight: bool = True,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    extra_bytes: int = 0,
     on_phase: Callable[[str], None] | None = None,
 ) -> PaliGemmaForConditionalGeneration:
     """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode.
 
-    `zero_copy` maps the shards instead of copying (CPU, checkpoint stored in `dtype`); `preflight` refuses
-    a load that would not fit in the memory available now; `progress` draws a bar on stderr; `on_phase(name)`
-    is called at each loading phase (build, materialize, shard i/n, done).
+    `dtype` "auto" takes the 16-bit dtype measured fastest here (kernels.choose_dtype). `quantize` "int8" or
+    "int4" quantizes while streaming (quant.py; a pre-quantized int8 checkpoint is read as it is stored).
+    `kernels` overrides the measured kernel choice (kernels.py: a spec, or "reference"). `zero_copy` maps the
+    shards instead of copying (CPU, checkpoint stored as loaded); `preflight` refuses a load that would not
+    fit in the memory available now (`extra_bytes` more for what the caller will run); `progress` draws a bar
+    on stderr; `on_phase(name)` is called at each phase (build, materialize, shard i/n, done).
+    The kernel report (what was chosen and why) is kept as `model.kernel_report`.
     """
     model_dir = resolve_model_dir(model_path)
     if on_phase:
         on_phase("build")
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(load_config(model_dir))
-    return stream_checkpoint(
-        model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING},
-        zero_copy=zero_copy, preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, on_phase=on_phase,
+    model = build_model(model_dir, quantize, device)
+    dtype, why = resolve_dtype(model, dtype, device)
+    report = choose_kernels(model, dtype, device, spec=kernels)
+    report.details[:0] = [why] if why else []
+    advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
+    model = stream_checkpoint(
+        model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING}, zero_copy=zero_copy,
+        preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, extra_bytes=extra_bytes, on_phase=on_phase,
+        advice=advice.get(quantize, ""),
     )  # fmt: skip
+    use_kernels(model, report.plan)
+    model.kernel_report = report
+    return model
 
 
 def load_hf_model(

@@ -20,22 +20,26 @@ import torch
 from PIL import Image
 
 from .generate import encode_image, generate
+from .kernels import cache_path, choose_kernels, machine_key
+from .loader import model_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
-from .pretrained import load_model, resolve_model_dir
+from .pretrained import build_model, load_model, resolve_dtype, resolve_model_dir
 from .processor import Processor, TextStream
-from .safetensors_io import WEIGHT_DTYPES
+from .safetensors_io import dtype_name
 from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
 
-# bfloat16 on CPU: the same memory as float16, and float16 products and conversions measured several times
-# slower than bfloat16 ones (docs/results/kernels.md).
-DEFAULT_DTYPE = "bfloat16"
+# The 16-bit dtype measured fastest on this machine for a request (kernels.choose_dtype): bfloat16 and float16
+# take the same memory, and which computes faster differs from CPU to CPU.
+DEFAULT_DTYPE = "auto"
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    dtype: str = DEFAULT_DTYPE  # a key of safetensors_io.WEIGHT_DTYPES
+    dtype: str = DEFAULT_DTYPE  # "auto" or a key of safetensors_io.WEIGHT_DTYPES
     device: str = "cpu"  # cpu / cuda / mps (front ends resolve "auto")
-    zero_copy: bool = False  # map the shards instead of copying (CPU, checkpoint stored in `dtype`)
+    quantize: str | None = None  # None, "int8" or "int4" (quant.py)
+    kernels: str | None = None  # None: measured (kernels.py); or a spec such as "int8=int8pack/dequant"
+    zero_copy: bool = False  # map the shards instead of copying (CPU, checkpoint stored as loaded)
     preflight: bool = True  # refuse a load that would not fit in the memory available now
 
 
@@ -61,6 +65,11 @@ class Session:
     def weight_bytes(self) -> int:
         return sum(p.nbytes for p in self.model.parameters())
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype actually loaded ("auto" resolved)."""
+        return dtype_name(self.model.dtype)
+
     def encode(self, image: Image.Image) -> torch.Tensor:
         """(1, N, D) image features: computed once per image and reused by every prompt on it."""
         return encode_image(self.model, self.processor.pixel_values(image))
@@ -77,10 +86,28 @@ def load_session(
     model_dir = resolve_model_dir(model_dir)
     processor = Processor.from_pretrained(model_dir)
     model = load_model(
-        model_dir, device=options.device, dtype=WEIGHT_DTYPES[options.dtype], zero_copy=options.zero_copy,
-        preflight=options.preflight, progress=progress, on_phase=on_phase,
+        model_dir, device=options.device, dtype=options.dtype, quantize=options.quantize, kernels=options.kernels,
+        zero_copy=options.zero_copy, preflight=options.preflight, progress=progress, on_phase=on_phase,
     )  # fmt: skip
     return Session(model, processor, time.perf_counter() - t0, options)
+
+
+def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptions()) -> dict[str, Any]:
+    """What loading `model_dir` with `options` would do on this machine, without reading a weight: the dtype
+    and kernels chosen (measured now or read from the cache, with the timings), and the bytes of the weights."""
+    model = build_model(resolve_model_dir(model_dir), options.quantize, options.device)
+    dtype, why = resolve_dtype(model, options.dtype, options.device)
+    report = choose_kernels(model, dtype, options.device, spec=options.kernels)
+    report.details[:0] = [why] if why else []
+    return {
+        "machine": machine_key(),
+        "kernel_cache": str(cache_path()),
+        "dtype": dtype_name(dtype),
+        "quantize": options.quantize,
+        "weight_bytes": model_bytes(model, dtype),
+        "kernels": report.to_json(),
+        "why": report.lines(),
+    }
 
 
 @dataclass

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from lowmem_paligemma.kernels import ENV_CACHE
 from lowmem_paligemma.synth import tiny_checkpoint
+
+# Kernel measurements of the test run go to a directory of their own, never the user's ~/.cache.
+os.environ.setdefault(ENV_CACHE, tempfile.mkdtemp(prefix="lowmem-kernels-"))
 
 
 @pytest.fixture(scope="session")

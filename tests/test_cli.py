@@ -22,7 +22,7 @@ from lowmem_paligemma.pretrained import load_model
 from lowmem_paligemma.processor import Processor
 from lowmem_paligemma.profiler import Timeline
 from lowmem_paligemma.runtime import DEFAULT_DTYPE
-from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES, read_checkpoint
+from lowmem_paligemma.safetensors_io import read_checkpoint
 from lowmem_paligemma.synth import tiny_checkpoint
 from lowmem_paligemma.tasks import write_synthetic_vae_npz
 
@@ -132,10 +132,31 @@ def test_sampling_options_change_the_output(tiny_pg1_dir, images):
     assert sampled != greedy
 
 
-def test_generate_uses_the_default_dtype(tiny_pg2_dir, images):
-    _, text = library_answer(tiny_pg2_dir, images["b"], "caption en", WEIGHT_DTYPES[DEFAULT_DTYPE], max_new_tokens=10)
+def test_generate_uses_the_measured_default_dtype(tiny_pg2_dir, images):
+    model = load_model(tiny_pg2_dir, dtype=DEFAULT_DTYPE)  # "auto": the choice cached for this machine
+    chosen = str(model.dtype).removeprefix("torch.")
+    _, text = library_answer(tiny_pg2_dir, images["b"], "caption en", model.dtype, max_new_tokens=10)
     assert ok(run("generate", tiny_pg2_dir, images["b"], "caption en", "--max-new-tokens", 10)).stdout == text + "\n"
-    assert f"({DEFAULT_DTYPE} on cpu)" in run("generate", tiny_pg2_dir, images["b"], "caption en").stderr
+    assert f"({chosen} on cpu)" in run("generate", tiny_pg2_dir, images["b"], "caption en").stderr
+    record = json.loads(ok(run("generate", tiny_pg2_dir, images["b"], "caption en", "--json")).stdout)
+    assert record["dtype"] == chosen and record["kernels"]["plan"]["dense"]["decode"] in ("linear", "mv")
+
+
+def test_quantize_and_kernel_options_reach_the_model(tiny_pg1_dir, images):
+    args = ["generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 4, "--json"]
+    record = json.loads(ok(run(*args, "--quantize", "int8", "--kernels", "int8=int8pack/int_mm")).stdout)
+    assert record["quantize"] == "int8" and record["kernels"]["plan"]["int8"] == {"decode": "int8pack",
+                                                                                   "prefill": "int_mm"}  # fmt: skip
+    line = assert_user_error(run(*args, "--kernels", "int8=fast/slow"))
+    assert "kernel spec" in line and "int8pack" in line
+
+
+def test_info_shows_the_machine_and_the_choices(tiny_pg1_dir):
+    text = ok(run("info")).stdout
+    assert "cpu" in text and "torch" in text and "kernel cache" in text
+    record = json.loads(ok(run("info", tiny_pg1_dir, "--quantize", "int8", "--json")).stdout)
+    assert record["quantize"] == "int8" and record["weight_bytes"] > 0 and "int8" in record["kernels"]["plan"]
+    assert any(line.startswith("int8 decode:") for line in record["why"])
 
 
 def _fixed_output(monkeypatch: pytest.MonkeyPatch, model_dir: Path, text: str) -> None:
@@ -409,7 +430,9 @@ def test_unavailable_device_is_refused(tiny_pg1_dir, images):
     assert "CUDA" in assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--device", "cuda"))
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["profile"], ["batch"], ["synth"], ["convert"]])
+@pytest.mark.parametrize(
+    "command", [[], ["generate"], ["chat"], ["profile"], ["batch"], ["synth"], ["convert"], ["info"]]
+)
 def test_help(command):
     result = ok(run(*command, "--help"))
     assert result.stdout.startswith("Usage:") and len(result.stdout.splitlines()) > 5

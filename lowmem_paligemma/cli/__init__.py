@@ -2,7 +2,8 @@
 
 - options.py: option groups and validation (each group arrives as one runtime.py dataclass);
 - report.py: what goes to stderr (load / speed / memory lines, progress bars, the one-line `Error:`);
-- run.py: the commands that run the model; files.py: the commands that write checkpoints.
+- run.py: the commands that run the model; files.py: the commands that write checkpoints; info.py: the machine
+  and what a load would choose on it.
 Every failure a user can cause ends as one `Error: ...` line and a non-zero exit code, never a traceback.
 """
 
@@ -13,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 import click
 
 from .files import convert_command, synth_command
+from .info import info_command
 from .run import batch_command, chat_command, generate_command, profile_command
 
 
@@ -32,7 +34,16 @@ def main() -> None:
     """
 
 
-for _command in (generate_command, chat_command, profile_command, batch_command, synth_command, convert_command):
+_COMMANDS = (
+    generate_command,
+    chat_command,
+    profile_command,
+    batch_command,
+    synth_command,
+    convert_command,
+    info_command,
+)
+for _command in _COMMANDS:
     main.add_command(_command)
 
 __all__ = ["main"]

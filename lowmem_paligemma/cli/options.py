@@ -16,8 +16,10 @@ from typing import Any
 import click
 import torch
 
-from ..errors import PromptError
+from ..errors import OptionError, PromptError
+from ..kernels import parse_spec
 from ..processor import check_prompt
+from ..quant import QUANT_MODES
 from ..runtime import LoadOptions, SamplingOptions
 from ..safetensors_io import WEIGHT_DTYPES
 from ..units import parse_size
@@ -67,6 +69,15 @@ def _check_finite(ctx: click.Context, param: click.Parameter, value: float) -> f
     return value
 
 
+def _check_kernels(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_spec(value)
+        except OptionError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return value
+
+
 def _grouped(options: list[Callable[[Any], Any]], build: Callable[..., Any], keys: list[str], name: str):
     """Decorator: add `options` to a command, which receives their values as one `name=build(**values)`."""
 
@@ -101,24 +112,31 @@ sampling_options = _grouped(
 )  # fmt: skip
 
 
-def _load(dtype: str, device: str, zero_copy: bool, force: bool) -> LoadOptions:
-    return LoadOptions(dtype=dtype, device=device, zero_copy=zero_copy, preflight=not force)
+def _load(dtype: str, device: str, quantize: str | None, kernels: str | None, zero_copy: bool, force: bool):
+    return LoadOptions(dtype, device, quantize, kernels, zero_copy, preflight=not force)
 
 
 _L = LoadOptions()
 load_options = _grouped(
     [
-        click.option("--dtype", type=click.Choice(list(WEIGHT_DTYPES)), default=_L.dtype, show_default=True,
-                     help="Weight dtype in memory (the checkpoint is converted while it streams in)."),
+        click.option("--dtype", type=click.Choice(["auto", *WEIGHT_DTYPES]), default=_L.dtype, show_default=True,
+                     help="Weight dtype in memory (converted while the checkpoint streams in); auto: the 16-bit "
+                          "dtype measured fastest on this machine (see `info`)."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      callback=_resolve_device, help="auto: cuda when available, else cpu."),
+        click.option("--quantize", type=click.Choice(QUANT_MODES), default=_L.quantize,
+                     help="Quantize the weights while they stream in: int8 (half the 16-bit size), int4 (a quarter "
+                          "for the decoder; cpu). A pre-quantized checkpoint is read as stored."),
+        click.option("--kernels", metavar="SPEC", default=_L.kernels, callback=_check_kernels,
+                     help="Override the measured kernel choice, e.g. int8=int8pack/dequant (FORMAT=DECODE/PREFILL) "
+                          "or 'reference'."),
         click.option("--zero-copy", is_flag=True, default=_L.zero_copy,
-                     help="Map the weight files instead of copying them (cpu; checkpoint stored in --dtype)."),
+                     help="Map the weight files instead of copying them (cpu; checkpoint stored as loaded)."),
         click.option("--force", is_flag=True, default=not _L.preflight,
                      help="Load even if the memory pre-flight says the model will not fit."),
     ],
     _load,
-    ["dtype", "device", "zero_copy", "force"],
+    ["dtype", "device", "quantize", "kernels", "zero_copy", "force"],
     "load",
 )  # fmt: skip
 

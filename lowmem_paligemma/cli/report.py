@@ -60,7 +60,8 @@ def echo_text(piece: str) -> None:
 
 def load_line(session: Session) -> str:
     o = session.options
-    return f"loaded {format_bytes(session.weight_bytes)} of weights ({o.dtype} on {o.device}) in {session.load_s:.2f} s"
+    what = session.dtype + (f", {o.quantize}" if o.quantize else "")
+    return f"loaded {format_bytes(session.weight_bytes)} of weights ({what} on {o.device}) in {session.load_s:.2f} s"
 
 
 def speed_line(gen: Generation) -> str:
@@ -93,7 +94,7 @@ def profile_summary(gen: Generation, session: Session, timeline: Timeline, files
     after = ", ".join(f"{p} {format_bytes(done[f'{p} done'])}" for p in PROFILE_PHASES if f"{p} done" in done)
     return [
         f"output   : {gen.text}",
-        f"load     : {session.load_s:.2f} s, {format_bytes(session.weight_bytes)} of {session.options.dtype} weights",
+        f"load     : {session.load_s:.2f} s, {format_bytes(session.weight_bytes)} of {session.dtype} weights",
         f"generate : {speed_line(gen)}",
         f"memory   : {memory_line(timeline.peak())}",
         f"RSS after: {after}",

@@ -82,6 +82,7 @@ def generate_command(
     peak = prof.peak()
     if as_json:
         record = {"image": str(image), "prompt": prompt, **gen.to_json(), "load_s": round(session.load_s, 4)}
+        record |= {"dtype": session.dtype, "quantize": load.quantize, "kernels": session.model.kernel_report.to_json()}
         record |= {"peak_rss": peak.hwm or peak.rss} | ({"detections": found} if found is not None else {})
         click.echo(json.dumps(record, ensure_ascii=False))
     else:
@@ -183,7 +184,7 @@ def profile_command(
     """
     with user_errors():
         img = load_image(image)
-        meta = {"label": f"{model_dir.name}: {load.dtype} on {load.device}", "prompt": prompt}
+        meta = {"label": f"{model_dir.name}: {load.quantize or load.dtype} on {load.device}", "prompt": prompt}
         with MemoryProfiler(PROFILE_INTERVAL_S, meta) as prof:
             with prof.phase("load"):
                 session = _load(model_dir, load, on_phase=lambda name: prof.mark(f"load: {name}"))
