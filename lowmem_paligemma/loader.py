@@ -38,6 +38,7 @@ from .units import format_bytes
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # bound on the temporaries alive beyond the model (source-dtype rows)
 READ_WORKERS = 4  # reads in flight: a cold shard streams faster with several (docs/results/kernels.md)
+FILL_BYTES_PER_ELEMENT = 16  # a quantizing fill's temporaries (float32 copy, scaled, rounded, int32 codes)
 RUNTIME_MARGIN_BYTES = 300 << 20  # interpreter, torch, tokenizer and the read chunks, roughly
 
 KeyMap = Callable[[str], "str | None"]
@@ -204,8 +205,8 @@ def _copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> li
 def _fill_chunks(entry: TensorEntry, rf: RowFill, filled_bytes: int, chunk_bytes: int) -> list[_Chunk]:
     rows = entry.shape[0]
     row_bytes = entry.nbytes // max(rows, 1)
-    # The fill converts rows to float32 (and more): size chunks by that, so chunk_bytes bounds its temporaries.
-    per = max(1, chunk_bytes // max(1, row_bytes // entry.dtype.itemsize * 4))
+    # A fill holds several float32 / int32 temporaries of its rows: size chunks by those, so chunk_bytes bounds them.
+    per = max(1, chunk_bytes // max(1, row_bytes // entry.dtype.itemsize * FILL_BYTES_PER_ELEMENT))
     per = max(rf.row_multiple, per // rf.row_multiple * rf.row_multiple)
     return [
         _Chunk(entry.offset + r0 * row_bytes, min(per, rows - r0) * row_bytes, entry.dtype, fill=rf.fill,

@@ -16,13 +16,15 @@ What is quantized (`quantize_model`, on the meta model, before anything is alloc
 - int8: every decoder and vision-tower linear layer, and the tied embedding (rows dequantized for the
   lookup; the logits product through the int8 kernel). The projector, norms, patch convolution and the
   position table stay dense (small).
-- int4: the decoder's linear layers where the int4 kernel's shape rules hold (out features a multiple of
-  16, in features of the group size); everything else as in int8. The vision tower stays int8: its
-  MLP's 4304-wide input is not a multiple of any group size the kernel takes (32..256), and the
-  embedding stays int8: its rows must be gathered, which the int4 layout does not allow.
+- int4: the same layers and the embedding wherever the int4 kernel's shape rules hold (out features a
+  multiple of 16, in features of the group size), int8 elsewhere: in PaliGemma only SigLIP's second MLP
+  layer, whose 4304-wide input is not a multiple of any group size the kernel takes (32..256). The
+  embedding's lookup reads rows out of the kernel's layout (`int4_rows`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -145,6 +147,54 @@ class Int4Linear(nn.Module):
         self.weight_scale_zeros[:, start : start + n, 1] = 0
 
 
+@functools.cache
+def _int4_nibble_order(rows: int, cols: int) -> torch.Tensor:
+    """Where torch's CPU int4 layout puts each value of a `rows` x `cols` block (rows <= 64): (rows * cols,)
+    nibble indices (byte * 2 + high nibble), row-major. The layout depends on the CPU's vector width, so it is
+    read off the packing function itself: five packs of a probe whose nibbles spell each value's own index."""
+    index = torch.arange(rows * cols, dtype=torch.int64).view(rows, cols)
+    found = torch.zeros(rows * cols, dtype=torch.int64)
+    for digit in range((rows * cols - 1).bit_length() // 4 + 1):
+        probe = ((index >> (4 * digit)) & 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)
+        nibbles = torch.stack([packed & 15, packed >> 4], 1).view(-1).to(torch.int64)
+        found |= nibbles << (4 * digit)
+    order = torch.empty_like(found)
+    order[found] = torch.arange(rows * cols)
+    return order
+
+
+def int4_rows(packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of an int4 weight held in torch's CPU layout, dequantized: (*ids.shape, I)."""
+    n, cols = packed.shape[0], packed.shape[1] * 2
+    flat, shape = packed.view(-1), ids.shape
+    ids = ids.reshape(-1)
+    block, row = ids // INT4_BLOCK_ROWS, ids % INT4_BLOCK_ROWS
+    out = torch.empty(len(ids), cols, dtype=scale_zeros.dtype, device=packed.device)
+    for size in {min(INT4_BLOCK_ROWS, n - int(b) * INT4_BLOCK_ROWS) for b in block.unique()}:
+        pick = (torch.minimum(n - block * INT4_BLOCK_ROWS, torch.tensor(INT4_BLOCK_ROWS)) == size).nonzero()[:, 0]
+        where = _int4_nibble_order(size, cols).view(size, cols)[row[pick]]  # (k, I) nibble indices in the block
+        where = where + (block[pick] * INT4_BLOCK_ROWS * cols)[:, None]  # ... in the tensor
+        q = (flat[where // 2] >> ((where % 2) * 4).to(torch.uint8)) & 15
+        scale = scale_zeros[:, ids[pick], 0].t().repeat_interleave(group, 1)  # (k, I)
+        out[pick] = ((q.float() - 8) * scale.float()).to(out.dtype)  # exact product, rounded once
+    return out.view(*shape, cols)
+
+
+class Int4Embedding(Int4Linear):
+    """The tied embedding in int4: `lookup` gathers and dequantizes rows out of the kernel's layout, `logits`
+    reads the table through the int4 kernel."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__(dim, rows, bias=False)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return int4_rows(self.weight_int4, self.weight_scale_zeros, self.group, ids)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The float32 weight a quantized layer computes with (for tests and quality checks)."""
     if isinstance(module, Int8Linear):
@@ -168,10 +218,12 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         parent = model.get_submodule(parent_name)
         with torch.device("meta"):
             if isinstance(module, Embedding) and name.endswith("embed_tokens"):
-                setattr(parent, child, Int8Embedding(*module.weight.shape))
+                rows, dim = module.weight.shape
+                int4 = mode == "int4" and int4_kernel_ok(rows, dim)
+                setattr(parent, child, Int4Embedding(rows, dim) if int4 else Int8Embedding(rows, dim))
             elif isinstance(module, Linear) and (".layers." in name):  # decoder and vision-tower blocks
                 o, i, bias = module.out_features, module.in_features, module.bias is not None
-                if mode == "int4" and name.startswith("language_model.") and int4_kernel_ok(o, i):
+                if mode == "int4" and int4_kernel_ok(o, i):
                     setattr(parent, child, Int4Linear(i, o, bias))
                 else:
                     setattr(parent, child, Int8Linear(i, o, bias, scratch))

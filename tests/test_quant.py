@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from lowmem_paligemma import load_model
+from lowmem_paligemma.config import tiny
 from lowmem_paligemma.generate import generate
 from lowmem_paligemma.quant import (
     INT4_GROUP,
+    Int4Embedding,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -19,6 +21,7 @@ from lowmem_paligemma.quant import (
     quantize_int4,
     quantize_int8,
 )
+from lowmem_paligemma.synth import write_checkpoint
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -121,3 +124,46 @@ def test_quantized_sizes_and_dequantize(tiny_pg2_dir):
     assert (dequantize(layer) - ref).abs().max() <= layer.weight_scale.float().max()
     with pytest.raises(ValueError, match="quantize must be one of int8, int4"):
         load_model(tiny_pg2_dir, quantize="int3")
+
+
+@pytest.mark.parametrize("rows, dim", [(80, 256), (1728, 128), (128, 384)])  # 80, 1728: a partial last block
+def test_int4_embedding_rows_come_out_of_the_kernel_layout(rows, dim):
+    g = torch.Generator().manual_seed(4)
+    table = Int4Embedding(rows, dim).to(torch.bfloat16)
+    table._fill(torch.randn(rows, dim, generator=g), 0)
+    ids = torch.tensor([[0, 63, 64, rows - 1], [5, rows - 2, 17, 70 % rows]])
+    got = table.lookup(ids)
+    assert got.shape == (2, 4, dim) and got.dtype == torch.bfloat16
+    assert torch.equal(got, dequantize(table)[ids].bfloat16())
+    x = torch.randn(3, dim, generator=g).bfloat16()
+    torch.testing.assert_close(table.logits(x).float(), x.float() @ dequantize(table).t(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def int4_wide_dir(tmp_path_factory):
+    """A tiny PaliGemma 2 whose decoder is wide enough (128) for int4 groups of 128; the vision tower is not."""
+    cfg = tiny(gemma2=True, hidden_size=128, intermediate_size=256, head_dim=32)
+    return write_checkpoint(tmp_path_factory.mktemp("int4"), cfg, max_shard_bytes=200_000)
+
+
+def test_int4_where_the_kernel_can_int8_elsewhere(int4_wide_dir, tiny_pg1_dir):
+    model = load_model(int4_wide_dir, dtype=torch.bfloat16, quantize="int4", chunk_bytes=4096)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if hasattr(m, "FORMAT")}
+    assert kinds["language_model.model.embed_tokens"] == "Int4Embedding"
+    assert kinds["language_model.model.layers.0.mlp.up_proj"] == "Int4Linear"
+    assert kinds["vision_tower.vision_model.encoder.layers.0.mlp.fc1"] == "Int8Linear"  # 32-wide input
+    assert kinds["multi_modal_projector.linear"] == "Linear"
+    dense = load_model(int4_wide_dir, dtype=torch.float32)
+    for name in ("language_model.model.embed_tokens", "language_model.model.layers.1.self_attn.k_proj"):
+        rows, dim = dense.get_submodule(name).weight.shape
+        fresh = Int4Linear(dim, rows, bias=False).to(torch.bfloat16)
+        fresh._fill(dense.get_submodule(name).weight, 0)  # quantizing the loaded weight == streamed quantization
+        assert torch.equal(model.get_submodule(name).weight_int4, fresh.weight_int4), name
+        assert torch.equal(model.get_submodule(name).weight_scale_zeros, fresh.weight_scale_zeros), name
+    cfg = model.cfg
+    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 41, 108]])
+    pixels = torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    assert len(list(generate(model, ids, pixel_values=pixels, max_new_tokens=6, eos_token_ids=[]))) == 6
+    small = load_model(tiny_pg1_dir, dtype=torch.bfloat16, quantize="int4")  # 64 wide: int8 but for down_proj
+    mlp = small.language_model.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, Int8Linear) and isinstance(mlp.down_proj, Int4Linear)
