@@ -15,6 +15,7 @@ the reference kernels everywhere. `lowmem-paligemma info` shows what was chosen 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -36,7 +36,7 @@ from .safetensors_io import WEIGHT_DTYPES, dtype_name
 
 ENV_KERNELS = "LOWMEM_PALIGEMMA_KERNELS"
 ENV_CACHE = "LOWMEM_PALIGEMMA_CACHE"  # a directory; default $XDG_CACHE_HOME/lowmem_paligemma or ~/.cache/...
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PREFILL_ROWS = 256  # about a 224-px prompt (256 image tokens + text)
 DECODE_TOKENS = 32  # the decode share of a request when the dtype is chosen: 32 tokens after the prefill
 TIME_PER_CANDIDATE_S = 0.25  # timing stops after this (at least 2 runs after a warm-up)
@@ -96,12 +96,21 @@ def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return doc["entries"]
 
 
-def _valid(entry: Any, candidates: tuple[str, ...]) -> bool:
+def _valid(fmt: str, entry: Any) -> bool:
+    """A cache entry of exactly the expected form, naming kernels that exist."""
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("choice"), str)
+        or not isinstance(entry.get("seconds"), dict)
+    ):
+        return False
+    decode, _, prefill = entry["choice"].partition("/")
+    allowed = {f"{phase} {name}" for phase, names in CANDIDATES[fmt].items() for name in names}
     return (
-        isinstance(entry, dict)
-        and entry.get("choice") in candidates
-        and isinstance(entry.get("seconds"), dict)
-        and all(k in candidates and isinstance(v, (int, float)) for k, v in entry["seconds"].items())
+        decode in CANDIDATES[fmt]["decode"]
+        and prefill in CANDIDATES[fmt]["prefill"]
+        and ops.valid_choice(decode, prefill)
+        and all(k in allowed and isinstance(v, (int, float)) for k, v in entry["seconds"].items())
     )
 
 
@@ -138,7 +147,8 @@ def _bench_layer(fmt: str, shape: tuple[int, int], dtype: torch.dtype):
     w = torch.randn(o, i, generator=g)
     if fmt == "dense":
         w = w.to(dtype)
-        return lambda x, name: ops.dense_linear(x, w, None, KernelChoice(name, name))
+        packed = ops.pack_weight(w) if "packed" in _available(fmt, dtype) else None
+        return lambda x, name: ops.dense_linear(x, packed if name == "packed" else w, None, KernelChoice(name, name))
     if fmt == "int8":
         q, scale = quant.quantize_int8(w, dtype)
         scratch = ops.Scratch()
@@ -149,12 +159,41 @@ def _bench_layer(fmt: str, shape: tuple[int, int], dtype: torch.dtype):
     return lambda x, name: layer(x)
 
 
-def _measure(fmt: str, phase: str, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, float]:
-    names = CANDIDATES[fmt][phase]
+@functools.cache
+def _available(fmt: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The format's candidate kernels this machine can run (oneDNN packs float16 only with AVX512-FP16)."""
+    names = {*CANDIDATES[fmt]["decode"], *CANDIDATES[fmt]["prefill"]}
+    if "packed" in names:
+        try:
+            ops.pack_weight(torch.zeros(16, 16, dtype=dtype))
+        except (RuntimeError, AttributeError):
+            names.discard("packed")
+    return tuple(sorted(names))
+
+
+def _measure(fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, float]:
+    """Median seconds of each available candidate: {"decode linear": s, "prefill packed": s, ...}."""
     call = _bench_layer(fmt, shape, dtype)
-    x = torch.randn(1 if phase == "decode" else PREFILL_ROWS, shape[1]).to(dtype)
+    seconds = {}
     with torch.inference_mode():
-        return {name: _median_seconds(lambda name=name: call(x, name)) for name in names}
+        for phase, rows in (("decode", 1), ("prefill", PREFILL_ROWS)):
+            x = torch.randn(rows, shape[1]).to(dtype)
+            for name in CANDIDATES[fmt][phase]:
+                if name in _available(fmt, dtype):
+                    seconds[f"{phase} {name}"] = _median_seconds(lambda name=name, x=x: call(x, name))
+    return seconds
+
+
+def _best(fmt: str, seconds: dict[str, float], prompt_rows: int) -> KernelChoice:
+    """The valid (decode, prefill) pair with the least time for a request: prefill + DECODE_TOKENS steps."""
+    pairs = [
+        (seconds[f"prefill {p}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * seconds[f"decode {d}"], d, p)
+        for d in CANDIDATES[fmt]["decode"]
+        for p in CANDIDATES[fmt]["prefill"]
+        if ops.valid_choice(d, p) and f"decode {d}" in seconds and f"prefill {p}" in seconds
+    ]
+    _, decode, prefill = min(pairs)
+    return KernelChoice(decode, prefill)
 
 
 # --- choosing ------------------------------------------------------------------------------------------------
@@ -178,6 +217,8 @@ def parse_spec(text: str) -> dict[str, KernelChoice]:
             if name not in CANDIDATES[fmt][phase]:
                 options = ", ".join(CANDIDATES[fmt][phase])
                 raise OptionError(f"kernel spec {part!r}: {fmt} {phase} kernel {name!r} is not one of {options}")
+        if not ops.valid_choice(decode.strip(), prefill.strip()):
+            raise OptionError(f"kernel spec {part!r}: 'packed' reorders the weights, so both phases must use it")
         plan[fmt] = KernelChoice(decode.strip(), prefill.strip())
     return plan
 
@@ -195,69 +236,61 @@ def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def _choice_text(choice: KernelChoice) -> str:
+    return f"{choice.decode}/{choice.prefill}"
+
+
+def _format_choice(
+    fmt: str, shape: tuple[int, int], dtype: torch.dtype, prompt_rows: int, entries: dict[str, Any]
+) -> tuple[Measured, float]:
+    """The format's best kernels, from the cache or measured now (then added to `entries`), with the
+    request time that pair takes on one layer (for comparing dtypes)."""
+    what = f"{fmt} kernels (decode/prefill)"
+    names = _available(fmt, dtype)
+    if len(names) == 1:  # nothing to measure or cache
+        return Measured(what, "", f"{names[0]}/{names[0]}", {}, "the only candidate"), 0.0
+    key = f"{fmt}|{dtype_name(dtype)}|{shape[0]}x{shape[1]}|rows {prompt_rows}|{machine_key()}"
+    cached = entries.get(key)
+    if _valid(fmt, cached):
+        measured = Measured(what, key, cached["choice"], cached["seconds"], "cache")
+    else:
+        seconds = _measure(fmt, shape, dtype)
+        choice = _best(fmt, seconds, prompt_rows)
+        entries[key] = {"choice": f"{choice.decode}/{choice.prefill}", "seconds": seconds,
+                        "at": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+        measured = Measured(what, key, entries[key]["choice"], seconds, "measured")
+    decode, _, prefill = measured.choice.partition("/")
+    s = measured.seconds
+    return measured, s[f"prefill {prefill}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * s[f"decode {decode}"]
+
+
 def choose_kernels(
-    model: nn.Module, dtype: torch.dtype, device: torch.device | str, spec: str | None = None
+    model: nn.Module, dtype: torch.dtype, device: torch.device | str, spec: str | None = None, prompt_rows: int = 264
 ) -> KernelReport:
-    """The kernel plan for `model` (built on meta is enough) on this machine; see the module docstring."""
+    """The kernel plan for `model` (built on meta is enough) on this machine; see the module docstring.
+    `prompt_rows` weighs prefill against decode when a layout serves both (a 224-px prompt: 256 + text)."""
     spec = spec if spec is not None else os.environ.get(ENV_KERNELS)
     override = parse_spec(spec) if spec else {}
     report = KernelReport()
     path = cache_path()
     entries = _read_cache(path)
-    changed = False
     for fmt, shape in layer_shapes(model).items():
-        if fmt in override:
-            report.plan[fmt] = override[fmt]
-            for phase in ("decode", "prefill"):
-                report.details.append(Measured(f"{fmt} {phase}", "", getattr(override[fmt], phase), {}, "override"))
-            continue
-        if torch.device(device).type != "cpu":  # GPU: the reference kernels (cuBLAS for the products)
-            report.plan[fmt] = REFERENCE[fmt]
-            for phase in ("decode", "prefill"):
-                report.details.append(Measured(f"{fmt} {phase}", "", getattr(REFERENCE[fmt], phase), {}, "reference"))
-            continue
-        picked = {}
-        for phase in ("decode", "prefill"):
-            names = CANDIDATES[fmt][phase]
-            key = f"{fmt} {phase}|{dtype_name(dtype)}|{shape[0]}x{shape[1]}|{machine_key()}"
-            if len(names) == 1:  # nothing to measure or cache
-                picked[phase] = names[0]
-                report.details.append(Measured(f"{fmt} {phase}", key, names[0], {}, "the only candidate"))
-                continue
-            cached = entries.get(key)
-            if _valid(cached, names):
-                picked[phase] = cached["choice"]
-                report.details.append(Measured(f"{fmt} {phase}", key, cached["choice"], cached["seconds"], "cache"))
-                continue
-            seconds = _measure(fmt, phase, shape, dtype)
-            choice = min(seconds, key=seconds.get)
-            entries[key] = {"choice": choice, "seconds": seconds, "at": datetime.now().isoformat(timespec="seconds")}
-            changed = True
-            picked[phase] = choice
-            report.details.append(Measured(f"{fmt} {phase}", key, choice, seconds, "measured"))
-        report.plan[fmt] = KernelChoice(picked["decode"], picked["prefill"])
-    if changed:
+        if fmt in override or torch.device(device).type != "cpu":  # GPU: the reference (cuBLAS for products)
+            choice, source = (override[fmt], "override") if fmt in override else (REFERENCE[fmt], "reference")
+            measured = Measured(f"{fmt} kernels (decode/prefill)", "", f"{choice.decode}/{choice.prefill}", {}, source)
+        else:
+            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries)
+        report.plan[fmt] = KernelChoice(*measured.choice.split("/"))
+        report.details.append(measured)
+    if any(m.source == "measured" for m in report.details):
         _write_cache(path, entries)
     return report
 
 
-def _request_seconds(dtype: torch.dtype, shape: tuple[int, int], prompt_rows: int) -> float:
-    """A request's time on one layer of `shape` in `dtype`: its prefill share plus DECODE_TOKENS decode steps."""
-    w = torch.randn(shape[0], shape[1]).to(dtype)
-    x1, xp = torch.randn(1, shape[1]).to(dtype), torch.randn(PREFILL_ROWS, shape[1]).to(dtype)
-    with torch.inference_mode():
-        decode = min(
-            _median_seconds(lambda k=k: ops.dense_linear(x1, w, None, KernelChoice(k, k)))
-            for k in CANDIDATES["dense"]["decode"]
-        )
-        prefill = _median_seconds(lambda: F.linear(xp, w))
-    return prefill * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * decode
-
-
 def choose_dtype(shape: tuple[int, int], prompt_rows: int, device: torch.device | str) -> Measured:
     """The 16-bit compute dtype for a model whose largest layer is `shape`: on CPU the faster of bfloat16 and
-    float16 for a request of `prompt_rows` prompt tokens and DECODE_TOKENS decoded ones (prefill and decode
-    both count); on a GPU bfloat16 where supported."""
+    float16, each with its best dense kernels, for a request of `prompt_rows` prompt tokens and DECODE_TOKENS
+    decoded ones (prefill and decode both count); on a GPU bfloat16 where supported."""
     if torch.device(device).type != "cpu":
         ok = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         return Measured("dtype", "", "bfloat16" if ok else "float16", {}, "reference")
@@ -265,9 +298,10 @@ def choose_dtype(shape: tuple[int, int], prompt_rows: int, device: torch.device 
     path = cache_path()
     entries = _read_cache(path)
     names = ("bfloat16", "float16")
-    if _valid(entries.get(key), names):
-        return Measured("dtype", key, entries[key]["choice"], entries[key]["seconds"], "cache")
-    seconds = {name: _request_seconds(WEIGHT_DTYPES[name], shape, prompt_rows) for name in names}
+    entry = entries.get(key)
+    if isinstance(entry, dict) and entry.get("choice") in names and isinstance(entry.get("seconds"), dict):
+        return Measured("dtype", key, entry["choice"], entry["seconds"], "cache")
+    seconds = {name: _format_choice("dense", shape, WEIGHT_DTYPES[name], prompt_rows, entries)[1] for name in names}
     choice = min(seconds, key=seconds.get)
     entries[key] = {"choice": choice, "seconds": seconds, "at": datetime.now().isoformat(timespec="seconds")}
     _write_cache(path, entries)

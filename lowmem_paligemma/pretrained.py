@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import load_config
 from .errors import CheckpointError, OptionError
-from .kernels import Measured, choose_dtype, choose_kernels, layer_shapes
+from .kernels import KernelReport, choose_dtype, choose_kernels, layer_shapes
 from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
 from .ops import use_kernels
 from .paligemma import PaliGemmaForConditionalGeneration
@@ -80,20 +80,24 @@ def build_model(
     return quantize_model(model, quantize) if quantize is not None else model
 
 
-def resolve_dtype(
-    model: nn.Module, dtype: torch.dtype | str, device: str | torch.device
-) -> tuple[torch.dtype, Measured | None]:
-    """A torch dtype from a torch dtype, a name, or "auto" (the 16-bit dtype measured fastest for this model
-    here: the measurement is returned too)."""
-    if not isinstance(dtype, str):
-        return dtype, None
+def choose_compute(
+    model: nn.Module, dtype: torch.dtype | str, device: str | torch.device, kernels: str | None = None
+) -> tuple[torch.dtype, KernelReport]:
+    """The compute dtype (a torch dtype, a name, or "auto": the 16-bit dtype measured fastest here) and the
+    kernel plan for `model` (on meta is enough); the report says what was chosen and why."""
+    rows = model.cfg.num_image_tokens + 8  # a prompt: the image tokens and a few text tokens
+    why = None
     if dtype == "auto":
         largest = max(layer_shapes(model).values(), key=lambda s: s[0] * s[1])
-        why = choose_dtype(largest, model.cfg.num_image_tokens + 8, device)
-        return WEIGHT_DTYPES[why.choice], why
-    if dtype not in WEIGHT_DTYPES:
-        raise OptionError(f"dtype {dtype!r} is not auto or one of {', '.join(WEIGHT_DTYPES)}")
-    return WEIGHT_DTYPES[dtype], None
+        why = choose_dtype(largest, rows, device)
+        dtype = why.choice
+    if isinstance(dtype, str):
+        if dtype not in WEIGHT_DTYPES:
+            raise OptionError(f"dtype {dtype!r} is not auto or one of {', '.join(WEIGHT_DTYPES)}")
+        dtype = WEIGHT_DTYPES[dtype]
+    report = choose_kernels(model, dtype, device, spec=kernels, prompt_rows=rows)
+    report.details[:0] = [why] if why else []
+    return dtype, report
 
 
 def load_model(
@@ -124,9 +128,7 @@ def load_model(
     if on_phase:
         on_phase("build")
     model = build_model(model_dir, quantize, device)
-    dtype, why = resolve_dtype(model, dtype, device)
-    report = choose_kernels(model, dtype, device, spec=kernels)
-    report.details[:0] = [why] if why else []
+    dtype, report = choose_compute(model, dtype, device, kernels)
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
     model = stream_checkpoint(
         model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING}, zero_copy=zero_copy,

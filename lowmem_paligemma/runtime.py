@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from .generate import encode_image, generate
-from .kernels import cache_path, choose_kernels, machine_key
+from .kernels import cache_path, machine_key
 from .loader import model_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
-from .pretrained import build_model, load_model, resolve_dtype, resolve_model_dir
+from .pretrained import build_model, choose_compute, load_model, resolve_model_dir
 from .processor import Processor, TextStream
 from .safetensors_io import dtype_name
 from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
@@ -96,9 +96,7 @@ def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptio
     """What loading `model_dir` with `options` would do on this machine, without reading a weight: the dtype
     and kernels chosen (measured now or read from the cache, with the timings), and the bytes of the weights."""
     model = build_model(resolve_model_dir(model_dir), options.quantize, options.device)
-    dtype, why = resolve_dtype(model, options.dtype, options.device)
-    report = choose_kernels(model, dtype, options.device, spec=options.kernels)
-    report.details[:0] = [why] if why else []
+    dtype, report = choose_compute(model, options.dtype, options.device, options.kernels)
     return {
         "machine": machine_key(),
         "kernel_cache": str(cache_path()),

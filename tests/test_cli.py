@@ -156,7 +156,7 @@ def test_info_shows_the_machine_and_the_choices(tiny_pg1_dir):
     assert "cpu" in text and "torch" in text and "kernel cache" in text
     record = json.loads(ok(run("info", tiny_pg1_dir, "--quantize", "int8", "--json")).stdout)
     assert record["quantize"] == "int8" and record["weight_bytes"] > 0 and "int8" in record["kernels"]["plan"]
-    assert any(line.startswith("int8 decode:") for line in record["why"])
+    assert any(line.startswith("int8 kernels (decode/prefill):") for line in record["why"])
 
 
 def _fixed_output(monkeypatch: pytest.MonkeyPatch, model_dir: Path, text: str) -> None:
