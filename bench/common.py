@@ -1,4 +1,9 @@
-"""Shared bench pieces: full-size synthetic PaliGemma-3B checkpoints, written once and reused."""
+"""Full-size synthetic checkpoints for the benchmarks: written once (in a child process) and reused.
+
+They have the Hub's exact layout and sizes, with random weights (`lowmem_paligemma.synth`). The Hub's
+PaliGemma-3B main branch is float32 in 3 shards of <= 5 GB; its bfloat16 revision and PaliGemma 2 are bfloat16
+(docs/model.md, "Checkpoint layout"). Set LOWMEM_CHECKPOINTS to keep them somewhere else than ./checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +13,43 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from bench.report import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = Path(os.environ.get("LOWMEM_CHECKPOINTS", ROOT / "checkpoints"))
 PRESET = "paligemma-3b-224"
-# The Hub's main branch is float32 in 3 shards of <= 5 GB; the bfloat16 revision fits in 2
-# (docs/model.md, "Checkpoint layout").
-KINDS = {"fp32": (torch.float32, 5_000_000_000), "bf16": (torch.bfloat16, 5_000_000_000)}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+MAX_SHARD_BYTES = 5_000_000_000
 
 
-def _write(path: str, kind: str) -> None:
+def _write(path: str, preset: str, kind: str) -> None:
     from lowmem_paligemma.config import PRESETS
+    from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES
     from lowmem_paligemma.synth import write_checkpoint
 
-    dtype, shard = KINDS[kind]
-    write_checkpoint(path, PRESETS[PRESET], dtype=dtype, max_shard_bytes=shard, seed=0)
+    write_checkpoint(path, PRESETS[preset], dtype=WEIGHT_DTYPES[DTYPES[kind]], max_shard_bytes=MAX_SHARD_BYTES)
 
 
-def ensure_checkpoint(kind: str = "fp32") -> Path:
-    """The full-size synthetic checkpoint of `kind`, written in a child process if missing (so the
-    caller's peak RSS is not the writer's)."""
-    path = CHECKPOINTS / f"{PRESET}-{kind}"
-    done = path / ".complete"
-    if done.is_file():
+def checkpoint_path(kind: str = "fp32", preset: str = PRESET) -> Path:
+    return CHECKPOINTS / f"{preset}-{kind}"
+
+
+def ensure_checkpoint(kind: str = "fp32", preset: str = PRESET) -> Path:
+    """The full-size synthetic checkpoint, written in a child process if missing (so the caller's peak RSS is
+    not the writer's); `.complete` marks a finished one."""
+    path = checkpoint_path(kind, preset)
+    if (path / ".complete").is_file():
         return path
-    print(f"writing full-size synthetic {PRESET} ({kind}) to {path} (once) ...", file=sys.stderr, flush=True)
+    print(f"writing full-size synthetic {preset} ({kind}) to {path} (once) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = mp.get_context("spawn").Process(target=_write, args=(str(path), kind))
+    proc = mp.get_context("spawn").Process(target=_write, args=(str(path), preset, kind))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
         raise SystemExit(f"writing {path} failed (exit code {proc.exitcode})")
-    done.write_text("ok\n")
+    (path / ".complete").write_text("ok\n")
     print(f"  written in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
 
-def gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f}"
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

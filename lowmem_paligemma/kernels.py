@@ -184,13 +184,17 @@ def _measure(fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, 
     return seconds
 
 
-def _best(fmt: str, seconds: dict[str, float], prompt_rows: int) -> KernelChoice:
-    """The valid (decode, prefill) pair with the least time for a request: prefill + DECODE_TOKENS steps."""
+def _best(fmt: str, seconds: dict[str, float], prompt_rows: int, relayout: bool = True) -> KernelChoice:
+    """The valid (decode, prefill) pair with the least time for a request: prefill + DECODE_TOKENS steps.
+    `relayout` False keeps the weights as loaded (zero-copy: they are views of the checkpoint file)."""
     pairs = [
         (seconds[f"prefill {p}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * seconds[f"decode {d}"], d, p)
         for d in CANDIDATES[fmt]["decode"]
         for p in CANDIDATES[fmt]["prefill"]
-        if ops.valid_choice(d, p) and f"decode {d}" in seconds and f"prefill {p}" in seconds
+        if ops.valid_choice(d, p)
+        and f"decode {d}" in seconds
+        and f"prefill {p}" in seconds
+        and (relayout or d not in ops.LAYOUTS)
     ]
     _, decode, prefill = min(pairs)
     return KernelChoice(decode, prefill)
@@ -241,7 +245,7 @@ def _choice_text(choice: KernelChoice) -> str:
 
 
 def _format_choice(
-    fmt: str, shape: tuple[int, int], dtype: torch.dtype, prompt_rows: int, entries: dict[str, Any]
+    fmt: str, shape: tuple[int, int], dtype: torch.dtype, prompt_rows: int, entries: dict[str, Any], relayout: bool
 ) -> tuple[Measured, float]:
     """The format's best kernels, from the cache or measured now (then added to `entries`), with the
     request time that pair takes on one layer (for comparing dtypes)."""
@@ -252,23 +256,31 @@ def _format_choice(
     key = f"{fmt}|{dtype_name(dtype)}|{shape[0]}x{shape[1]}|rows {prompt_rows}|{machine_key()}"
     cached = entries.get(key)
     if _valid(fmt, cached):
-        measured = Measured(what, key, cached["choice"], cached["seconds"], "cache")
+        choice = _best(fmt, cached["seconds"], prompt_rows, relayout)
+        measured = Measured(what, key, f"{choice.decode}/{choice.prefill}", cached["seconds"], "cache")
     else:
         seconds = _measure(fmt, shape, dtype)
-        choice = _best(fmt, seconds, prompt_rows)
-        entries[key] = {"choice": f"{choice.decode}/{choice.prefill}", "seconds": seconds,
+        best = _best(fmt, seconds, prompt_rows)
+        entries[key] = {"choice": f"{best.decode}/{best.prefill}", "seconds": seconds,
                         "at": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
-        measured = Measured(what, key, entries[key]["choice"], seconds, "measured")
+        choice = _best(fmt, seconds, prompt_rows, relayout)
+        measured = Measured(what, key, f"{choice.decode}/{choice.prefill}", seconds, "measured")
     decode, _, prefill = measured.choice.partition("/")
     s = measured.seconds
     return measured, s[f"prefill {prefill}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * s[f"decode {decode}"]
 
 
 def choose_kernels(
-    model: nn.Module, dtype: torch.dtype, device: torch.device | str, spec: str | None = None, prompt_rows: int = 264
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    spec: str | None = None,
+    prompt_rows: int = 264,
+    relayout: bool = True,
 ) -> KernelReport:
     """The kernel plan for `model` (built on meta is enough) on this machine; see the module docstring.
-    `prompt_rows` weighs prefill against decode when a layout serves both (a 224-px prompt: 256 + text)."""
+    `prompt_rows` weighs prefill against decode when a layout serves both (a 224-px prompt: 256 + text);
+    `relayout` False excludes kernels that reorder the weights (zero-copy loads keep them as file views)."""
     spec = spec if spec is not None else os.environ.get(ENV_KERNELS)
     override = parse_spec(spec) if spec else {}
     report = KernelReport()
@@ -279,7 +291,7 @@ def choose_kernels(
             choice, source = (override[fmt], "override") if fmt in override else (REFERENCE[fmt], "reference")
             measured = Measured(f"{fmt} kernels (decode/prefill)", "", f"{choice.decode}/{choice.prefill}", {}, source)
         else:
-            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries)
+            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries, relayout)
         report.plan[fmt] = KernelChoice(*measured.choice.split("/"))
         report.details.append(measured)
     if any(m.source == "measured" for m in report.details):
@@ -301,7 +313,9 @@ def choose_dtype(shape: tuple[int, int], prompt_rows: int, device: torch.device 
     entry = entries.get(key)
     if isinstance(entry, dict) and entry.get("choice") in names and isinstance(entry.get("seconds"), dict):
         return Measured("dtype", key, entry["choice"], entry["seconds"], "cache")
-    seconds = {name: _format_choice("dense", shape, WEIGHT_DTYPES[name], prompt_rows, entries)[1] for name in names}
+    seconds = {
+        name: _format_choice("dense", shape, WEIGHT_DTYPES[name], prompt_rows, entries, True)[1] for name in names
+    }
     choice = min(seconds, key=seconds.get)
     entries[key] = {"choice": choice, "seconds": seconds, "at": datetime.now().isoformat(timespec="seconds")}
     _write_cache(path, entries)

@@ -81,10 +81,15 @@ def build_model(
 
 
 def choose_compute(
-    model: nn.Module, dtype: torch.dtype | str, device: str | torch.device, kernels: str | None = None
+    model: nn.Module,
+    dtype: torch.dtype | str,
+    device: str | torch.device,
+    kernels: str | None = None,
+    zero_copy: bool = False,
 ) -> tuple[torch.dtype, KernelReport]:
     """The compute dtype (a torch dtype, a name, or "auto": the 16-bit dtype measured fastest here) and the
-    kernel plan for `model` (on meta is enough); the report says what was chosen and why."""
+    kernel plan for `model` (on meta is enough); the report says what was chosen and why. Zero-copy weights
+    stay views of the file: no kernel that reorders them."""
     rows = model.cfg.num_image_tokens + 8  # a prompt: the image tokens and a few text tokens
     why = None
     if dtype == "auto":
@@ -95,7 +100,7 @@ def choose_compute(
         if dtype not in WEIGHT_DTYPES:
             raise OptionError(f"dtype {dtype!r} is not auto or one of {', '.join(WEIGHT_DTYPES)}")
         dtype = WEIGHT_DTYPES[dtype]
-    report = choose_kernels(model, dtype, device, spec=kernels, prompt_rows=rows)
+    report = choose_kernels(model, dtype, device, spec=kernels, prompt_rows=rows, relayout=not zero_copy)
     report.details[:0] = [why] if why else []
     return dtype, report
 
@@ -128,7 +133,7 @@ def load_model(
     if on_phase:
         on_phase("build")
     model = build_model(model_dir, quantize, device)
-    dtype, report = choose_compute(model, dtype, device, kernels)
+    dtype, report = choose_compute(model, dtype, device, kernels, zero_copy)
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
     model = stream_checkpoint(
         model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING}, zero_copy=zero_copy,

@@ -96,7 +96,7 @@ def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptio
     """What loading `model_dir` with `options` would do on this machine, without reading a weight: the dtype
     and kernels chosen (measured now or read from the cache, with the timings), and the bytes of the weights."""
     model = build_model(resolve_model_dir(model_dir), options.quantize, options.device)
-    dtype, report = choose_compute(model, options.dtype, options.device, options.kernels)
+    dtype, report = choose_compute(model, options.dtype, options.device, options.kernels, options.zero_copy)
     return {
         "machine": machine_key(),
         "kernel_cache": str(cache_path()),
