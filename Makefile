@@ -29,10 +29,11 @@ format: install
 demo: install
 	$(VENV)/bin/python -m bench.demo
 
+# One benchmark at a time: two at once on a small machine measure nothing. Each writes docs/results/<name>.md.
 bench: install
-	$(VENV)/bin/python bench/kernels.py
-	$(VENV)/bin/python bench/load_memory.py
-	$(VENV)/bin/python bench/generate_speed.py
+	$(VENV)/bin/python -m bench.kernels
+	$(VENV)/bin/python -m bench.load_memory
+	$(VENV)/bin/python -m bench.generate_speed
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -1,54 +1,42 @@
-"""`make demo`: write a full-size synthetic PaliGemma-3B checkpoint (once) and stream it into float16.
+"""`make demo`: write a full-size synthetic PaliGemma-3B checkpoint (once), load it as the CLI does, answer once.
 
-Prints the load time and the peak RSS with its anon / file-backed split, sampled during the load, then
-answers one prompt about a generated image (random weights: the words are noise; the timings are real).
+The checkpoint is float32 in 3 shards, as the Hub's main branch; it streams into the CLI's default dtype (the
+16-bit dtype measured fastest on this machine). Prints the load time and the peak RSS with its anon /
+file-backed split, then one answer about a generated image through the same runtime the CLI uses (random
+weights: the words are noise; the timings and memory are real).
 """
 
 from __future__ import annotations
 
-import time
-
-import torch
 from PIL import Image
 
-from bench.common import ensure_checkpoint, gb
-from lowmem_paligemma.generate import TextStream, generate
-from lowmem_paligemma.loader import load_hf_model
-from lowmem_paligemma.processor import Processor
+from bench.common import ensure_checkpoint
+from bench.report import gb
 from lowmem_paligemma.profiler import MemoryProfiler, current_rss
+from lowmem_paligemma.runtime import LoadOptions, SamplingOptions, load_session, run_prompt
 
 
 def main() -> None:
     path = ensure_checkpoint("fp32")
     with MemoryProfiler(interval=0.05) as prof:
-        t0 = time.perf_counter()
-        model, tokenizer = load_hf_model(path, device="cpu", dtype=torch.float16)
-        seconds = time.perf_counter() - t0
-        prof.mark("done")
-    peak, final = prof.peak(), prof.timeline().samples[-1]
-    n_params = sum(p.numel() for p in model.parameters())
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"checkpoint : {path} (float32, {len(list(path.glob('*.safetensors')))} shards)")
-    print(f"model      : {n_params:,} params, float16, {gb(model_bytes)} GB; tokenizer {len(tokenizer):,} tokens")
-    print(f"load time  : {seconds:.1f} s")
-    print(f"peak RSS   : {gb(peak.rss)} GB (anon {gb(peak.anon)}, file {gb(peak.file)}); VmHWM {gb(peak.hwm)} GB")
-    print(f"final RSS  : {gb(final.rss)} GB (anon {gb(final.anon)}, file {gb(final.file)})")
-
-    processor = Processor.from_pretrained(path, model.cfg)
+        session = load_session(path, LoadOptions(), progress=True)
+    peak, final = prof.peak(), current_rss()
+    n_params = sum(p.numel() for p in session.model.parameters())
+    shards = len(list(path.glob("*.safetensors")))
+    print(f"checkpoint : {path} (float32, {shards} shards)")
+    print(f"model      : {n_params:,} parameters in {session.dtype}, {gb(session.weight_bytes)} GB")
+    print(f"load time  : {session.load_s:.1f} s")
+    print(f"peak RSS   : {gb(peak.hwm or peak.rss)} GB (anon {gb(peak.anon)}, file {gb(peak.file)})")
+    print(f"final RSS  : {gb(final['rss'])} GB (anon {gb(final['anon'])}, file {gb(final['file'])})")
+    print("kernels    : " + "; ".join(session.model.kernel_report.lines()))
     image = Image.radial_gradient("L").convert("RGB").resize((640, 480))
-    inputs = processor(image, "caption en")
-    stream = TextStream(tokenizer)
-    print("generate   : 'caption en' ->", end=" ", flush=True)
-    t0 = time.perf_counter()
-    tokens = generate(model, inputs["input_ids"], inputs["token_type_ids"], pixel_values=inputs["pixel_values"],
-                      max_new_tokens=12, eos_token_ids=[])  # fmt: skip
-    n = 0
-    for token in tokens:
-        print(stream.push(token), end="", flush=True)
-        n += 1
+    print("generate   : 'caption en' ->", end="", flush=True)
+    gen = run_prompt(session, session.encode(image), "caption en", SamplingOptions(max_new_tokens=12),
+                     on_text=lambda piece: print(piece, end="", flush=True))  # fmt: skip
     rss = current_rss()
-    print(f"\n             {n} tokens in {time.perf_counter() - t0:.1f} s (float16 weights on CPU, prefill included); "
-          f"RSS {gb(rss['rss'])} GB (anon {gb(rss['anon'])}, file {gb(rss['file'])})")  # fmt: skip
+    print(f"\n             prefill {gen.prefill_s:.2f} s, {len(gen.token_ids)} tokens, decode "
+          f"{gen.tokens_per_s or 0:.1f} tokens/s; RSS {gb(rss['rss'])} GB (anon {gb(rss['anon'])}, "
+          f"file {gb(rss['file'])})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,47 +1,31 @@
-"""Kernel measurements behind the runtime's dtype and kernel choices (`make bench` runs it).
+"""The measurements behind the kernel and dtype choices, on this machine (`make bench` runs it).
 
-Everything a decode or prefill step does at scale, timed on tensors far larger than the L3 cache (this
-VM reports 480 MB of L3; a 67 MB weight reused in a loop is served from cache and overstates DRAM):
-- DRAM read bandwidth: the ceiling for a decode step that streams every weight once;
-- one-token products (decode): torch.mv vs F.linear per 16-bit dtype;
-- prefill products (262 tokens x 2048 -> 16384): per dtype, and float16 cast to bfloat16 first;
-- float16 conversions (what "store float16, compute in bfloat16" would pay per weight);
-- cold disk reads of a checkpoint shard with 1 and 4 readers in flight (the loader keeps 4).
-Median of 5 timings each. Writes docs/kernels.md.
+    python -m bench.kernels
+
+- DRAM read rate: the ceiling of a decode step, which streams every weight once;
+- every candidate kernel of every weight format (lowmem_paligemma/ops.py) on PaliGemma-3B's MLP shape
+  (16384 x 2048), one row (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them
+  (lowmem_paligemma/kernels.py), reported as GB/s of weights read and GFLOP/s;
+- cold disk reads of a checkpoint shard with 1 and 4 reads in flight (the loader keeps 4).
+Writes docs/results/kernels.md.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import ROOT, ensure_checkpoint  # noqa: E402
+from bench.common import ensure_checkpoint
+from bench.report import command, header, md_table, set_threads, text_table, write
 
 THREADS = 2
-BIG = 2048 * 1_000_000  # elements in the bandwidth tensors: 4.1 GB in 16 bits
+SHAPE = (16384, 2048)  # PaliGemma-3B gate_proj / up_proj (out, in)
 
 
-def _time(fn, n: int = 5) -> float:
-    fn()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def _cold_read(path: Path, readers: int, chunk: int = 16 << 20) -> float:
+def cold_read(path: Path, readers: int, chunk: int = 16 << 20) -> float:
     """Seconds to read `path` with `readers` threads, its pages dropped from the page cache first."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -59,74 +43,40 @@ def _cold_read(path: Path, readers: int, chunk: int = 16 << 20) -> float:
             list(pool.map(reader, range(readers)))
         return time.perf_counter() - t0
     finally:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 
 
 def main() -> None:
-    torch.set_num_threads(THREADS)
-    rows: list[tuple[str, str, str]] = []
+    import torch
 
-    def record(what: str, seconds: float, nbytes: int | None = None, flops: float | None = None) -> None:
-        rate = f"{nbytes / seconds / 1e9:.1f} GB/s" if nbytes else f"{flops / seconds / 1e9:.0f} GFLOP/s"
-        rows.append((what, f"{seconds * 1e3:.1f}", rate))
-        print(f"{what:58s} {seconds * 1e3:9.1f} ms  {rate}", flush=True)
+    from bench.generate_speed import dram_read_rate
+    from lowmem_paligemma import kernels
 
-    raw = torch.ones(BIG * 2, dtype=torch.uint8)
-    record("read 4 GB (uint8 max): DRAM read bandwidth", _time(raw.max), raw.numel())
-    for dtype in (torch.bfloat16, torch.float16):
-        w = raw.view(dtype).view(-1, 2048)  # 1M x 2048
-        x = torch.ones(2048, dtype=dtype)
-        name = str(dtype).removeprefix("torch.")
-        record(f"one token, {name} 4 GB weight: torch.mv", _time(lambda w=w, x=x: torch.mv(w, x)), w.numel() * 2)
-        record(f"one token, {name} 4 GB weight: F.linear", _time(lambda w=w, x=x: F.linear(x[None], w)), w.numel() * 2)
-    del raw, w
-
-    g = torch.Generator().manual_seed(0)
-    w32 = torch.randn(16384, 2048, generator=g)
-    x32 = torch.randn(262, 2048, generator=g)
-    flops = 2 * 262 * 2048 * 16384
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        w, x = w32.to(dtype), x32.to(dtype)
-        name = str(dtype).removeprefix("torch.")
-        record(f"prefill product 262x2048 @ 2048x16384, {name}", _time(lambda w=w, x=x: F.linear(x, w)), flops=flops)
-    w16, x16 = w32.half(), x32.half()
-    record(
-        "prefill product, float16 weight cast to bfloat16 first",
-        _time(lambda: F.linear(x16.bfloat16(), w16.bfloat16())),
-        flops=flops,
-    )
-    out = torch.empty(16384, 2048, dtype=torch.bfloat16)
-    record("convert float16 -> bfloat16 (67 MB weight, copy_)", _time(lambda: out.copy_(w16)), w16.numel() * 2)
-    record("convert float16 -> float32 (67 MB weight)", _time(lambda: w16.float()), w16.numel() * 2)
-
-    shard = sorted(ensure_checkpoint("bf16").glob("*.safetensors"))[0]
+    set_threads(THREADS)
+    cmd = command("bench.kernels", [])
+    rows = []
+    dram = dram_read_rate()
+    rows.append(["DRAM read (max of 4 GB uint8)", "-", "-", f"{dram / 1e9:.1f} GB/s"])
+    o, i = SHAPE
+    for fmt, dtype, bytes_per_weight in (("dense", torch.bfloat16, 2), ("dense", torch.float16, 2),
+                                         ("int8", torch.bfloat16, 1), ("int4", torch.bfloat16, 0.5)):  # fmt: skip
+        for key, s in sorted(kernels._measure(fmt, SHAPE, dtype).items()):
+            phase, name = key.split()
+            rate = (f"{o * i * bytes_per_weight / s / 1e9:.1f} GB/s" if phase == "decode"
+                    else f"{2 * kernels.PREFILL_ROWS * o * i / s / 1e9:.0f} GFLOP/s")  # fmt: skip
+            rows.append([f"{fmt} {str(dtype).removeprefix('torch.')} {phase}", name, f"{s * 1e3:.2f}", rate])
+    shard = max(ensure_checkpoint("bf16").glob("*.safetensors"), key=lambda f: f.stat().st_size)
     size = shard.stat().st_size
     for readers in (1, 4):
-        seconds = statistics.median(_cold_read(shard, readers) for _ in range(3))
-        record(f"cold read of a {size / 1e9:.1f} GB shard, {readers} reader(s) in flight", seconds, size)
-
-    table = ["| measurement | median ms | rate |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
-    lines = [
-        "# Kernel measurements",
-        "",
-        f"Measured {dt.date.today().isoformat()} with `python bench/kernels.py` (`make bench` runs it): "
-        f"{os.cpu_count()} cores, {THREADS} threads, torch {torch.__version__}; median of 5 timings each, "
-        "on tensors larger than the L3 cache where bandwidth is the question.",
-        "",
-        *table,
-        "",
-        "What the runtime takes from these (`lowmem_paligemma/ops.py`):",
-        "",
-        "- Decoding streams every weight once per token, so its ceiling is the DRAM read rate above divided by",
-        "  the bytes read per token (5.05 GB for PaliGemma-3B in 16 bits: decoder + tied embedding).",
-        "- One-token products with bfloat16 weights use `torch.mv`; float16 weights keep `F.linear`.",
-        "- The loader keeps 4 reads in flight: a cold shard streams several times faster than with one reader.",
-        "- bfloat16 is the CPU default: the same memory as float16, while float16 products (no AMX-FP16",
-        "  here) and float16 conversions are several times slower, so storing float16 and computing in",
-        "  bfloat16 would cost more in conversions than it saves.",
-    ]
-    (ROOT / "docs" / "kernels.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {ROOT / 'docs' / 'kernels.md'}", file=sys.stderr)
+        s = statistics.median(cold_read(shard, readers) for _ in range(3))
+        rows.append([f"cold read of a {size / 1e9:.1f} GB shard", f"{readers} in flight", f"{s * 1e3:.0f}",
+                     f"{size / s / 1e9:.2f} GB/s"])  # fmt: skip
+    cols = ("measurement", "kernel", "median ms", "rate")
+    print(text_table(cols, rows))
+    what = (f"Shapes: PaliGemma-3B's MLP weight {o} x {i}; decode = 1 row, prefill = {kernels.PREFILL_ROWS} rows; "
+            f"{THREADS} threads; the chooser's timing (a warm-up, then the median of up to 5 runs).")  # fmt: skip
+    write("kernels", header("Kernel measurements", cmd, what) + md_table(cols, rows))
 
 
 if __name__ == "__main__":

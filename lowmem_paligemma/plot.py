@@ -2,7 +2,7 @@
 
 matplotlib is imported inside the functions, so importing this module costs nothing. Figures are
 built with `Figure` and the Agg canvas, not pyplot: headless, and the caller's pyplot backend and
-figure list are left alone. Sizes are in GiB (2**30 bytes), as in SPEC §9.
+figure list are left alone. Sizes are in GB (10**9 bytes), the one unit convention of the project (units.py).
 Reference lines: the final model size (`model_bytes`, else `meta["model_bytes"]`) and the RAM of
 the machine the run was recorded on (`ram_bytes`, else `meta["total_ram"]`, else this machine's).
 """
@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .units import GB, format_bytes
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from lowmem_paligemma.profiler import Timeline
 
-GIB = 2**30
 _FIGSIZE = (12.0, 6.0)  # inches
 _DPI = 120
 _MARK_FONT = 7.5  # points; shrunk down to _MIN_MARK_FONT when many marks crowd the axis
@@ -29,11 +30,11 @@ _MIN_MARK_FONT = 5.0
 _OFF_SCALE = 3.0  # a reference line more than this many times above the data is noted, not drawn
 
 
-def _gib(values: Sequence[int | None]) -> Any:
+def _gb(values: Sequence[int | None]) -> Any:
     import numpy as np
 
     # None (no RssAnon on macOS) becomes NaN, which matplotlib leaves as a gap.
-    return np.array([np.nan if v is None else v / GIB for v in values], dtype=float)
+    return np.array([np.nan if v is None else v / GB for v in values], dtype=float)
 
 
 def _new_figure() -> tuple[Figure, Axes]:
@@ -65,16 +66,16 @@ def _model_default(timelines: Sequence[Timeline]) -> int | None:
 
 def _reference_lines(ax: Axes, model_bytes: int | None, ram_bytes: int | None, data_max: float) -> None:
     # Labelled in the legend rather than beside the line, where they collided with the peak label.
-    top = max(data_max, (model_bytes or 0) / GIB)
+    top = max(data_max, (model_bytes or 0) / GB)
     for value, label, color, style in ((model_bytes, "model weights", "0.3", "-."), (ram_bytes, "RAM", "black", ":")):
         if value is None:
             continue
-        y = value / GIB
+        y = value / GB
         if y > _OFF_SCALE * top:
-            # A 24 GiB line over a 0.5 GiB run would flatten the curves onto the axis: only name it.
-            ax.plot([], [], " ", label=f"{label} {y:.2f} GiB (off scale)")
+            # A 24 GB line over a 0.5 GB run would flatten the curves onto the axis: only name it.
+            ax.plot([], [], " ", label=f"{label} {format_bytes(value)} (off scale)")
             continue
-        ax.axhline(y, color=color, linestyle=style, linewidth=1.2, label=f"{label} {y:.2f} GiB")
+        ax.axhline(y, color=color, linestyle=style, linewidth=1.2, label=f"{label} {format_bytes(value)}")
 
 
 def _legend(ax: Axes) -> None:
@@ -154,7 +155,7 @@ def _draw_marks(ax: Axes, fig: Figure, timeline: Timeline) -> float:
 
 def _finish(fig: Figure, ax: Axes, path: str | os.PathLike[str], title: str, title_pad: float) -> Path:
     ax.set_xlabel("time since profiler start (s)")
-    ax.set_ylabel("resident memory (GiB)")
+    ax.set_ylabel("resident memory (GB)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.set_title(title, pad=6 + title_pad)
@@ -176,15 +177,15 @@ def plot_timeline(
     fig, ax = _new_figure()
     s = timeline.samples
     t = [x.t for x in s]
-    ax.plot(t, _gib([x.rss for x in s]), color="tab:blue", linewidth=1.8, label="RSS total")
+    ax.plot(t, _gb([x.rss for x in s]), color="tab:blue", linewidth=1.8, label="RSS total")
     if any(x.anon is not None for x in s):
-        ax.plot(t, _gib([x.anon for x in s]), color="tab:red", linewidth=1.2, label="anon (heap, tensors)")
-        ax.plot(t, _gib([x.file for x in s]), color="tab:orange", linewidth=1.2, label="file (mapped pages)")
+        ax.plot(t, _gb([x.anon for x in s]), color="tab:red", linewidth=1.2, label="anon (heap, tensors)")
+        ax.plot(t, _gb([x.file for x in s]), color="tab:orange", linewidth=1.2, label="file (mapped pages)")
     if any(x.hwm is not None for x in s):
         # The kernel's high-water mark: shows any spike shorter than the sampling interval.
         ax.step(
             t,
-            _gib([x.hwm for x in s]),
+            _gb([x.hwm for x in s]),
             where="post",
             color="tab:blue",
             alpha=0.35,
@@ -193,17 +194,17 @@ def plot_timeline(
             label="VmHWM (kernel peak)",
         )
     if any(x.cuda_alloc is not None for x in s):
-        ax.plot(t, _gib([x.cuda_alloc for x in s]), color="tab:purple", linewidth=1.2, label="CUDA allocated")
+        ax.plot(t, _gb([x.cuda_alloc for x in s]), color="tab:purple", linewidth=1.2, label="CUDA allocated")
     data_max = 0.0
     if s:
         peak = timeline.peak()
-        data_max = max(peak.rss, peak.hwm or 0, peak.cuda_alloc or 0) / GIB
+        data_max = max(peak.rss, peak.hwm or 0, peak.cuda_alloc or 0) / GB
         # Label on the side with room, so it does not run off the right edge.
         right = peak.t > 0.75 * t[-1]
-        ax.plot([peak.t], [peak.rss / GIB], "o", color="tab:blue", markersize=5)
+        ax.plot([peak.t], [peak.rss / GB], "o", color="tab:blue", markersize=5)
         ax.annotate(
-            f"peak {peak.rss / GIB:.2f} GiB",
-            (peak.t, peak.rss / GIB),
+            f"peak {format_bytes(peak.rss)}",
+            (peak.t, peak.rss / GB),
             xytext=(-6 if right else 6, 4),
             textcoords="offset points",
             ha="right" if right else "left",
@@ -237,22 +238,22 @@ def plot_comparison(
         peak = tl.peak()
         ax.plot(
             t,
-            _gib([x.rss for x in tl.samples]),
+            _gb([x.rss for x in tl.samples]),
             color=color,
             linewidth=1.8,
-            label=f"{name}: RSS (peak {peak.rss / GIB:.2f} GiB)",
+            label=f"{name}: RSS (peak {format_bytes(peak.rss)})",
         )
         if peak.anon is not None:
             ax.plot(
                 t,
-                _gib([x.anon for x in tl.samples]),
+                _gb([x.anon for x in tl.samples]),
                 color=color,
                 linewidth=1.1,
                 linestyle="--",
-                label=f"{name}: anon (peak {peak.anon / GIB:.2f} GiB)",
+                label=f"{name}: anon (peak {format_bytes(peak.anon)})",
             )
     runs = list(timelines.values())
-    data_max = max((tl.peak().rss for tl in runs), default=0) / GIB
+    data_max = max((tl.peak().rss for tl in runs), default=0) / GB
     _reference_lines(ax, model_bytes or _model_default(runs), ram_bytes or _ram_default(runs), data_max)
     _legend(ax)
     ax.set_xlim(left=0)
