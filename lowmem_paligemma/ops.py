@@ -24,6 +24,7 @@ Axes: M rows (batch x tokens), I in features, O out features.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,30 @@ def int4_linear(
     return y.view(*x.shape[:-1], o)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed inside the allocator back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Replacing each weight by its reordered copy frees the old one; glibc keeps freed blocks below its mmap
+    threshold in its arenas (measured: +0.5 GB of RSS after reordering PaliGemma-3B's layers once a tokenizer
+    had run), so the freed memory is returned after each replacement.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A dense (O, I) weight in oneDNN's blocked layout for `_linear_pointwise` (raises where unsupported)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
@@ -202,3 +227,4 @@ def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
             if packed != module.weight.is_mkldnn:
                 w = pack_weight(module.weight) if packed else module.weight.to_dense()
                 module.weight = nn.Parameter(w, requires_grad=False)
+                release_freed_memory()
