@@ -167,3 +167,32 @@ def test_int4_where_the_kernel_can_int8_elsewhere(int4_wide_dir, tiny_pg1_dir):
     small = load_model(tiny_pg1_dir, dtype=torch.bfloat16, quantize="int4")  # 64 wide: int8 but for down_proj
     mlp = small.language_model.model.layers[0].mlp
     assert isinstance(mlp.gate_proj, Int8Linear) and isinstance(mlp.down_proj, Int4Linear)
+
+
+def test_the_preflight_counts_quantized_bytes_and_suggests_quantizing(tiny_pg2_dir, monkeypatch):
+    import lowmem_paligemma.loader as loader
+    from lowmem_paligemma import InsufficientMemoryError
+
+    seen = []
+    real = loader.check_memory
+    monkeypatch.setattr(
+        loader, "check_memory", lambda need, device, advice="": seen.append(need) or real(need, device, advice)
+    )
+    dense = load_model(tiny_pg2_dir, dtype=torch.bfloat16)
+    q8 = load_model(tiny_pg2_dir, dtype=torch.bfloat16, quantize="int8")
+    size = lambda m: sum(p.nbytes for p in m.parameters())  # noqa: E731
+    assert seen[1] - seen[0] == size(q8) - size(dense)  # the pre-flight saw exactly the quantized sizes
+    monkeypatch.setattr(loader, "available_bytes", lambda device: 1000)
+    with pytest.raises(InsufficientMemoryError, match=r"--quantize int8"):
+        load_model(tiny_pg2_dir, dtype=torch.bfloat16)
+    with pytest.raises(InsufficientMemoryError, match=r"--quantize int4"):
+        load_model(tiny_pg2_dir, dtype=torch.bfloat16, quantize="int8")
+
+
+def test_impossible_combinations_are_one_clear_error(tiny_pg2_dir):
+    from lowmem_paligemma import CheckpointError, OptionError
+
+    with pytest.raises(OptionError, match="int4 runs on the CPU only"):
+        load_model(tiny_pg2_dir, device="cuda", quantize="int4")
+    with pytest.raises(CheckpointError, match="zero-copy needs .* quantize while loading"):
+        load_model(tiny_pg2_dir, dtype=torch.float32, quantize="int8", zero_copy=True)
