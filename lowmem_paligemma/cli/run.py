@@ -82,7 +82,8 @@ def generate_command(
     peak = prof.peak()
     if as_json:
         record = {"image": str(image), "prompt": prompt, **gen.to_json(), "load_s": round(session.load_s, 4)}
-        record |= {"dtype": session.dtype, "quantize": load.quantize, "kernels": session.model.kernel_report.to_json()}
+        model = session.model
+        record |= {"dtype": session.dtype, "quantize": model.quantize, "kernels": model.kernel_report.to_json()}
         record |= {"peak_rss": peak.hwm or peak.rss} | ({"detections": found} if found is not None else {})
         click.echo(json.dumps(record, ensure_ascii=False))
     else:
