@@ -190,7 +190,7 @@ def profile_command(
             with prof.phase("load"):
                 session = _load(model_dir, load, on_phase=lambda name: prof.mark(f"load: {name}"))
             prof.meta["model_bytes"] = session.weight_bytes
-            prof.meta["label"] = f"{model_dir.name}: {load.quantize or session.dtype} on {load.device}"
+            prof.meta["label"] = f"{model_dir.name}: {session.model.quantize or session.dtype} on {load.device}"
             with prof.phase("encode"):
                 features = session.encode(img)
             gen = run_prompt(session, features, prompt, sampling, phase=prof.phase)
