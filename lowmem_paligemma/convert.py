@@ -18,8 +18,9 @@ What is special:
   the loader's arithmetic, so loading the result equals quantizing at load bit for bit when the source is
   stored in the load dtype. The tied embedding stays dense (transformers cannot load it quantized, see
   docs/quantization.md) and the loader quantizes it while streaming. The chunks bound the quantizing
-  temporaries as the loader's fills do; each quantized layer's source is read twice (its scales are written
-  before its values, or after: one pass for each stored tensor, so nothing of a layer waits in memory).
+  temporaries as the loader's fills do. Each stored tensor is computed in a pass of its own over the source
+  rows (a layer's scales and values lie apart in the file), so a quantized layer's source is read twice and
+  nothing of it waits in memory.
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ def _quantized_plan(
     modules = dict(build_model(src, mode).named_modules())  # on meta: the loader's policy, zero bytes
     specs, sources, layers = [], {}, {}
     for key, entry in entries.items():
-        name = normalize_key(key).removesuffix(".weight")
-        module = modules.get(name) if normalize_key(key).endswith(".weight") else None
+        name, _, leaf = normalize_key(key).rpartition(".")
+        module = modules.get(name) if leaf == "weight" else None
         if not isinstance(module, (Int8Linear, Int4Linear)) or isinstance(module, (Int8Embedding, Int4Embedding)):
             specs.append(TensorSpec(key, _stored_dtype(entry, dtype), entry.shape))
             sources[key] = partial(read_rows, entry, chunk_bytes)

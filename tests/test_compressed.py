@@ -19,6 +19,7 @@ from lowmem_paligemma import CheckpointError, ConfigError, OptionError, load_mod
 from lowmem_paligemma.compressed import FORMATS, MIXED_FORMAT, pack_int4, target, unpack_int4
 from lowmem_paligemma.config import load_config, tiny
 from lowmem_paligemma.convert import convert_checkpoint
+from lowmem_paligemma.loader import FILL_BYTES_PER_ELEMENT
 from lowmem_paligemma.pretrained import transformers_key
 from lowmem_paligemma.quant import INT4_GROUP, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, dequantize
 from lowmem_paligemma.safetensors_io import read_checkpoint
@@ -248,8 +249,9 @@ _MEMORY_CHILD = textwrap.dedent(
 
 
 def test_quantizing_convert_keeps_the_plain_convert_memory_bound(tmp_path):
-    # One decoder layer with 131072-wide MLPs: three 64 MB bf16 tensors to quantize, each 128 MB as float32.
-    cfg = tiny(num_hidden_layers=1, hidden_size=256, intermediate_size=131072)
+    # One decoder layer with 65536-wide MLPs: three 32 MB bf16 tensors to quantize; quantizing one whole would
+    # take FILL_BYTES_PER_ELEMENT (float32 copies, codes) x 16.8 M elements = 268 MB of temporaries.
+    cfg = tiny(num_hidden_layers=1, hidden_size=256, intermediate_size=65536)
     src = write_checkpoint(tmp_path / "src", cfg, dtype=torch.bfloat16, max_shard_bytes=100 * MB, tokenizer=False)
     largest = max(e.numel for e in read_checkpoint(src).values())
     chunk = 8 << 20
@@ -265,9 +267,9 @@ def test_quantizing_convert_keeps_the_plain_convert_memory_bound(tmp_path):
     assert growth["rss"] < bound, growth
     if growth["hwm"] is not None:
         assert growth["hwm"] < bound, growth
-    assert bound < largest * 4 * 2 / 3  # one whole tensor as float32 would not fit under it
+    assert bound < largest * FILL_BYTES_PER_ELEMENT / 2  # quantizing one tensor whole would not fit under it
     entries = read_checkpoint(tmp_path / "dst")
-    assert entries["language_model.model.layers.0.mlp.down_proj.weight_packed"].shape == (256, 131072 // 8)
+    assert entries["language_model.model.layers.0.mlp.down_proj.weight_packed"].shape == (256, 65536 // 8)
 
 
 # --- transformers reads the same directory --------------------------------------------------------------------
