@@ -275,14 +275,21 @@ def from_hf(d: dict[str, Any]) -> PaliGemmaConfig:
     )
 
 
-def load_config(model_dir: str | Path) -> PaliGemmaConfig:
+def read_config_json(model_dir: str | Path) -> Any:
+    """The parsed config.json of a model directory (what other readers, e.g. compressed.py, need of it too)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the model directory")
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(model_dir: str | Path) -> PaliGemmaConfig:
+    """config.json -> PaliGemmaConfig (a `quantization_config` in it is compressed.py's to read)."""
+    path = Path(model_dir) / "config.json"
+    d = read_config_json(model_dir)
     try:
         return from_hf(d)
     except ConfigError as e:

@@ -13,6 +13,14 @@ What is special:
   preprocessor, tokenizer and processor files (every top-level file that is not weights and not hidden).
 - All or nothing: the output is written into a hidden temporary directory beside `dst_dir` and renamed into
   place at the end; any failure (or Ctrl-C) removes it.
+- `quantize` "int8" / "int4" writes a pre-quantized checkpoint in compressed-tensors' layout (compressed.py):
+  the layers the loader would quantize (quant.quantize_model's policy, on the meta model) are quantized by
+  the loader's arithmetic, so loading the result equals quantizing at load bit for bit when the source is
+  stored in the load dtype. The tied embedding stays dense (transformers cannot load it quantized, see
+  docs/quantization.md) and the loader quantizes it while streaming. The chunks bound the quantizing
+  temporaries as the loader's fills do. Each stored tensor is computed in a pass of its own over the source
+  rows (a layer's scales and values lie apart in the file), so a quantized layer's source is read twice and
+  nothing of it waits in memory.
 """
 
 from __future__ import annotations
@@ -21,17 +29,32 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .compressed import pack_int4, quantization_config, stored_mode, stored_tensors
 from .errors import CheckpointError, OutputError
-from .loader import DEFAULT_CHUNK_BYTES
+from .loader import DEFAULT_CHUNK_BYTES, FILL_BYTES_PER_ELEMENT
+from .pretrained import build_model, normalize_key
+from .quant import (
+    INT4_GROUP,
+    QUANT_MODES,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    quantize_int4,
+    quantize_int8,
+)
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
     WEIGHT_DTYPES,
+    TensorEntry,
     TensorSpec,
     dtype_name,
     read_checkpoint,
@@ -51,8 +74,10 @@ def convert_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int, int], None] | None = None,
+    quantize: str | None = None,
 ) -> Path:
-    """Write `src_dir`'s checkpoint to a new directory `dst_dir` with every float tensor in `dtype`.
+    """Write `src_dir`'s checkpoint to a new directory `dst_dir` with every float tensor in `dtype`, and with
+    the towers' linear layers quantized (compressed-tensors' layout) if `quantize` is "int8" or "int4".
 
     `progress(bytes_written, bytes_total)` is called after each tensor. Raises CheckpointError for a bad source,
     OutputError for a destination that exists and is not empty (or is the source, or does not fit on the disk),
@@ -60,6 +85,8 @@ def convert_checkpoint(
     """
     if dtype not in WEIGHT_DTYPES.values():
         raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}")
     if max_shard_bytes <= 0 or chunk_bytes <= 0:
         raise ValueError(f"max_shard_bytes and chunk_bytes must be positive, got {max_shard_bytes}, {chunk_bytes}")
     src, dst = Path(src_dir), Path(dst_dir)
@@ -71,9 +98,14 @@ def convert_checkpoint(
         raise OutputError(f"{dst}: destination exists and is not empty; remove it or choose another directory")
 
     entries = read_checkpoint(src)  # every header validated before a byte is written
+    if quantize is None:
+        specs = [TensorSpec(key, _stored_dtype(e, dtype), e.shape) for key, e in entries.items()]
+        sources = {key: partial(read_rows, e, chunk_bytes) for key, e in entries.items()}
+        quantization = None
+    else:
+        specs, sources, quantization = _quantized_plan(src, entries, dtype, quantize, chunk_bytes)
     # Stable sort by item size, largest first (the safetensors writer's rule): a 1-byte tensor of odd length
     # never leaves a wider tensor unaligned in the file. For an all-float checkpoint this is the source order.
-    specs = [TensorSpec(key, dtype if e.dtype.is_floating_point else e.dtype, e.shape) for key, e in entries.items()]
     specs.sort(key=lambda s: -s.dtype.itemsize)
     total = sum(s.nbytes for s in specs)
 
@@ -88,8 +120,8 @@ def convert_checkpoint(
     try:
         # Same rounding as the loader's copy_ into a parameter of `dtype` (round to nearest even), so loading the
         # converted file gives bit-identical weights to loading the source into that dtype.
-        write_sharded(tmp, specs, lambda spec: read_rows(entries[spec.name], chunk_bytes), max_shard_bytes, progress)
-        _copy_side_files(src, tmp, dtype)
+        write_sharded(tmp, specs, lambda spec: sources[spec.name](), max_shard_bytes, progress)
+        _copy_side_files(src, tmp, dtype, quantization)
         # rename(2) replaces an empty directory atomically, so an empty dst (e.g. made by the caller) is fine.
         tmp.rename(dst)
     except BaseException:
@@ -98,13 +130,68 @@ def convert_checkpoint(
     return dst
 
 
-def _copy_side_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
-    """Config (dtype updated), generation, preprocessor, tokenizer and processor files; weights and dotfiles not."""
+def _stored_dtype(entry: TensorEntry, dtype: torch.dtype) -> torch.dtype:
+    return dtype if entry.dtype.is_floating_point else entry.dtype
+
+
+def _quantized_plan(
+    src: Path, entries: dict[str, TensorEntry], dtype: torch.dtype, mode: str, chunk_bytes: int
+) -> tuple[list[TensorSpec], dict[str, Callable[[], Iterator[torch.Tensor]]], dict[str, Any]]:
+    """The tensors to write (each with its row source) and config.json's quantization_config."""
+    if stored_mode(src, INT4_GROUP) is not None:
+        raise CheckpointError(f"{src}: already stored quantized; convert the original checkpoint instead")
+    modules = dict(build_model(src, mode).named_modules())  # on meta: the loader's policy, zero bytes
+    specs, sources, layers = [], {}, {}
+    for key, entry in entries.items():
+        name, _, leaf = normalize_key(key).rpartition(".")
+        module = modules.get(name) if leaf == "weight" else None
+        if not isinstance(module, (Int8Linear, Int4Linear)) or isinstance(module, (Int8Embedding, Int4Embedding)):
+            specs.append(TensorSpec(key, _stored_dtype(entry, dtype), entry.shape))
+            sources[key] = partial(read_rows, entry, chunk_bytes)
+            continue
+        if not entry.dtype.is_floating_point or entry.shape != (module.out_features, module.in_features):
+            raise CheckpointError(
+                f"{entry.path}: {key!r} ({dtype_name(entry.dtype)} {list(entry.shape)}) is not a float weight of "
+                f"shape {[module.out_features, module.in_features]} to quantize"
+            )
+        layers[name] = layer_mode = "int4" if isinstance(module, Int4Linear) else "int8"
+        stem = key.removesuffix("weight")
+        # Source bytes per read whose quantizing temporaries (float32 copies, codes) stay within chunk_bytes.
+        read_bytes = max(1, chunk_bytes * entry.dtype.itemsize // FILL_BYTES_PER_ELEMENT)
+        stored = stored_tensors(layer_mode, module.out_features, module.in_features, dtype, INT4_GROUP)
+        for leaf, (leaf_dtype, shape) in stored.items():
+            specs.append(TensorSpec(stem + leaf, leaf_dtype, shape))
+            sources[stem + leaf] = partial(_quantized_rows, entry, layer_mode, leaf, dtype, read_bytes)
+    return specs, sources, quantization_config(layers, INT4_GROUP)
+
+
+def _quantized_rows(
+    entry: TensorEntry, mode: str, leaf: str, dtype: torch.dtype, read_bytes: int
+) -> Iterator[torch.Tensor]:
+    """The rows of the stored tensor `leaf` (compressed.stored_tensors) of a layer quantized from `entry`."""
+    if leaf == "weight_shape":
+        yield torch.tensor(entry.shape)
+        return
+    for rows in read_rows(entry, read_bytes):
+        if mode == "int8":
+            q, scale = quantize_int8(rows, dtype)
+            yield q if leaf == "weight" else scale[:, None]
+        else:
+            q, scale = quantize_int4(rows, dtype, INT4_GROUP)
+            yield pack_int4(q) if leaf == "weight_packed" else scale
+
+
+def _copy_side_files(src: Path, dst: Path, dtype: torch.dtype, quantization: dict[str, Any] | None) -> None:
+    """Config (dtype and quantization_config updated), generation, preprocessor, tokenizer and processor files;
+    weights and dotfiles not."""
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.name == INDEX_NAME or f.name.endswith(_WEIGHT_SUFFIXES):
             continue
         if f.name == "config.json":
-            (dst / f.name).write_text(json.dumps(_with_dtype(json.loads(f.read_text()), dtype), indent=2) + "\n")
+            config = _with_dtype(json.loads(f.read_text()), dtype)
+            if quantization is not None:
+                config["quantization_config"] = quantization
+            (dst / f.name).write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copy2(f, dst / f.name)
 

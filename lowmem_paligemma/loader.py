@@ -59,6 +59,7 @@ class RowFill:
     fill: Callable[[torch.Tensor, int], None]  # (rows (n, *shape[1:]) in the stored dtype, first row)
     fills: tuple[str, ...]  # the module's parameters it writes (local names)
     row_multiple: int = 1  # every chunk but the last holds a multiple of this many rows
+    dtypes: tuple[torch.dtype, ...] = ()  # the stored dtypes it takes (empty: any)
 
 
 @dataclass
@@ -116,13 +117,19 @@ def match_entries(
                 raise CheckpointError(
                     f"{entry.path}: {key!r} has shape {list(entry.shape)}, the model expects {list(offers[name].shape)}"
                 )
+            if offers[name].dtypes and entry.dtype not in offers[name].dtypes:
+                want = " or ".join(dtype_name(d) for d in offers[name].dtypes)
+                raise CheckpointError(f"{entry.path}: {key!r} is stored as {dtype_name(entry.dtype)}, not {want}")
             plan.fills[name] = (entry, offers[name])
         else:
             unexpected.append(key)
     covered = set(plan.copies)
-    for name, (_, rf) in plan.fills.items():
+    for name, (entry, rf) in plan.fills.items():
         prefix = name.rpartition(".")[0]
-        covered |= {f"{prefix}.{p}" if prefix else p for p in rf.fills}
+        filled = {f"{prefix}.{p}" if prefix else p for p in rf.fills}
+        if twice := covered & filled:  # e.g. a float weight stored beside its pre-quantized form
+            raise CheckpointError(f"{entry.path}: {entry.key!r} fills {_listing(twice)}, another tensor does too")
+        covered |= filled
     missing = [n for n in params if n not in covered]
     if missing or unexpected:
         parts = []
@@ -297,12 +304,13 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def map_into(model: nn.Module, plan: LoadPlan, dtype: torch.dtype) -> None:
-    """Zero-copy: every parameter becomes a view of its shard's pages (private, copy-on-write mapping).
+    """Zero-copy: every copied parameter becomes a view of its shard's pages (private, copy-on-write mapping).
 
     Nothing is read up front; pages come in on first use and count as file-backed RSS, which the kernel
     can drop and re-read under pressure. The price: the first forward pays the disk reads, and the files
-    must stay in place while the model lives. Needs every tensor stored as loaded: `dtype` for floating
-    point ones, and nothing to compute on the way (no quantization while loading).
+    must stay in place while the model lives. Needs every copied tensor stored as loaded (`dtype` for
+    floating point ones). What is computed on the way (the plan's fills: quantized or repacked while
+    loading) cannot be a view of the file: those parameters get fresh memory here, for `stream_into`.
     """
     params = dict(model.named_parameters())
 
@@ -310,12 +318,15 @@ def map_into(model: nn.Module, plan: LoadPlan, dtype: torch.dtype) -> None:
         return dtype if params[name].is_floating_point() else params[name].dtype
 
     wrong = sorted({dtype_name(e.dtype) for n, e in plan.copies.items() if e.dtype != loaded_dtype(n)})
-    if wrong or plan.fills:
-        held = ", ".join(wrong) if wrong else "weights to quantize while loading"
+    if wrong:
         raise CheckpointError(
-            f"zero-copy needs a checkpoint stored in {dtype_name(dtype)} (or pre-quantized), this one holds {held}; "
-            "convert it once with `lowmem-paligemma convert` or load without zero-copy"
+            f"zero-copy needs a checkpoint stored in {dtype_name(dtype)} (or pre-quantized), this one holds "
+            f"{', '.join(wrong)}; convert it once with `lowmem-paligemma convert` or load without zero-copy"
         )
+    for name, (_, rf) in plan.fills.items():
+        prefix = name.rpartition(".")[0]
+        for filled in (f"{prefix}.{p}" if prefix else p for p in rf.fills):
+            _set_parameter(model, filled, torch.empty(params[filled].shape, dtype=loaded_dtype(filled)))
     for path in {e.path for e in plan.copies.values()}:
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -377,7 +388,8 @@ def stream_checkpoint(
     if repair:
         phase("repair")
         repair(model)
-    if not zero_copy:
-        stream_into(model, plan, chunk_bytes, on_phase=phase, progress=progress)
+    if not zero_copy or plan.fills:  # zero-copy: only what is computed while loading is read
+        todo = LoadPlan({}, plan.fills) if zero_copy else plan
+        stream_into(model, todo, chunk_bytes, on_phase=phase, progress=progress)
     phase("done")
     return model.eval()

@@ -145,8 +145,8 @@ def int8_linear(
     kernels: KernelChoice,
     scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """x (..., I) @ (q (O, I) int8 * scale (O,))^T + bias -> (..., O) in x's dtype."""
-    rows, (o, i) = x.shape[:-1].numel(), q.shape
+    """x (..., I) @ (q (O, I) int8 * scale (O,) or (O, 1))^T + bias -> (..., O) in x's dtype."""
+    rows, (o, i), scale = x.shape[:-1].numel(), q.shape, scale.view(-1)
     name = kernels.pick(rows)
     x2 = x.reshape(rows, i)
     if name == "int8pack" and _int8pack_ok(x, q):

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compressed import stored_mode
 from .config import load_config
 from .errors import CheckpointError, OptionError
 from .kernels import KernelReport, choose_dtype, choose_kernels, layer_shapes
 from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
 from .ops import use_kernels
 from .paligemma import PaliGemmaForConditionalGeneration
-from .quant import quantize_model
+from .quant import INT4_GROUP, quantize_model
 from .safetensors_io import WEIGHT_DTYPES
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
@@ -72,12 +73,23 @@ def normalize_key(key: str) -> str:
 def build_model(
     model_dir: str | os.PathLike, quantize: str | None = None, device: str | torch.device = "cpu"
 ) -> PaliGemmaForConditionalGeneration:
-    """Our model for `model_dir`'s config.json on meta (zero bytes), its layers quantized as `quantize` asks."""
-    if quantize == "int4" and torch.device(device).type != "cpu":
-        raise OptionError("--quantize int4 runs on the CPU only (torch's int4 kernel here is CPU code); use int8")
+    """Our model for `model_dir`'s config.json on meta (zero bytes), its layers quantized as `quantize` asks, or
+    as the checkpoint is stored (a compressed-tensors `quantization_config`, compressed.py) when it is None.
+    The mode in effect is kept as `model.quantize`."""
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(load_config(model_dir))
-    return quantize_model(model, quantize) if quantize is not None else model
+    stored = stored_mode(model_dir, INT4_GROUP)
+    if stored is not None and quantize not in (None, stored):
+        raise OptionError(
+            f"{model_dir} is stored quantized to {stored}; load it as stored (no --quantize) or convert the "
+            f"original checkpoint with --quantize {quantize}"
+        )
+    quantize = quantize or stored
+    if quantize == "int4" and torch.device(device).type != "cpu":
+        raise OptionError("--quantize int4 runs on the CPU only (torch's int4 kernel here is CPU code); use int8")
+    model = quantize_model(model, quantize) if quantize is not None else model
+    model.quantize = quantize
+    return model
 
 
 def choose_compute(
@@ -122,7 +134,8 @@ def load_model(
     """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode.
 
     `dtype` "auto" takes the 16-bit dtype measured fastest here (kernels.choose_dtype). `quantize` "int8" or
-    "int4" quantizes while streaming (quant.py; a pre-quantized int8 checkpoint is read as it is stored).
+    "int4" quantizes while streaming (quant.py); a pre-quantized checkpoint (compressed.py) is read as stored,
+    with `quantize` None or equal to its mode.
     `kernels` overrides the measured kernel choice (kernels.py: a spec, or "reference"). `zero_copy` maps the
     shards instead of copying (CPU, checkpoint stored as loaded); `preflight` refuses a load that would not
     fit in the memory available now (`extra_bytes` more for what the caller will run); `progress` draws a bar
@@ -135,10 +148,11 @@ def load_model(
     model = build_model(model_dir, quantize, device)
     dtype, report = choose_compute(model, dtype, device, kernels, zero_copy)
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
+    advice = advice.get(model.quantize, "") if model.quantize == quantize else ""  # a stored mode is not an option
     model = stream_checkpoint(
         model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING}, zero_copy=zero_copy,
         preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, extra_bytes=extra_bytes, on_phase=on_phase,
-        advice=advice.get(quantize, ""),
+        advice=advice,
     )  # fmt: skip
     use_kernels(model, report.plan)
     model.kernel_report = report

@@ -2,13 +2,14 @@
 
 Formats (one home; ops.py computes with them, docs/quantization.md explains the choices):
 - int8: symmetric, one scale per output row, scale = max|w| / 127, q = round(w / scale) in [-127, 127]
-  (the layout of torch's `_weight_int8pack_mm` and gpt-fast). Stored as `weight` int8 (O, I) and
-  `weight_scale` (O,), the names compressed-tensors uses.
+  (the layout of torch's `_weight_int8pack_mm` and gpt-fast). Held as `weight` int8 (O, I) and
+  `weight_scale` (O, 1): compressed-tensors' names and shapes, so a pre-quantized checkpoint is copied as stored.
 - int4: symmetric in groups of INT4_GROUP along the input, scale = max|w| / 7.5, q = round(w / scale) clamped
   to [-8, 7] (compressed-tensors' symmetric rule), held in torch's CPU int4 layout for
   `_weight_int4pack_mm_for_cpu`: `weight_int4` (O, I/2) uint8 and `weight_scale_zeros` (I/g, O, 2) with
   zero 0, so w = (q + 8 - 8) * scale. That layout depends on the CPU's vector width, so it is built at load
-  time, 64 rows at a time (its block), and never written to a file.
+  time, 64 rows at a time (its block), and never written to a file: a pre-quantized checkpoint stores
+  compressed-tensors' `weight_packed` (compressed.py), unpacked and repacked into it while streaming.
 Every scale is rounded *up* to a value of the model dtype before q is computed: the scale the kernels use is
 the one the weights were quantized against (an all-zero row gets scale 1).
 
@@ -29,13 +30,16 @@ import functools
 import torch
 from torch import nn
 
-from .errors import OptionError
+from .compressed import INT4_PER_INT32, unpack_int4
+from .errors import CheckpointError, OptionError
 from .loader import RowFill
 from .ops import REFERENCE, Embedding, KernelChoice, Linear, Scratch, int4_linear, int8_linear
+from .safetensors_io import DTYPE_BY_NAME
 
 QUANT_MODES = ("int8", "int4")
 INT4_GROUP = 128  # compressed-tensors' and gpt-fast's default; every PaliGemma decoder width is a multiple
 INT4_BLOCK_ROWS = 64  # torch's CPU int4 layout packs blocks of 64 rows: fills must start on a block
+FLOAT_DTYPES = tuple(d for d in DTYPE_BY_NAME.values() if d.is_floating_point)  # what a quantizing fill takes
 
 
 # --- the arithmetic ------------------------------------------------------------------------------------------
@@ -85,7 +89,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.scratch = scratch
 
@@ -94,12 +98,13 @@ class Int8Linear(nn.Module):
 
     def row_fills(self) -> dict[str, RowFill]:
         """A stored float `weight` is quantized as it streams (a stored int8 one is copied as is)."""
-        return {"weight": RowFill((self.out_features, self.in_features), self._fill, ("weight", "weight_scale"))}
+        shape = (self.out_features, self.in_features)
+        return {"weight": RowFill(shape, self._fill, ("weight", "weight_scale"), dtypes=FLOAT_DTYPES)}
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
         q, scale = quantize_int8(rows, self.weight_scale.dtype)
         self.weight[start : start + len(q)] = q
-        self.weight_scale[start : start + len(q)] = scale
+        self.weight_scale[start : start + len(q), 0] = scale
 
 
 class Int8Embedding(Int8Linear):
@@ -109,8 +114,8 @@ class Int8Embedding(Int8Linear):
         super().__init__(dim, rows, bias=False)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        scale = self.weight_scale[ids]  # one per gathered row, ids' shape
-        return self.weight[ids].to(scale.dtype) * scale[..., None]
+        scale = self.weight_scale[ids]  # one per gathered row: (*ids.shape, 1)
+        return self.weight[ids].to(scale.dtype) * scale
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # Never the scratch buffer: a dequantized table would be a 16-bit copy of the largest tensor.
@@ -136,15 +141,37 @@ class Int4Linear(nn.Module):
         return int4_linear(x, self.weight_int4, self.weight_scale_zeros, self.group, self.bias)
 
     def row_fills(self) -> dict[str, RowFill]:
-        shape = (self.out_features, self.in_features)
-        return {"weight": RowFill(shape, self._fill, ("weight_int4", "weight_scale_zeros"), INT4_BLOCK_ROWS)}
+        """A stored float `weight` is quantized as it streams; a pre-quantized layer (compressed-tensors'
+        `weight_packed` (O, I/8) int32, `weight_scale` (O, I/g), `weight_shape`) is repacked as it streams."""
+        o, i, block, packed = self.out_features, self.in_features, INT4_BLOCK_ROWS, ("weight_int4",)
+        return {
+            "weight": RowFill((o, i), self._fill, ("weight_int4", "weight_scale_zeros"), block, FLOAT_DTYPES),
+            "weight_packed": RowFill((o, i // INT4_PER_INT32), self._fill_packed, packed, block, (torch.int32,)),
+            "weight_scale": RowFill((o, i // self.group), self._fill_scale, ("weight_scale_zeros",), 1, FLOAT_DTYPES),
+            "weight_shape": RowFill((2,), self._check_shape, (), 2, (torch.int64,)),
+        }
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
         q, scale = quantize_int4(rows, self.weight_scale_zeros.dtype, self.group)
-        n = len(q)
-        self.weight_int4[start : start + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q + 8, 1)
+        self._pack(q, start)
+        self._fill_scale(scale, start)
+
+    def _pack(self, q: torch.Tensor, start: int) -> None:
+        """q (n, I) int32 in [-8, 7] -> rows start.. of torch's CPU layout (unsigned nibbles q + 8)."""
+        self.weight_int4[start : start + len(q)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q + 8, 1)
+
+    def _fill_packed(self, packed: torch.Tensor, start: int) -> None:
+        self._pack(unpack_int4(packed), start)
+
+    def _fill_scale(self, scale: torch.Tensor, start: int) -> None:
+        n = len(scale)  # scale (n, I/g): one per group of a row
         self.weight_scale_zeros[:, start : start + n, 0] = scale.t()
         self.weight_scale_zeros[:, start : start + n, 1] = 0
+
+    def _check_shape(self, shape: torch.Tensor, start: int) -> None:
+        want = [self.out_features, self.in_features]
+        if shape.tolist() != want:
+            raise CheckpointError(f"a stored weight_shape holds {shape.tolist()}, its int4 layer is {want}")
 
 
 @functools.cache
@@ -198,7 +225,7 @@ class Int4Embedding(Int4Linear):
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The float32 weight a quantized layer computes with (for tests and quality checks)."""
     if isinstance(module, Int8Linear):
-        return module.weight.float() * module.weight_scale.float()[:, None]
+        return module.weight.float() * module.weight_scale.float()
     if isinstance(module, Int4Linear):  # the kernel applied to the identity gives W^T (float32: exact)
         eye = torch.eye(module.in_features)
         return int4_linear(eye, module.weight_int4, module.weight_scale_zeros, module.group, None).float().t()

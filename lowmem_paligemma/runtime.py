@@ -101,7 +101,7 @@ def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptio
         "machine": machine_key(),
         "kernel_cache": str(cache_path()),
         "dtype": dtype_name(dtype),
-        "quantize": options.quantize,
+        "quantize": model.quantize,  # the option, or how the checkpoint is stored
         "weight_bytes": model_bytes(model, dtype),
         "kernels": report.to_json(),
         "why": report.lines(),

@@ -294,6 +294,20 @@ def test_convert_rewrites_dtype_and_shards(tiny_pg1_dir, tmp_path):
     assert "destination exists" in assert_user_error(run("convert", tiny_pg1_dir, dst))
 
 
+def test_convert_quantize_writes_a_checkpoint_loaded_as_stored(tiny_pg2_dir, images, tmp_path):
+    dst = tmp_path / "int8"
+    ok(run("convert", tiny_pg2_dir, dst, "--quantize", "int8"))
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["format"] == "naive-quantized"
+    assert read_checkpoint(dst)["language_model.model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    record = json.loads(ok(run("info", dst, "--json")).stdout)  # no --quantize: as stored
+    assert record["quantize"] == "int8"
+    generated = ok(run("generate", dst, images["a"], "caption en", "--dtype", "bfloat16", "--max-new-tokens", 4))
+    assert "(bfloat16, int8 on cpu)" in generated.stderr
+    error = assert_user_error(run("generate", dst, images["a"], "caption en", "--quantize", "int4"))
+    assert "is stored quantized to int8" in error
+    assert "--quantize" in ok(run("convert", "--help")).stdout
+
+
 # --- batch ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""The commands that write checkpoints: synth (random weights in the Hub layout) and convert (another dtype)."""
+"""The commands that write checkpoints: synth (random weights in the Hub layout) and convert (another dtype,
+optionally pre-quantized)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from ..config import PRESETS
 from ..convert import convert_checkpoint
+from ..quant import QUANT_MODES
 from ..safetensors_io import WEIGHT_DTYPES, dtype_name
 from ..synth import tiny_checkpoint, write_checkpoint
 from ..units import format_size
@@ -91,11 +93,17 @@ def synth_command(
     default=format_size(library_default(convert_checkpoint, "max_shard_bytes")),
     help="Largest shard file, e.g. 5GB, 2GB, 100KB.",
 )
-def convert_command(src: Path, dst: Path, dtype: str, max_shard_size: int) -> None:
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANT_MODES),
+    help="Store the towers' linear layers quantized, as a load with --quantize would (int4 where its shape rules "
+    "hold, int8 elsewhere), in compressed-tensors' layout: transformers loads it too (docs/quantization.md).",
+)
+def convert_command(src: Path, dst: Path, dtype: str, max_shard_size: int, quantize: str | None) -> None:
     """Rewrite the checkpoint in SRC with its float tensors in DTYPE, into the new directory DST (low RAM).
 
     Config, tokenizer and processor files come along; e.g. the Hub's float32 weights become half the size.
     """
     with user_errors(), byte_progress("converting") as progress:
-        path = convert_checkpoint(src, dst, WEIGHT_DTYPES[dtype], max_shard_size, progress=progress)
+        path = convert_checkpoint(src, dst, WEIGHT_DTYPES[dtype], max_shard_size, progress=progress, quantize=quantize)
     click.echo(path)

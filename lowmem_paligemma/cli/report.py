@@ -60,7 +60,8 @@ def echo_text(piece: str) -> None:
 
 def load_line(session: Session) -> str:
     o = session.options
-    what = session.dtype + (f", {o.quantize}" if o.quantize else "")
+    quantize = session.model.quantize  # the option, or how the checkpoint is stored
+    what = session.dtype + (f", {quantize}" if quantize else "")
     return f"loaded {format_bytes(session.weight_bytes)} of weights ({what} on {o.device}) in {session.load_s:.2f} s"
 
 

@@ -82,7 +82,8 @@ def generate_command(
     peak = prof.peak()
     if as_json:
         record = {"image": str(image), "prompt": prompt, **gen.to_json(), "load_s": round(session.load_s, 4)}
-        record |= {"dtype": session.dtype, "quantize": load.quantize, "kernels": session.model.kernel_report.to_json()}
+        model = session.model
+        record |= {"dtype": session.dtype, "quantize": model.quantize, "kernels": model.kernel_report.to_json()}
         record |= {"peak_rss": peak.hwm or peak.rss} | ({"detections": found} if found is not None else {})
         click.echo(json.dumps(record, ensure_ascii=False))
     else:
@@ -189,7 +190,7 @@ def profile_command(
             with prof.phase("load"):
                 session = _load(model_dir, load, on_phase=lambda name: prof.mark(f"load: {name}"))
             prof.meta["model_bytes"] = session.weight_bytes
-            prof.meta["label"] = f"{model_dir.name}: {load.quantize or session.dtype} on {load.device}"
+            prof.meta["label"] = f"{model_dir.name}: {session.model.quantize or session.dtype} on {load.device}"
             with prof.phase("encode"):
                 features = session.encode(img)
             gen = run_prompt(session, features, prompt, sampling, phase=prof.phase)
