@@ -337,6 +337,8 @@ def stream_into(
                 for future in futures:
                     future.cancel()
                 wait(futures)
+                if drop_cache:  # read-ahead may have cached bytes no chunk read (skipped or excluded tensors)
+                    drop(fd)
                 os.close(fd)
 
 

@@ -83,10 +83,13 @@ def resident_total(paths: Iterable[str | os.PathLike]) -> int | None:
 
 
 def drop(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Ask the kernel to evict [offset, offset + length) of the open file from the page cache (length 0: to
-    the end). Clean pages go at once; dirty ones (a file just written) only after writeback."""
+    """Ask the kernel to evict the pages holding [offset, offset + length) of the open file from the page cache
+    (length 0: to the end). The range is widened to whole pages: the kernel keeps a page the range only partly
+    covers. Clean pages go at once; dirty ones (a file just written) only after writeback."""
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        start = offset - offset % PAGE
+        end = 0 if length == 0 else offset + length + (-(offset + length)) % PAGE
+        os.posix_fadvise(fd, start, end - start if end else 0, os.POSIX_FADV_DONTNEED)
 
 
 def drop_file(path: str | Path) -> None:

@@ -158,6 +158,7 @@ def load_model(
     prompt_tokens: int | None = None,
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
     prefetch: bool = True,
+    direct_io: bool | None = None,
 ) -> PaliGemmaForConditionalGeneration:
     """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode.
 
@@ -172,8 +173,10 @@ def load_model(
     `max_memory` (bytes of peak RSS for the whole process, or a `residency.ResidencyPlan`) keeps what fits
     and streams the other layers from the checkpoint for every forward (docs/streaming.md); the budget holds
     a request of `prompt_tokens` (default: the image tokens and 64 more) plus `max_new_tokens`. `prefetch`
-    False reads each streamed layer only when it is needed (the ablation). The plan is `model.residency`, the
-    streamer (None when nothing is streamed) `model.streamer`.
+    False reads each streamed layer only when it is needed (the ablation); `direct_io` False reads streamed
+    layers through the page cache, dropping each page after use, instead of with O_DIRECT (None: O_DIRECT where
+    the filesystem takes it). The plan is `model.residency`, the streamer (None when nothing is streamed)
+    `model.streamer`.
     """
     model_dir = resolve_model_dir(model_path)
     if on_phase:
@@ -203,7 +206,7 @@ def load_model(
     model.streamer = None
     if streamed:
         model.streamer = LayerStreamer(model, residency, load_plan.restrict(streamed), prefetch=prefetch,
-                                       progress=progress)  # fmt: skip
+                                       progress=progress, direct=direct_io)  # fmt: skip
     return model
 
 

@@ -262,11 +262,12 @@ def plan_residency(
             if streamed is not None:
                 break
     if streamed is None:
-        held = ", ".join(f"{what} {format_bytes(n)}" for what, n in parts.items())
+        p = parts
         raise InsufficientMemoryError(
-            f"a memory budget of {format_bytes(budget)} is below the minimum of {format_bytes(minimum)} for this "
-            f"model and request ({held}, one layer in flight {format_bytes(in_flight)}); raise --max-memory, "
-            "quantize (--quantize int8 / int4) or ask for fewer new tokens"
+            f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} for this model and "
+            f"request (process {format_bytes(p['process now'])}, weights outside the layers "
+            f"{format_bytes(p['weights outside the layers'])}, request {format_bytes(request)}, one layer in flight "
+            f"{format_bytes(in_flight)}); raise --max-memory or quantize (--quantize int8 / int4)"
         )
     return ResidencyPlan(
         budget=budget,

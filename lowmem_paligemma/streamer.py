@@ -208,10 +208,12 @@ class LayerStreamer:
                     self._buffered[entry.path] = os.open(entry.path, os.O_RDONLY)
                 except OSError as e:
                     raise CheckpointError(f"{entry.path}: cannot open ({e.strerror})") from None
+                if hasattr(os, "posix_fadvise"):  # no read-ahead: it would cache bytes no read asked for
+                    os.posix_fadvise(self._buffered[entry.path], 0, 0, os.POSIX_FADV_RANDOM)
                 fd = open_direct(entry.path) if direct is not False else None
                 if fd is not None:
                     self._direct[entry.path] = fd
-            drop(self._buffered[entry.path], entry.offset, entry.nbytes)  # cached before us: not ours to keep
+                drop(self._buffered[entry.path])  # pages cached before (headers, other readers): not to be kept
 
     def _hook(self, model: nn.Module) -> list[RemovableHandle]:
         """Pre- and post-hooks on each streamed layer, and on the module running each group's layers (a pass)."""
@@ -250,7 +252,10 @@ class LayerStreamer:
         self.stats.passes[group] = self.stats.passes.get(group, 0) + 1
         total = self._groups.count(group)
         self._bar = tqdm(total=total, unit="layer", desc=f"{group} pass", leave=False, file=sys.stderr,
-                         disable=not self.progress)  # fmt: skip
+                         disable=not self.progress, postfix=self._read_so_far())  # fmt: skip
+
+    def _read_so_far(self) -> str:
+        return f"{self.stats.bytes_read / GB:.2f} GB read"
 
     def _pass_end(self, module: nn.Module, args: tuple, output: object) -> None:
         if self._bar is not None:
@@ -282,7 +287,7 @@ class LayerStreamer:
         self.stats.wait_s += time.perf_counter() - t0
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix_str(f"{self.stats.bytes_read / GB:.2f} GB read", refresh=False)
+            self._bar.set_postfix_str(self._read_so_far(), refresh=False)
 
     def _after(self, unit: int, module: nn.Module, args: tuple, output: object) -> None:
         with self._cond:
