@@ -18,24 +18,24 @@ PRESET = "paligemma-3b-224"
 KINDS = {"fp32": (torch.float32, 5_000_000_000), "bf16": (torch.bfloat16, 5_000_000_000)}
 
 
-def _write(path: str, kind: str) -> None:
+def _write(path: str, kind: str, preset: str) -> None:
     from lowmem_paligemma.config import PRESETS
     from lowmem_paligemma.synth import write_checkpoint
 
     dtype, shard = KINDS[kind]
-    write_checkpoint(path, PRESETS[PRESET], dtype=dtype, max_shard_bytes=shard, seed=0)
+    write_checkpoint(path, PRESETS[preset], dtype=dtype, max_shard_bytes=shard, seed=0)
 
 
-def ensure_checkpoint(kind: str = "fp32") -> Path:
-    """The full-size synthetic checkpoint of `kind`, written in a child process if missing (so the
-    caller's peak RSS is not the writer's)."""
-    path = CHECKPOINTS / f"{PRESET}-{kind}"
+def ensure_checkpoint(kind: str = "fp32", preset: str = PRESET) -> Path:
+    """The full-size synthetic checkpoint of `preset` (config.PRESETS) stored as `kind`, written in a child
+    process if missing (so the caller's peak RSS is not the writer's)."""
+    path = CHECKPOINTS / f"{preset}-{kind}"
     done = path / ".complete"
     if done.is_file():
         return path
-    print(f"writing full-size synthetic {PRESET} ({kind}) to {path} (once) ...", file=sys.stderr, flush=True)
+    print(f"writing full-size synthetic {preset} ({kind}) to {path} (once) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = mp.get_context("spawn").Process(target=_write, args=(str(path), kind))
+    proc = mp.get_context("spawn").Process(target=_write, args=(str(path), kind, preset))
     proc.start()
     proc.join()
     if proc.exitcode != 0:

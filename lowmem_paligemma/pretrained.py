@@ -30,6 +30,7 @@ from .paligemma import PaliGemmaForConditionalGeneration
 from .quant import quantize_model
 from .residency import (
     DEFAULT_NEW_TOKENS,
+    REQUEST,
     ResidencyPlan,
     default_prompt_tokens,
     plan_residency,
@@ -121,7 +122,6 @@ def plan_memory(
     *,
     prompt_tokens: int | None = None,
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
-    prefetch: bool = True,
 ) -> tuple[ResidencyPlan, LoadPlan]:
     """The residency plan for `model` (on meta) under a budget of `max_memory` bytes of peak RSS (or the plan
     given), with the checkpoint matched to it; raises before anything is allocated (residency.py)."""
@@ -136,7 +136,7 @@ def plan_memory(
     prompt = default_prompt_tokens(model.cfg) if prompt_tokens is None else prompt_tokens
     plan = plan_residency(
         model, max_memory, dtype, request_bytes(model.cfg, prompt, max_new_tokens, dtype), load_plan=load_plan,
-        scratch=scratch_bytes(model, kernel_plan, dtype), prefetch=prefetch,
+        scratch=scratch_bytes(model, kernel_plan, dtype),
     )  # fmt: skip
     return plan, load_plan
 
@@ -189,11 +189,10 @@ def load_model(
             raise OptionError("--zero-copy maps every weight into the process; it cannot keep to --max-memory")
         residency, load_plan = plan_memory(
             model, model_dir, max_memory, dtype, report.plan, device, prompt_tokens=prompt_tokens,
-            max_new_tokens=max_new_tokens, prefetch=prefetch,
+            max_new_tokens=max_new_tokens,
         )  # fmt: skip
         streamed = residency.streamed_parameters(model)
-        extra_bytes += residency.buffers * residency.buffer_bytes + residency.staging_bytes
-        extra_bytes += residency.parts["request (KV cache, activations)"]
+        extra_bytes += residency.buffers * residency.buffer_bytes + residency.staging_bytes + residency.parts[REQUEST]
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
     model = stream_checkpoint(
         model, model_dir, dtype, device, key_map=normalize_key, tied=TIED, zero_copy=zero_copy,

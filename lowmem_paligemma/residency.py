@@ -30,6 +30,7 @@ from .gemma import GemmaDecoderLayer
 from .loader import READ_WORKERS, LoadPlan, model_bytes, param_bytes
 from .ops import KernelChoice
 from .pagecache import DIRECT_ALIGN
+from .profiler import current_rss
 from .siglip import SiglipEncoderLayer
 from .streamer import STAGING_BYTES, layer_layout
 from .units import format_bytes
@@ -38,6 +39,8 @@ RUN_SLACK_BYTES = 64 << 20  # allocator rounding, oneDNN's primitive caches, sam
 DEFAULT_NEW_TOKENS = 32  # the request planned for when the caller does not say (runtime.SamplingOptions' default)
 TEXT_TOKENS = 64  # prompt text tokens planned for besides the image tokens when the caller does not say
 STREAM_BUFFERS = 2  # one layer computing, the next one being read
+# What a plan always holds besides the slack and a dequantization buffer (ResidencyPlan.parts' keys).
+OUTSIDE, REQUEST, PROCESS = "weights outside the layers", "request (KV cache, activations)", "process now"
 GROUPS = {GemmaDecoderLayer: "decoder", SiglipEncoderLayer: "vision"}  # the layers that can be streamed
 
 
@@ -229,25 +232,18 @@ def plan_residency(
     load_plan: LoadPlan | None = None,
     process_bytes: int | None = None,
     scratch: int = 0,
-    prefetch: bool = True,
 ) -> ResidencyPlan:
     """The residency plan for `model` (on meta) in `budget` bytes of peak RSS, in `dtype`, for a request needing
     `request` bytes (`request_bytes`). `load_plan`: the checkpoint matched to the model (stored sizes, dtype
     conversion); `process_bytes`: this process's RSS now (None: measured); `scratch`: a dequantization buffer
-    the kernels use (`scratch_bytes`). `prefetch` False: one buffer, each layer read only when it is needed (the
-    ablation). Raises InsufficientMemoryError below the minimum, naming it."""
+    the kernels use (`scratch_bytes`). Two buffers where the budget holds them (one layer computing, the next
+    being read), else one. Raises InsufficientMemoryError below the minimum, naming it."""
     if process_bytes is None:
-        from .profiler import current_rss
-
         process_bytes = current_rss()["rss"]
     units = streamable_units(model, dtype, load_plan)
     in_units = {f"{u.name}.{n}" for u in units for n, _ in model.get_submodule(u.name).named_parameters()}
-    parts = {
-        "weights outside the layers": model_bytes(model, dtype, exclude=in_units),
-        "request (KV cache, activations)": request,
-        "process now": process_bytes,
-        "slack": RUN_SLACK_BYTES,
-    }
+    parts = {OUTSIDE: model_bytes(model, dtype, exclude=in_units), REQUEST: request, PROCESS: process_bytes,
+             "slack": RUN_SLACK_BYTES}  # fmt: skip
     if scratch:
         parts["int8 dequantization buffer"] = scratch
     fixed = sum(parts.values())
@@ -257,17 +253,16 @@ def plan_residency(
     streamed: list[Unit] | None = []
     buffers = 0
     if fixed + sum(u.nbytes for u in units) > budget:
-        for buffers in (STREAM_BUFFERS, 1) if prefetch else (1,):
+        for buffers in (STREAM_BUFFERS, 1):
             streamed = _fit(units, budget - fixed, buffers)
             if streamed is not None:
                 break
     if streamed is None:
-        p = parts
         raise InsufficientMemoryError(
             f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} for this model and "
-            f"request (process {format_bytes(p['process now'])}, weights outside the layers "
-            f"{format_bytes(p['weights outside the layers'])}, request {format_bytes(request)}, one layer in flight "
-            f"{format_bytes(in_flight)}); raise --max-memory or quantize (--quantize int8 / int4)"
+            f"request (process {format_bytes(process_bytes)}, weights outside the layers {format_bytes(parts[OUTSIDE])}"
+            f", request {format_bytes(request)}, one layer in flight {format_bytes(in_flight)}); raise --max-memory "
+            "or quantize (--quantize int8 / int4)"
         )
     return ResidencyPlan(
         budget=budget,

@@ -128,7 +128,7 @@ def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptio
     }
     if options.max_memory is not None:
         plan, _ = plan_memory(model, model_dir, options.max_memory, dtype, report.plan, options.device,
-                              max_new_tokens=SamplingOptions.max_new_tokens, prefetch=options.prefetch)  # fmt: skip
+                              max_new_tokens=SamplingOptions.max_new_tokens)  # fmt: skip
         out["residency"] = plan.describe()
     return out
 

@@ -45,7 +45,8 @@ from .units import GB
 if TYPE_CHECKING:
     from .residency import ResidencyPlan
 
-PIECE_BYTES = 16 << 20  # one read of tensors stored as computed (a multiple of DIRECT_ALIGN)
+PIECE_BYTES = 16 << 20  # the largest read of tensors stored as computed (a multiple of DIRECT_ALIGN)
+MIN_PIECE_BYTES = 1 << 20  # the smallest, when a span is cut into one piece per reader
 # The readers' staging buffers together, for layers converted or quantized as they are read; the quantizing
 # fills' temporaries are bounded by the same amount (loader.fill_chunks).
 STAGING_BYTES = 32 << 20
@@ -189,12 +190,15 @@ class LayerStreamer:
         self._open(load_plan, direct)
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="layer-read")
+        self._workers = workers
         self._chunk_bytes = STAGING_BYTES // workers
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
-        self._cursor: int | None = 0  # the next layer to read: the first one, at once (it measures the disk)
-        self._requested: int | None = 0
+        # The next layer to read, at once: the first decoder layer. Its read measures the disk (a whole layer,
+        # cold); read ahead for the first token, it is wasted only when a streamed vision tower runs first.
+        self._cursor: int | None = next((i for i, g in enumerate(self._groups) if g == "decoder"), 0)
+        self._requested: int | None = self._cursor
         self._bar = None
         self._handles = self._hook(model)
         self._thread = threading.Thread(target=self._run, name="layer-streamer", daemon=True)
@@ -361,8 +365,10 @@ class LayerStreamer:
         tasks = []
         for span in layout.spans:  # the file may end inside a span's last block: its tensors' bytes must arrive
             fd = self._direct.get(span.path)
-            for o in range(0, span.end - span.first, PIECE_BYTES):
-                piece = buf[span.at + o : span.at + min(span.end - span.first, o + PIECE_BYTES)]
+            size = span.end - span.first
+            step = min(PIECE_BYTES, max(MIN_PIECE_BYTES, align_up(size // self._workers)))  # every reader busy
+            for o in range(0, size, step):
+                piece = buf[span.at + o : span.at + min(size, o + step)]
                 need = min(piece.numel(), span.data_end - span.first - o)
                 if fd is None:  # buffered: only the bytes needed, pages dropped after each piece
                     tasks.append(partial(self._read_buffered, span.path, piece[:need], span.first + o))

@@ -61,7 +61,7 @@ def _tokens(model, seed=0):
     return list(generate(model, ids, types, pixel_values=pixels, max_new_tokens=NEW_TOKENS, eos_token_ids=[]))
 
 
-def _plan(model_dir, quantize, kept: int | str, prefetch=True):
+def _plan(model_dir, quantize, kept: int | str, buffers=2):
     """The plan for a budget that keeps `kept` decoder layers ("all": everything) with this process counted as
     0 bytes, so that the budget is exact to the byte."""
     model = build_model(model_dir, quantize)
@@ -73,9 +73,8 @@ def _plan(model_dir, quantize, kept: int | str, prefetch=True):
         budget = fixed + sum(u.nbytes for u in base.units)
     else:
         streamed = [u for u in base.units if u.group == "vision"] + decoder[kept:]
-        buffers = 2 if prefetch else 1
         budget = fixed + sum(u.nbytes for u in decoder[:kept]) + buffers * max(u.buffer_bytes for u in streamed)
-    return plan_residency(model, budget, DTYPE, 0, load_plan=load_plan, process_bytes=0, prefetch=prefetch)
+    return plan_residency(model, budget, DTYPE, 0, load_plan=load_plan, process_bytes=0)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
@@ -95,7 +94,9 @@ def test_budgets_keep_none_some_all_layers_and_the_tokens(stored_as_computed, wh
         assert model.streamer is None
         return
     stats = model.streamer.stats
-    assert model.streamer.direct and stats.misses == 0
+    # The one miss: the first decoder layer, read at start to measure the disk, before the vision tower ran.
+    vision_streamed = any(u.group == "vision" and u.name in plan.streamed for u in plan.units)
+    assert model.streamer.direct and stats.misses == int(vision_streamed)
     assert stats.passes == {"vision": 1, "decoder": NEW_TOKENS}  # one pass per forward: prefill, then per token
     streamed = [u for u in plan.units if u.name in plan.streamed]
     per_image = sum(u.stored_bytes for u in streamed if u.group == "vision")
@@ -126,20 +127,21 @@ def test_converted_and_quantized_as_read(tiny_pg1_dir, tiny_pg2_dir, which, quan
     model.streamer.close()
 
 
-@pytest.mark.parametrize("prefetch, direct", [(False, None), (True, False), (False, False)])
-def test_without_prefetch_and_without_direct_reads(stored_as_computed, prefetch, direct):
+@pytest.mark.parametrize("prefetch, direct, buffers", [(False, None, 2), (True, False, 2), (False, False, 2),
+                                                      (True, None, 1)])  # fmt: skip
+def test_without_prefetch_without_direct_reads_and_one_buffer(stored_as_computed, prefetch, direct, buffers):
     model_dir = stored_as_computed["pg2", None]
     want = _tokens(load_model(model_dir, dtype=DTYPE))
-    plan = _plan(model_dir, None, 1, prefetch=prefetch)
-    assert plan.buffers == (2 if prefetch else 1)
+    plan = _plan(model_dir, None, 1, buffers=buffers)
+    assert plan.buffers == buffers  # a budget that holds one buffer gets one: read after use, not ahead
     # direct False: the fallback for filesystems without O_DIRECT, buffered reads whose pages are dropped
     model = load_model(model_dir, dtype=DTYPE, max_memory=plan, prefetch=prefetch, direct_io=direct)
     assert model.streamer.direct == (direct is None)
     assert _tokens(model) == want
     reads = model.streamer.stats.layers_read
     streamed_decoder = [u for u in plan.units if u.name in plan.streamed and u.group == "decoder"]
-    if not prefetch:  # exactly what the forwards asked for, nothing read ahead
-        assert reads == len(plan.streamed) - len(streamed_decoder) + NEW_TOKENS * len(streamed_decoder)
+    if not prefetch:  # what the forwards asked for, and the first decoder layer read at start (the disk probe)
+        assert reads == 1 + len(plan.streamed) - len(streamed_decoder) + NEW_TOKENS * len(streamed_decoder)
     model.streamer.close()
 
 
@@ -183,7 +185,7 @@ def test_a_forward_that_raises_frees_its_buffer(stored_as_computed):
 
 def test_a_read_that_fails_is_a_checkpoint_error(stored_as_computed, tmp_path):
     model_dir = shutil.copytree(stored_as_computed["pg1", None], tmp_path / "copy")
-    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0, prefetch=False), prefetch=False)
+    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0), prefetch=False)
     _tokens(model)
     for shard in model_dir.glob("*.safetensors"):
         os.truncate(shard, 1000)  # the checkpoint changed under the running model
