@@ -4,8 +4,9 @@ Runs, each in a fresh process with the checkpoint's pages dropped from the page 
   3b-bf16 @ 3 GB     PaliGemma-3B-224, bf16 checkpoint, computed in bf16
   10b-bf16 @ 8 GB    PaliGemma 2 10B-224, bf16 checkpoint, bf16
   10b-int8 @ 6 GB    PaliGemma 2 10B-224, bf16 checkpoint quantized to int8 as it is read (every pass)
-each with read-ahead (the default) and without (`prefetch=False`: the ablation), and the fully resident model
-where it fits in the memory available now, for the tokens to compare.
+each with read-ahead (the default) and without (`prefetch=False`: the ablation), the first one also with
+buffered reads whose pages are dropped instead of O_DIRECT (`direct_io=False`: the other read path), and the
+fully resident model where it fits in the memory available now, for the tokens to compare.
 Measured in each child: peak RSS (the sampled anon / file split and the kernel's high-water mark), the
 checkpoint's page-cache residency (mincore, sampled every 0.25 s: the largest and the last reading), the plan
 (resident decoder layers, bytes read per token), decode time per token against the disk floor (bytes read
@@ -66,7 +67,9 @@ def _shards(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def child(path: Path, budget: int | None, quantize: str | None, prefetch: bool, new_tokens: int, out: Path) -> None:
+def child(
+    path: Path, budget: int | None, quantize: str | None, prefetch: bool, direct: bool, new_tokens: int, out: Path
+) -> None:
     import torch
 
     from lowmem_paligemma import load_model
@@ -76,7 +79,7 @@ def child(path: Path, budget: int | None, quantize: str | None, prefetch: bool, 
     from lowmem_paligemma.profiler import MemoryProfiler, reset_peak
 
     cfg = load_config(path)
-    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [cfg.bos_token_id, 1000, 2000, 108]])
+    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [cfg.bos_token_id, 100, 200, 108]])
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
     shards = _shards(path)
@@ -94,8 +97,8 @@ def child(path: Path, budget: int | None, quantize: str | None, prefetch: bool, 
     sampler.start()
     with MemoryProfiler(interval=0.05) as prof:
         t0 = time.perf_counter()
-        model = load_model(path, dtype=torch.bfloat16, quantize=quantize, max_memory=budget,
-                           max_new_tokens=new_tokens, prefetch=prefetch)  # fmt: skip
+        model = load_model(path, dtype=torch.bfloat16, quantize=quantize, max_memory=budget, max_new_tokens=new_tokens,
+                           prefetch=prefetch, direct_io=None if direct else False)  # fmt: skip
         load_s = time.perf_counter() - t0
         streamer = getattr(model, "streamer", None)
         rate = streamer.read_rate() if streamer else None
@@ -145,10 +148,10 @@ def child(path: Path, budget: int | None, quantize: str | None, prefetch: bool, 
 def disk_read_rate(path: Path, nbytes: int = READ_RATE_BYTES, workers: int = 4, piece: int = 16 << 20) -> float:
     """Cold sequential read rate (bytes/s) of the checkpoint's largest shard, read as the streamer reads:
     O_DIRECT (or buffered with the pages dropped), `workers` pieces in flight."""
-    from lowmem_paligemma.pagecache import aligned_empty, drop_file, open_direct, read_direct
+    from lowmem_paligemma.pagecache import align_down, aligned_empty, drop_file, open_direct, read_direct
 
     shard = max(_shards(path), key=lambda p: p.stat().st_size)
-    size = min(nbytes, shard.stat().st_size) // piece * piece
+    size = align_down(min(nbytes, shard.stat().st_size))
     drop_file(shard)
     fd = open_direct(shard)
     direct = fd is not None
@@ -158,10 +161,11 @@ def disk_read_rate(path: Path, nbytes: int = READ_RATE_BYTES, workers: int = 4, 
     def read(offset: int) -> None:
         if getattr(local, "buf", None) is None:
             local.buf = aligned_empty(piece)
+        out = local.buf[: min(piece, size - offset)]
         if direct:
-            read_direct(fd, local.buf, offset, piece, shard)
+            read_direct(fd, out, offset, out.numel(), shard)
         else:
-            os.preadv(fd, [memoryview(local.buf.numpy())], offset)
+            os.preadv(fd, [memoryview(out.numpy())], offset)
 
     try:
         t0 = time.perf_counter()
@@ -174,7 +178,9 @@ def disk_read_rate(path: Path, nbytes: int = READ_RATE_BYTES, workers: int = 4, 
     return size / seconds
 
 
-def run_child(path: Path, budget: int | None, quantize: str | None, prefetch: bool, new_tokens: int, out: Path):
+def run_child(
+    path: Path, budget: int | None, quantize: str | None, new_tokens: int, out: Path, prefetch=True, direct=True
+):
     from lowmem_paligemma.pagecache import drop_file
 
     for shard in _shards(path):
@@ -184,6 +190,7 @@ def run_child(path: Path, budget: int | None, quantize: str | None, prefetch: bo
     args += ["--budget", str(budget)] if budget else []
     args += ["--quantize", quantize] if quantize else []
     args += [] if prefetch else ["--no-prefetch"]
+    args += [] if direct else ["--buffered"]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
@@ -285,10 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=ROOT / "out" / "stream_budget")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--buffered", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.checkpoint, args.budget, args.quantize, not args.no_prefetch, args.new_tokens, args.out)
+        child(args.checkpoint, args.budget, args.quantize, not args.no_prefetch, not args.buffered, args.new_tokens,
+              args.out)  # fmt: skip
         return
     if args.checkpoint is not None:
         if args.budget is None:
@@ -310,13 +319,15 @@ def main(argv: list[str] | None = None) -> None:
         resident = None
         if resident_fits(path, quantize):
             print(f"{name}: resident", file=sys.stderr, flush=True)
-            resident = run_child(path, None, quantize, True, args.new_tokens, args.out_dir / f"{name}-resident.json")
+            resident = run_child(path, None, quantize, args.new_tokens, args.out_dir / f"{name}-resident.json")
             records[f"{name} resident"] = resident
-        for prefetch in (True, False):
-            label = name if prefetch else f"{name} no prefetch"
+        variants = [("", True, True), (" no prefetch", False, True)]
+        variants += [(" buffered reads", True, False)] if name == runs[0][0] else []
+        for suffix, prefetch, direct in variants:
+            label = name + suffix
             print(f"{label}: budget {_gb(budget)} GB", file=sys.stderr, flush=True)
             out = args.out_dir / f"{label.replace(' ', '-')}.json"
-            records[label] = run_child(path, budget, quantize, prefetch, args.new_tokens, out)
+            records[label] = run_child(path, budget, quantize, args.new_tokens, out, prefetch, direct)
             rows.append(summarize(label, budget, records[label], rate, resident))
             print("  " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
         if resident is not None:

@@ -198,9 +198,10 @@ class ResidencyPlan:
             )
         per_token = self.read_per_pass("decoder")
         if per_token and read_rate:
+            how = " and converted" if any(u.converts for u in self.streamed_units) else ""
             lines.append(
-                f"  first layer read at {format_bytes(read_rate)}/s: at least {per_token / read_rate:.2f} s per token "
-                "from the disk"
+                f"  first layer read{how} at {format_bytes(read_rate)}/s: at least {per_token / read_rate:.2f} s per "
+                "token for the reads"
             )
         return lines
 
