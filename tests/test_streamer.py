@@ -77,6 +77,15 @@ def _plan(model_dir, quantize, kept: int | str, buffers=2):
     return plan_residency(model, budget, DTYPE, 0, load_plan=load_plan, process_bytes=0)
 
 
+def _stream_everything(model_dir, quantize, dtype):
+    """A plan that streams every layer whatever it costs (tiny layers cost less resident than streamed)."""
+    model = build_model(model_dir, quantize)
+    load_plan = checkpoint_plan(model, model_dir, normalize_key, TIED)
+    base = plan_residency(model, 1 << 40, dtype, 0, load_plan=load_plan, process_bytes=0)
+    return replace(base, streamed=tuple(u.name for u in base.units), buffers=2,
+                   buffer_bytes=max(u.buffer_bytes for u in base.units))  # fmt: skip
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("which", ["pg1", "pg2"])
 @pytest.mark.parametrize("kept", [0, 1, "all"])
@@ -115,15 +124,38 @@ def test_converted_and_quantized_as_read(tiny_pg1_dir, tiny_pg2_dir, which, quan
     the plan is forced to stream them all."""
     model_dir = tiny_pg2_dir if which == "pg2" else tiny_pg1_dir
     want = _tokens(load_model(model_dir, dtype=DTYPE, quantize=quantize))
-    model = build_model(model_dir, quantize)
-    load_plan = checkpoint_plan(model, model_dir, normalize_key, TIED)
-    base = plan_residency(model, 1 << 40, DTYPE, 0, load_plan=load_plan, process_bytes=0)
-    assert all(u.converts for u in base.units)
-    plan = replace(base, streamed=tuple(u.name for u in base.units), buffers=2,
-                   buffer_bytes=max(u.buffer_bytes for u in base.units))  # fmt: skip
+    plan = _stream_everything(model_dir, quantize, DTYPE)
+    assert all(u.converts for u in plan.units)
     model = load_model(model_dir, dtype=DTYPE, quantize=quantize, max_memory=plan)
     assert _tokens(model) == want
     assert model.streamer.stats.bytes_read >= NEW_TOKENS * 2 * plan.read_per_pass("decoder") // 2
+    model.streamer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_dtype(tiny_pg2_dir, dtype):
+    """float32 from the float32 fixture is read straight into place; float16 is converted as read."""
+    ids, types, pixels = _prompt(load_model(tiny_pg2_dir, dtype=dtype))
+    run = lambda m: list(generate(m, ids, types, pixel_values=pixels, max_new_tokens=NEW_TOKENS, eos_token_ids=[]))
+    want = run(load_model(tiny_pg2_dir, dtype=dtype))
+    plan = _stream_everything(tiny_pg2_dir, None, dtype)
+    assert all(u.converts == (dtype != torch.float32) for u in plan.units)
+    model = load_model(tiny_pg2_dir, dtype=dtype, max_memory=plan)
+    assert run(model) == want
+    model.streamer.close()
+
+
+def test_int4_quantized_as_read(tmp_path):
+    from lowmem_paligemma.config import tiny
+    from lowmem_paligemma.quant import Int4Linear
+    from lowmem_paligemma.synth import write_checkpoint
+
+    cfg = tiny(gemma2=True, hidden_size=128, intermediate_size=256, head_dim=32)  # wide enough for int4 groups
+    model_dir = write_checkpoint(tmp_path / "int4", cfg, max_shard_bytes=200_000)
+    want = _tokens(load_model(model_dir, dtype=DTYPE, quantize="int4"))
+    model = load_model(model_dir, dtype=DTYPE, quantize="int4", max_memory=_stream_everything(model_dir, "int4", DTYPE))
+    assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Int4Linear)
+    assert _tokens(model) == want
     model.streamer.close()
 
 
