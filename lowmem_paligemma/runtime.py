@@ -66,8 +66,10 @@ class Session:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights held in memory (streamed layers are not)."""
-        return sum(p.nbytes for p in self.model.parameters() if not p.is_meta)
+        """Bytes of the resident weights (not the streamed layers', which visit the layer buffers)."""
+        plan = getattr(self.model, "residency", None)
+        streamed = plan.streamed_parameters(self.model) if plan is not None else set()
+        return sum(p.nbytes for name, p in self.model.named_parameters() if name not in streamed)
 
     @property
     def streamer(self) -> LayerStreamer | None:
