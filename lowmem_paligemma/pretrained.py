@@ -3,7 +3,8 @@
 - `load_model` builds our `PaliGemmaForConditionalGeneration` on meta from config.json and streams the
   checkpoint into it (loader.py). Stored keys of any of the four writers are normalised onto our names,
   which are the Hub's (docs/model.md, "Key-name variants"); a stored lm_head is the tied embedding and is
-  skipped. Our model has no buffers, so nothing needs repair.
+  skipped. Our model has no buffers, so nothing needs repair. Under a memory budget (`max_memory`) the plan
+  (`plan_memory`, residency.py) leaves the streamed layers on meta and a `streamer.LayerStreamer` serves them.
 - `load_hf_model(path, device, dtype) -> (model, tokenizer)` keeps the API of hkproj/pytorch-paligemma's
   `load_hf_model` ("hf": a Hugging Face checkpoint; the model is ours).
 - `load_transformers_model` fills transformers' `PaliGemmaForConditionalGeneration` through the same
