@@ -17,6 +17,8 @@ Knows nothing of PaliGemma (pretrained.py has the entry points). How a tensor tr
    never exists whole: `chunk_bytes` bounds every temporary.
 `to_empty` unties shared parameters and leaves non-persistent buffers as garbage: the caller's `tie`
 and `repair` hooks put them right after materialisation.
+Parameters named in `exclude` stay on meta, unread: streamer.py reads them per forward with the same
+chunks (`copy_chunks`, `fill_chunks`, `apply_chunk`) into buffers of its own (residency.py plans which).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InsufficientMemoryError
+from .pagecache import drop
 from .safetensors_io import WEIGHT_DTYPES, TensorEntry, dtype_name, pread_into, read_checkpoint
 from .units import format_bytes
 
@@ -66,6 +69,18 @@ class RowFill:
 class LoadPlan:
     copies: dict[str, TensorEntry]  # parameter name -> the stored tensor read into it
     fills: dict[str, tuple[TensorEntry, RowFill]]  # stored name (mapped) -> the tensor and what its rows fill
+
+    def filled(self, name: str) -> list[str]:
+        """The parameters the fill `name` writes (full names)."""
+        prefix = name.rpartition(".")[0]
+        return [f"{prefix}.{p}" if prefix else p for p in self.fills[name][1].fills]
+
+    def restrict(self, names: Collection[str]) -> LoadPlan:
+        """The part of the plan that writes the parameters in `names`."""
+        return LoadPlan(
+            {n: e for n, e in self.copies.items() if n in names},
+            {n: f for n, f in self.fills.items() if all(p in names for p in self.filled(n))},
+        )
 
 
 def row_fills(model: nn.Module) -> dict[str, RowFill]:
@@ -124,9 +139,8 @@ def match_entries(
         else:
             unexpected.append(key)
     covered = set(plan.copies)
-    for name, (entry, rf) in plan.fills.items():
-        prefix = name.rpartition(".")[0]
-        filled = {f"{prefix}.{p}" if prefix else p for p in rf.fills}
+    for name, (entry, _) in plan.fills.items():
+        filled = set(plan.filled(name))
         if twice := covered & filled:  # e.g. a float weight stored beside its pre-quantized form
             raise CheckpointError(f"{entry.path}: {entry.key!r} fills {_listing(twice)}, another tensor does too")
         covered |= filled
@@ -144,12 +158,24 @@ def match_entries(
     return plan
 
 
+def checkpoint_plan(
+    model: nn.Module, model_dir: str | os.PathLike, key_map: KeyMap, tied: Mapping[str, str] | None = None
+) -> LoadPlan:
+    """The headers of the checkpoint in `model_dir` matched against `model` (see `match_entries`)."""
+    return match_entries(model, read_checkpoint(Path(model_dir)), key_map, tied)
+
+
 # --- the memory pre-flight -------------------------------------------------------------------------------
 
 
-def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes `model`'s parameters take once loaded in `dtype` (float ones; others keep theirs). Works on meta."""
-    return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size()) for p in model.parameters())
+def param_bytes(p: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes one parameter takes once loaded in `dtype` (float ones; others keep theirs). Works on meta."""
+    return p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
+
+
+def model_bytes(model: nn.Module, dtype: torch.dtype, exclude: Collection[str] = ()) -> int:
+    """Bytes `model`'s parameters (but those named in `exclude`) take once loaded in `dtype`. Works on meta."""
+    return sum(param_bytes(p, dtype) for name, p in model.named_parameters() if name not in exclude)
 
 
 def available_bytes(device: torch.device | str) -> int:
@@ -176,15 +202,27 @@ def check_memory(need: int, device: torch.device | str, advice: str = "") -> Non
 # --- materialise and stream ------------------------------------------------------------------------------
 
 
-def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def materialize(
+    model: nn.Module, dtype: torch.dtype, device: torch.device | str, exclude: Collection[str] = ()
+) -> nn.Module:
     """Meta model -> uninitialised model on `device`: cast on meta first so pages are committed once.
-    Only floating-point parameters take `dtype` (quantized weights stay int8 / uint8)."""
+    Only floating-point parameters take `dtype` (quantized weights stay int8 / uint8). Parameters named in
+    `exclude` stay on meta (residency.py streams them in per forward)."""
     model.to(dtype=dtype)  # on meta: changes the dtype, allocates nothing
-    return model.to_empty(device=device)
+    if not exclude:
+        return model.to_empty(device=device)
+    for prefix, module in model.named_modules():  # to_empty, one parameter at a time
+        for leaf, p in module.named_parameters(recurse=False):
+            if (f"{prefix}.{leaf}" if prefix else leaf) not in exclude:
+                empty = torch.empty_like(p, device=device)
+                module._parameters[leaf] = nn.Parameter(empty, requires_grad=p.requires_grad)
+        for leaf, b in module.named_buffers(recurse=False):
+            module._buffers[leaf] = torch.empty_like(b, device=device)
+    return model
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class Chunk:
     """One bounded read of `nbytes` at file `offset`: into `dest` (a flat slice of a parameter), or its rows
     handed to `fill` starting at row `start`."""
 
@@ -198,57 +236,65 @@ class _Chunk:
     done: int = 0  # bytes of loaded parameters this chunk completes (progress)
 
 
-def _copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> list[_Chunk]:
+def copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> list[Chunk]:
     flat = dest.view(-1)  # parameters are contiguous after to_empty
     step = max(1, chunk_bytes // entry.dtype.itemsize)  # elements per chunk
     size = entry.dtype.itemsize
     return [
-        _Chunk(entry.offset + e0 * size, min(step, entry.numel - e0) * size, entry.dtype,
+        Chunk(entry.offset + e0 * size, min(step, entry.numel - e0) * size, entry.dtype,
                dest=flat[e0 : e0 + step], done=min(step, entry.numel - e0) * dest.element_size())
         for e0 in range(0, entry.numel, step)
     ]  # fmt: skip
 
 
-def _fill_chunks(entry: TensorEntry, rf: RowFill, filled_bytes: int, chunk_bytes: int) -> list[_Chunk]:
+def fill_chunks(entry: TensorEntry, rf: RowFill, filled_bytes: int, chunk_bytes: int) -> list[Chunk]:
     rows = entry.shape[0]
     row_bytes = entry.nbytes // max(rows, 1)
     # A fill holds several float32 / int32 temporaries of its rows: size chunks by those, so chunk_bytes bounds them.
     per = max(1, chunk_bytes // max(1, row_bytes // entry.dtype.itemsize * FILL_BYTES_PER_ELEMENT))
     per = max(rf.row_multiple, per // rf.row_multiple * rf.row_multiple)
     return [
-        _Chunk(entry.offset + r0 * row_bytes, min(per, rows - r0) * row_bytes, entry.dtype, fill=rf.fill,
+        Chunk(entry.offset + r0 * row_bytes, min(per, rows - r0) * row_bytes, entry.dtype, fill=rf.fill,
                row_shape=entry.shape[1:], start=r0, done=filled_bytes * min(per, rows - r0) // rows)
         for r0 in range(0, rows, per)
     ]  # fmt: skip
 
 
-def _read_chunk(fd: int, path: Path, chunk: _Chunk, local: threading.local) -> None:
+def read_chunk(fd: int, path: Path, chunk: Chunk, local: threading.local, drop_cache: bool = False) -> None:
     """Same dtype on the CPU: the bytes land in the parameter itself. Otherwise they are read into this
     thread's reused staging buffer (stored dtype), then `copy_` converts them into the final pages or the
-    fill computes from them."""
+    fill computes from them. `drop_cache`: the chunk's file pages are evicted once read."""
     if chunk.dest is not None and chunk.dtype == chunk.dest.dtype and chunk.dest.device.type == "cpu":
         pread_into(fd, chunk.dest, chunk.offset, path)
+        if drop_cache:
+            drop(fd, chunk.offset, chunk.nbytes)
         return
     if getattr(local, "buffer", None) is None or local.buffer.numel() < chunk.nbytes:
         local.buffer = torch.empty(chunk.nbytes, dtype=torch.uint8)
     staged = local.buffer[: chunk.nbytes].view(chunk.dtype)
     pread_into(fd, staged, chunk.offset, path)
-    with torch.no_grad():  # grad mode is per thread: this is a worker
+    if drop_cache:
+        drop(fd, chunk.offset, chunk.nbytes)
+    apply_chunk(chunk, staged)
+
+
+def apply_chunk(chunk: Chunk, staged: torch.Tensor) -> None:
+    """Convert the chunk's bytes, read into `staged` (its stored dtype, flat), into their parameter."""
+    with torch.no_grad():  # grad mode is per thread: this runs in workers
         if chunk.dest is not None:
             chunk.dest.copy_(staged)  # dtype conversion (and host-to-device copy) happens here
         else:
             chunk.fill(staged.view(-1, *chunk.row_shape), chunk.start)
 
 
-def _by_file(plan: LoadPlan, params: dict[str, torch.Tensor], model: nn.Module, chunk_bytes: int):
+def _by_file(plan: LoadPlan, params: dict[str, torch.Tensor], chunk_bytes: int):
     """Chunks grouped by shard, each shard's in file order."""
-    by_file: dict[Path, list[_Chunk]] = {}
+    by_file: dict[Path, list[Chunk]] = {}
     for name, entry in plan.copies.items():
-        by_file.setdefault(entry.path, []).extend(_copy_chunks(entry, params[name], chunk_bytes))
+        by_file.setdefault(entry.path, []).extend(copy_chunks(entry, params[name], chunk_bytes))
     for name, (entry, rf) in plan.fills.items():
-        prefix = name.rpartition(".")[0]
-        filled = sum(params[f"{prefix}.{p}" if prefix else p].nbytes for p in rf.fills)
-        by_file.setdefault(entry.path, []).extend(_fill_chunks(entry, rf, filled, chunk_bytes))
+        filled = sum(params[p].nbytes for p in plan.filled(name))
+        by_file.setdefault(entry.path, []).extend(fill_chunks(entry, rf, filled, chunk_bytes))
     return {path: sorted(chunks, key=lambda c: c.offset) for path, chunks in by_file.items()}
 
 
@@ -259,19 +305,22 @@ def stream_into(
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
     workers: int = READ_WORKERS,
+    drop_cache: bool = False,
 ) -> None:
     """Fill every planned parameter in place, one shard open at a time, chunks in file order.
 
     `workers` threads keep that many reads in flight (pread, copy_ and the fills' torch ops release the GIL);
     each converting thread owns one staging buffer of about chunk_bytes / workers, so chunk_bytes bounds the
     temporaries. The progress bar (stderr) counts the bytes of the loaded parameters: the model's size.
+    `drop_cache` evicts each chunk's file pages from the page cache once read (pagecache.py): the model's
+    copy is the one that counts, and on a small machine the cached one would take the same RAM again.
     """
     from tqdm import tqdm
 
     params = dict(model.named_parameters())
     per_thread = max(1 << 20, chunk_bytes // workers)
     local = threading.local()
-    by_file = _by_file(plan, params, model, per_thread)
+    by_file = _by_file(plan, params, per_thread)
     total = sum(c.done for chunks in by_file.values() for c in chunks)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, leave=False)
     with torch.no_grad(), bar, ThreadPoolExecutor(workers) as pool:
@@ -285,7 +334,7 @@ def stream_into(
             futures = []
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: the file is read once
-                futures = [pool.submit(_read_chunk, fd, path, c, local) for c in chunks]
+                futures = [pool.submit(read_chunk, fd, path, c, local, drop_cache) for c in chunks]
                 for chunk, future in zip(chunks, futures):
                     future.result()  # re-raises the first failure
                     bar.update(chunk.done)
@@ -295,6 +344,8 @@ def stream_into(
                 for future in futures:
                     future.cancel()
                 wait(futures)
+                if drop_cache:  # read-ahead may have cached bytes no chunk read (skipped or excluded tensors)
+                    drop(fd)
                 os.close(fd)
 
 
@@ -356,6 +407,8 @@ def stream_checkpoint(
     extra_bytes: int = 0,
     advice: str = "",
     on_phase: Callable[[str], None] | None = None,
+    exclude: Collection[str] = (),
+    drop_cache: bool = False,
 ) -> nn.Module:
     """Fill any `nn.Module` built on `meta` from a safetensors checkpoint directory, in eval mode.
 
@@ -366,23 +419,26 @@ def stream_checkpoint(
     `advice` (", or ...") in its message. Modules with a `row_fills()` method are filled through it
     (quantized while streaming, see `RowFill`). Errors are raised before any allocation where the headers
     can tell (keys, shapes, memory), and nothing half-loaded is returned.
+    Parameters named in `exclude` are checked against the checkpoint like the others but stay on meta,
+    unread (residency.py streams them per forward); `drop_cache` evicts what was read from the page cache.
     """
     if dtype not in WEIGHT_DTYPES.values():
         raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
-    if zero_copy and torch.device(device).type != "cpu":
-        raise ValueError("zero-copy maps files into CPU memory; it cannot target another device")
+    if zero_copy and (torch.device(device).type != "cpu" or exclude):
+        raise ValueError("zero-copy maps whole files into CPU memory; it cannot target another device or skip any")
     phase = on_phase or (lambda name: None)
-    entries = read_checkpoint(Path(model_dir))
-    plan = match_entries(model, entries, key_map, tied)  # on meta: a mismatch costs nothing
+    plan = checkpoint_plan(model, model_dir, key_map, tied)  # on meta: a mismatch costs nothing
+    if exclude:
+        plan = plan.restrict({name for name, _ in model.named_parameters()} - set(exclude))
     if preflight and not zero_copy:
         advice += " or load in a 16-bit dtype" if dtype == torch.float32 else ""
-        check_memory(model_bytes(model, dtype) + chunk_bytes + extra_bytes, device, advice)
+        check_memory(model_bytes(model, dtype, exclude) + chunk_bytes + extra_bytes, device, advice)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)
     else:
         phase("materialize")
-        materialize(model, dtype, device)
+        materialize(model, dtype, device, exclude)
     if tie:
         tie(model)
     if repair:
@@ -390,6 +446,6 @@ def stream_checkpoint(
         repair(model)
     if not zero_copy or plan.fills:  # zero-copy: only what is computed while loading is read
         todo = LoadPlan({}, plan.fills) if zero_copy else plan
-        stream_into(model, todo, chunk_bytes, on_phase=phase, progress=progress)
+        stream_into(model, todo, chunk_bytes, on_phase=phase, progress=progress, drop_cache=drop_cache)
     phase("done")
     return model.eval()

@@ -216,13 +216,20 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
     """Give every layer of `model` the kernel choice for its weight format (formats missing from `plan` keep
     theirs), reordering dense weights into the layout the choice needs, one layer at a time. A per-model
-    setting, not a global one: two models in one process can differ."""
+    setting, not a global one: two models in one process can differ.
+
+    A layer whose weight is still on meta is streamed in per forward (residency.py): its bytes arrive in the
+    checkpoint's plain layout each time, so it takes the reference kernels where the choice needs a layout."""
     for module in model.modules():
         fmt = getattr(module, "FORMAT", None)
         if fmt not in plan:
             continue
-        module.kernels = plan[fmt]
-        if isinstance(module, Linear):
+        choice = plan[fmt]
+        streamed = any(p.is_meta for p in module.parameters(recurse=False))
+        if streamed and (choice.decode in LAYOUTS or choice.prefill in LAYOUTS):
+            choice = REFERENCE[fmt]
+        module.kernels = choice
+        if isinstance(module, Linear) and not streamed:
             packed = LAYOUTS.get(plan[fmt].decode) == "onednn"
             if packed != module.weight.is_mkldnn:
                 w = pack_weight(module.weight) if packed else module.weight.to_dense()

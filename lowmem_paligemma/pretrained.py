@@ -3,7 +3,8 @@
 - `load_model` builds our `PaliGemmaForConditionalGeneration` on meta from config.json and streams the
   checkpoint into it (loader.py). Stored keys of any of the four writers are normalised onto our names,
   which are the Hub's (docs/model.md, "Key-name variants"); a stored lm_head is the tied embedding and is
-  skipped. Our model has no buffers, so nothing needs repair.
+  skipped. Our model has no buffers, so nothing needs repair. Under a memory budget (`max_memory`) the plan
+  (`plan_memory`, residency.py) leaves the streamed layers on meta and a `streamer.LayerStreamer` serves them.
 - `load_hf_model(path, device, dtype) -> (model, tokenizer)` keeps the API of hkproj/pytorch-paligemma's
   `load_hf_model` ("hf": a Hugging Face checkpoint; the model is ours).
 - `load_transformers_model` fills transformers' `PaliGemmaForConditionalGeneration` through the same
@@ -25,14 +26,26 @@ from .compressed import stored_mode
 from .config import load_config
 from .errors import CheckpointError, OptionError
 from .kernels import KernelReport, choose_dtype, choose_kernels, layer_shapes
-from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
-from .ops import use_kernels
+from .loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, stream_checkpoint
+from .ops import KernelChoice, use_kernels
 from .paligemma import PaliGemmaForConditionalGeneration
 from .quant import INT4_GROUP, quantize_model
+from .residency import (
+    DEFAULT_NEW_TOKENS,
+    REQUEST,
+    ResidencyPlan,
+    default_prompt_tokens,
+    plan_residency,
+    request_bytes,
+    scratch_bytes,
+    streamable_units,
+)
 from .safetensors_io import WEIGHT_DTYPES
+from .streamer import LayerStreamer
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
+TIED = {LM_HEAD: EMBEDDING}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -117,6 +130,35 @@ def choose_compute(
     return dtype, report
 
 
+def plan_memory(
+    model: PaliGemmaForConditionalGeneration,
+    model_dir: Path,
+    max_memory: int | ResidencyPlan,
+    dtype: torch.dtype,
+    kernel_plan: dict[str, KernelChoice],
+    device: str | torch.device = "cpu",
+    *,
+    prompt_tokens: int | None = None,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+) -> tuple[ResidencyPlan, LoadPlan]:
+    """The residency plan for `model` (on meta) under a budget of `max_memory` bytes of peak RSS (or the plan
+    given), with the checkpoint matched to it; raises before anything is allocated (residency.py)."""
+    if torch.device(device).type != "cpu":
+        raise OptionError("--max-memory streams layers into CPU memory; it runs on the CPU only")
+    load_plan = checkpoint_plan(model, model_dir, normalize_key, TIED)
+    if isinstance(max_memory, ResidencyPlan):
+        layers = [(u.name, u.nbytes) for u in streamable_units(model, dtype)]
+        if [(u.name, u.nbytes) for u in max_memory.units] != layers:
+            raise OptionError("the residency plan was made for another model, dtype or quantization")
+        return max_memory, load_plan
+    prompt = default_prompt_tokens(model.cfg) if prompt_tokens is None else prompt_tokens
+    plan = plan_residency(
+        model, max_memory, dtype, request_bytes(model.cfg, prompt, max_new_tokens, dtype), load_plan=load_plan,
+        scratch=scratch_bytes(model, kernel_plan, dtype),
+    )  # fmt: skip
+    return plan, load_plan
+
+
 def load_model(
     model_path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -130,6 +172,11 @@ def load_model(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     extra_bytes: int = 0,
     on_phase: Callable[[str], None] | None = None,
+    max_memory: int | ResidencyPlan | None = None,
+    prompt_tokens: int | None = None,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    prefetch: bool = True,
+    direct_io: bool | None = None,
 ) -> PaliGemmaForConditionalGeneration:
     """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode.
 
@@ -141,21 +188,44 @@ def load_model(
     fit in the memory available now (`extra_bytes` more for what the caller will run); `progress` draws a bar
     on stderr; `on_phase(name)` is called at each phase (build, materialize, shard i/n, done).
     The kernel report (what was chosen and why) is kept as `model.kernel_report`.
+
+    `max_memory` (bytes of peak RSS for the whole process, or a `residency.ResidencyPlan`) keeps what fits
+    and streams the other layers from the checkpoint for every forward (docs/streaming.md); the budget holds
+    a request of `prompt_tokens` (default: the image tokens and 64 more) plus `max_new_tokens`. `prefetch`
+    False reads each streamed layer only when it is needed (the ablation); `direct_io` False reads streamed
+    layers through the page cache, dropping each page after use, instead of with O_DIRECT (None: O_DIRECT where
+    the filesystem takes it). The plan is `model.residency`, the streamer (None when nothing is streamed)
+    `model.streamer`.
     """
     model_dir = resolve_model_dir(model_path)
     if on_phase:
         on_phase("build")
     model = build_model(model_dir, quantize, device)
     dtype, report = choose_compute(model, dtype, device, kernels, zero_copy)
+    residency, streamed = None, set()
+    if max_memory is not None:
+        if zero_copy:
+            raise OptionError("--zero-copy maps every weight into the process; it cannot keep to --max-memory")
+        residency, load_plan = plan_memory(
+            model, model_dir, max_memory, dtype, report.plan, device, prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        streamed = residency.streamed_parameters(model)
+        extra_bytes += residency.buffers * residency.buffer_bytes + residency.staging_bytes + residency.parts[REQUEST]
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
     advice = advice.get(model.quantize, "") if model.quantize == quantize else ""  # a stored mode is not an option
     model = stream_checkpoint(
-        model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING}, zero_copy=zero_copy,
+        model, model_dir, dtype, device, key_map=normalize_key, tied=TIED, zero_copy=zero_copy,
         preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, extra_bytes=extra_bytes, on_phase=on_phase,
-        advice=advice,
+        advice=advice, exclude=streamed, drop_cache=max_memory is not None,
     )  # fmt: skip
     use_kernels(model, report.plan)
     model.kernel_report = report
+    model.residency = residency
+    model.streamer = None
+    if streamed:
+        model.streamer = LayerStreamer(model, residency, load_plan.restrict(streamed), prefetch=prefetch,
+                                       progress=progress, direct=direct_io)  # fmt: skip
     return model
 
 

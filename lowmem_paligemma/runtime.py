@@ -23,9 +23,10 @@ from .generate import encode_image, generate
 from .kernels import cache_path, machine_key
 from .loader import model_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
-from .pretrained import build_model, choose_compute, load_model, resolve_model_dir
+from .pretrained import build_model, choose_compute, load_model, plan_memory, resolve_model_dir
 from .processor import Processor, TextStream
 from .safetensors_io import dtype_name
+from .streamer import LayerStreamer
 from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
 
 # The 16-bit dtype measured fastest on this machine for a request (kernels.choose_dtype): bfloat16 and float16
@@ -41,6 +42,8 @@ class LoadOptions:
     kernels: str | None = None  # None: measured (kernels.py); or a spec such as "int8=int8pack/dequant"
     zero_copy: bool = False  # map the shards instead of copying (CPU, checkpoint stored as loaded)
     preflight: bool = True  # refuse a load that would not fit in the memory available now
+    max_memory: int | None = None  # peak RSS budget in bytes: layers that do not fit are streamed (residency.py)
+    prefetch: bool = True  # read the next streamed layer while one computes (False: the ablation)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,20 @@ class Session:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.nbytes for p in self.model.parameters())
+        """Bytes of the resident weights (not the streamed layers', which visit the layer buffers)."""
+        plan = getattr(self.model, "residency", None)
+        streamed = plan.streamed_parameters(self.model) if plan is not None else set()
+        return sum(p.nbytes for name, p in self.model.named_parameters() if name not in streamed)
+
+    @property
+    def streamer(self) -> LayerStreamer | None:
+        """The layer streamer when some layers are read per forward (a memory budget), else None."""
+        return getattr(self.model, "streamer", None)
+
+    def close(self) -> None:
+        """Stop the layer streamer's reader (if any); the session cannot generate afterwards."""
+        if self.streamer is not None:
+            self.streamer.close()
 
     @property
     def dtype(self) -> str:
@@ -80,24 +96,30 @@ def load_session(
     options: LoadOptions = LoadOptions(),
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
+    max_new_tokens: int = SamplingOptions.max_new_tokens,
 ) -> Session:
-    """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model."""
+    """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model.
+    Under a memory budget the request planned for is one prompt (the image tokens and 64 more) and
+    `max_new_tokens`; the process's RSS is measured once the processor is loaded."""
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(model_dir)
     processor = Processor.from_pretrained(model_dir)
     model = load_model(
         model_dir, device=options.device, dtype=options.dtype, quantize=options.quantize, kernels=options.kernels,
         zero_copy=options.zero_copy, preflight=options.preflight, progress=progress, on_phase=on_phase,
+        max_memory=options.max_memory, max_new_tokens=max_new_tokens, prefetch=options.prefetch,
     )  # fmt: skip
     return Session(model, processor, time.perf_counter() - t0, options)
 
 
 def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptions()) -> dict[str, Any]:
     """What loading `model_dir` with `options` would do on this machine, without reading a weight: the dtype
-    and kernels chosen (measured now or read from the cache, with the timings), and the bytes of the weights."""
-    model = build_model(resolve_model_dir(model_dir), options.quantize, options.device)
+    and kernels chosen (measured now or read from the cache, with the timings), the bytes of the weights, and
+    under a memory budget the residency plan (for a default request: SamplingOptions' max_new_tokens)."""
+    model_dir = resolve_model_dir(model_dir)
+    model = build_model(model_dir, options.quantize, options.device)
     dtype, report = choose_compute(model, options.dtype, options.device, options.kernels, options.zero_copy)
-    return {
+    out = {
         "machine": machine_key(),
         "kernel_cache": str(cache_path()),
         "dtype": dtype_name(dtype),
@@ -106,6 +128,11 @@ def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptio
         "kernels": report.to_json(),
         "why": report.lines(),
     }
+    if options.max_memory is not None:
+        plan, _ = plan_memory(model, model_dir, options.max_memory, dtype, report.plan, options.device,
+                              max_new_tokens=SamplingOptions.max_new_tokens)  # fmt: skip
+        out["residency"] = plan.describe()
+    return out
 
 
 @dataclass

@@ -159,6 +159,23 @@ def test_info_shows_the_machine_and_the_choices(tiny_pg1_dir):
     assert any(line.startswith("int8 kernels (decode/prefill):") for line in record["why"])
 
 
+def test_max_memory_plans_and_prints_the_plan(tiny_pg1_dir, images):
+    args = ["generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 4, "--dtype", "bfloat16"]
+    plain = ok(run(*args))
+    budgeted = ok(run(*args, "--max-memory", "64GB"))
+    assert budgeted.stdout == plain.stdout
+    assert (
+        "memory budget 64.00 GB: planned peak" in budgeted.stderr and "decoder layers: all resident" in budgeted.stderr
+    )
+    line = assert_user_error(run(*args, "--max-memory", "10MB"))
+    assert "memory budget 10.0 MB is below the minimum" in line and "--max-memory" in line
+    assert "--max-memory" in assert_user_error(run(*args, "--max-memory", "64GB", "--zero-copy"))
+    assert "not a size" in assert_user_error(run(*args, "--max-memory", "lots"))
+    text = ok(run("info", tiny_pg1_dir, "--max-memory", "64GB")).stdout
+    assert "memory budget 64.00 GB" in text and "always held" in text
+    assert "below the minimum" in assert_user_error(run("info", tiny_pg1_dir, "--max-memory", "10MB"))
+
+
 def _fixed_output(monkeypatch: pytest.MonkeyPatch, model_dir: Path, text: str) -> None:
     """Make the CLI's generate() yield the tokens of `text` + EOS: a known detect / segment answer."""
     tokenizer = Processor.from_pretrained(model_dir).tokenizer

@@ -1,5 +1,7 @@
 """The generic stream: equality with a plain load, any module and key map, zero-copy, pre-flight, phases."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,3 +116,49 @@ def test_phases_are_reported_in_order(tiny_pg2_dir):
     load_model(tiny_pg2_dir, on_phase=seen.append)
     shards = len(list(tiny_pg2_dir.glob("*.safetensors")))
     assert seen == ["build", "materialize"] + [f"shard {i}/{shards}" for i in range(1, shards + 1)] + ["done"]
+
+
+def test_excluded_parameters_stay_on_meta_unread(tiny_pg2_dir):
+    full = _params(load_model(tiny_pg2_dir, dtype=torch.bfloat16))
+    layer = "language_model.model.layers.1."
+    exclude = {k for k in full if k.startswith(layer)}
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(load_config(tiny_pg2_dir))
+    assert loader.model_bytes(model, torch.bfloat16, exclude) == loader.model_bytes(model, torch.bfloat16) - sum(
+        full[k].nbytes for k in exclude
+    )
+    stream_checkpoint(model, tiny_pg2_dir, torch.bfloat16, key_map=normalize_key, exclude=exclude)
+    for name, p in model.named_parameters():
+        assert p.is_meta == (name in exclude) and p.dtype == torch.bfloat16
+        assert p.is_meta or torch.equal(p, full[name])
+
+
+def test_restricted_plan_holds_the_parameters_named(tiny_pg2_dir):
+    from lowmem_paligemma.pretrained import build_model
+
+    model = build_model(tiny_pg2_dir, "int8")
+    plan = loader.checkpoint_plan(model, tiny_pg2_dir, normalize_key)
+    names = {n for n, _ in model.get_submodule("language_model.model.layers.0").named_parameters()}
+    names = {f"language_model.model.layers.0.{n}" for n in names}
+    part = plan.restrict(names)
+    covered = set(part.copies) | {p for n in part.fills for p in part.filled(n)}
+    assert covered == names and part.fills  # the int8 weights are filled (quantized) from the float32 ones
+
+
+def test_drop_cache_leaves_nothing_of_the_checkpoint_cached(tmp_path):
+    from lowmem_paligemma.pagecache import drop_file, resident_total
+
+    src = tiny_checkpoint(tmp_path / "c", dtype=torch.bfloat16)
+    shards = list(src.glob("*.safetensors"))
+    for path in shards:
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())  # written pages are dirty until flushed, and only clean pages can be dropped
+    load_model(src, dtype=torch.float16)
+    assert resident_total(shards) > 0
+    for path in shards:
+        drop_file(path)
+    assert resident_total(shards) == 0
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(load_config(src))
+    stream_checkpoint(model, src, torch.float16, key_map=normalize_key, drop_cache=True)
+    assert resident_total(shards) == 0

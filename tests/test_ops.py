@@ -79,3 +79,24 @@ def test_int4_layer_matches_dequantized_linear(dtype, out_in, rows):
     got = layer(x)
     assert got.dtype == dtype
     _close(got, F.linear(x.float(), dense, layer.bias.float()), dtype)
+
+
+def test_streamed_layers_keep_the_plain_layout():
+    """A layer on meta (streamed per forward, residency.py) is not reordered into a layout its bytes arrive
+    without each pass: it takes the reference kernels where the choice needs a layout, and stays on meta."""
+    from torch import nn
+
+    from lowmem_paligemma.ops import REFERENCE, pack_weight, use_kernels
+
+    try:
+        pack_weight(torch.zeros(16, 16))
+    except (RuntimeError, AttributeError):
+        pytest.skip("oneDNN cannot pack weights on this machine")
+    model = nn.Sequential(Linear(16, 16), Linear(16, 16))
+    with torch.device("meta"):
+        model[1] = Linear(16, 16)
+    use_kernels(model, {"dense": KernelChoice("mv", "linear")})
+    assert model[0].kernels == model[1].kernels == KernelChoice("mv", "linear")
+    use_kernels(model, {"dense": KernelChoice("packed", "packed")})
+    assert model[0].weight.is_mkldnn and model[0].kernels == KernelChoice("packed", "packed")
+    assert model[1].weight.is_meta and model[1].kernels == REFERENCE["dense"]

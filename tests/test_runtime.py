@@ -1,11 +1,13 @@
 """The runtime every front end shares: sessions, one prompt with its timings, the option defaults."""
 
 import math
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
 from lowmem_paligemma.generate import generate
+from lowmem_paligemma.pretrained import load_model
 from lowmem_paligemma.runtime import Generation, LoadOptions, SamplingOptions, load_session, run_prompt
 from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES
 
@@ -34,3 +36,17 @@ def test_load_options_reach_the_model(tiny_pg1_dir):
     session = load_session(tiny_pg1_dir, LoadOptions(dtype="float16"))
     assert {p.dtype for p in session.model.parameters()} == {torch.float16}
     assert LoadOptions().preflight and SamplingOptions().temperature == 0.0
+
+
+def test_a_budget_reaches_the_model_and_counts_only_resident_weights(tiny_pg1_dir):
+    full = load_session(tiny_pg1_dir, LoadOptions(dtype="bfloat16"))
+    budgeted = load_session(tiny_pg1_dir, LoadOptions(dtype="bfloat16", max_memory=64 * 10**9), max_new_tokens=8)
+    plan = budgeted.model.residency
+    assert plan.budget == 64 * 10**9 and plan.parts["request (KV cache, activations)"] > 0
+    assert budgeted.streamer is None and budgeted.weight_bytes == full.weight_bytes  # everything fits
+    streamed_plan = replace(plan, streamed=(plan.units[-1].name,), buffers=1, buffer_bytes=plan.units[-1].buffer_bytes)
+    model = load_model(tiny_pg1_dir, dtype=torch.bfloat16, max_memory=streamed_plan)
+    session = type(full)(model, full.processor, 0.0, LoadOptions(dtype="bfloat16"))
+    assert session.streamer is model.streamer and session.weight_bytes < full.weight_bytes
+    session.close()
+    assert not model.streamer._thread.is_alive()

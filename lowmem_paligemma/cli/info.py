@@ -38,3 +38,5 @@ def info_command(model_dir: Path | None, load: LoadOptions, as_json: bool) -> No
         click.echo(f"weights     : {format_bytes(out['weight_bytes'])} ({out['dtype']}{quantized})")
         for line in out["why"]:
             click.echo(f"  {line}")
+        for line in out.get("residency", []):
+            click.echo(line)

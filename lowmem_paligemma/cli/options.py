@@ -112,8 +112,11 @@ sampling_options = _grouped(
 )  # fmt: skip
 
 
-def _load(dtype: str, device: str, quantize: str | None, kernels: str | None, zero_copy: bool, force: bool):
-    return LoadOptions(dtype, device, quantize, kernels, zero_copy, preflight=not force)
+def _load(
+    dtype: str, device: str, quantize: str | None, kernels: str | None, zero_copy: bool, force: bool,
+    max_memory: int | None,
+):  # fmt: skip
+    return LoadOptions(dtype, device, quantize, kernels, zero_copy, preflight=not force, max_memory=max_memory)
 
 
 _L = LoadOptions()
@@ -134,9 +137,12 @@ load_options = _grouped(
                      help="Map the weight files instead of copying them (cpu; checkpoint stored as loaded)."),
         click.option("--force", is_flag=True, default=not _L.preflight,
                      help="Load even if the memory pre-flight says the model will not fit."),
+        click.option("--max-memory", type=ByteSize(), default=_L.max_memory,
+                     help="Keep the process's peak RSS within SIZE (e.g. 3GB): layers that do not fit are read from "
+                          "the checkpoint for every token, the next while one computes (cpu; docs/streaming.md)."),
     ],
     _load,
-    ["dtype", "device", "quantize", "kernels", "zero_copy", "force"],
+    ["dtype", "device", "quantize", "kernels", "zero_copy", "force", "max_memory"],
     "load",
 )  # fmt: skip
 

@@ -65,6 +65,26 @@ def load_line(session: Session) -> str:
     return f"loaded {format_bytes(session.weight_bytes)} of weights ({what} on {o.device}) in {session.load_s:.2f} s"
 
 
+def plan_lines(session: Session) -> list[str]:
+    """Under a memory budget: the residency plan, with the disk rate of the first layer read (residency.py)."""
+    plan = getattr(session.model, "residency", None)
+    if plan is None:
+        return []
+    return plan.describe(session.streamer.read_rate() if session.streamer else None)
+
+
+def stream_line(session: Session) -> str | None:
+    """What streaming cost so far: bytes read, the reader's rate, how long the model waited for it."""
+    if session.streamer is None:
+        return None
+    s = session.streamer.stats
+    rate = f" ({format_bytes(s.bytes_read / s.read_s)}/s)" if s.read_s > 0 else ""
+    return (
+        f"streamed {s.layers_read} layer reads, {format_bytes(s.bytes_read)} in {s.read_s:.2f} s{rate}; "
+        f"the model waited {s.wait_s:.2f} s for them"
+    )
+
+
 def speed_line(gen: Generation) -> str:
     rate = gen.tokens_per_s
     decode = f"{rate:.1f} tokens/s" if rate is not None else "-"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -27,18 +28,22 @@ from .report import (
     echo_text,
     load_line,
     memory_line,
+    plan_lines,
     profile_summary,
     show_progress,
     speed_line,
+    stream_line,
     user_errors,
 )
 
 PROFILE_INTERVAL_S = 0.05  # RSS sampling period; VmHWM catches anything shorter
 
 
-def _load(model_dir: Path, load: LoadOptions, on_phase: Callable[[str], None] | None = None) -> Session:
-    session = load_session(model_dir, load, on_phase=on_phase, progress=show_progress())
-    click.echo(load_line(session), err=True)
+def _load(
+    model_dir: Path, load: LoadOptions, sampling: SamplingOptions, on_phase: Callable[[str], None] | None = None
+) -> Session:
+    session = load_session(model_dir, load, on_phase, show_progress(), max_new_tokens=sampling.max_new_tokens)
+    click.echo("\n".join([load_line(session), *plan_lines(session)]), err=True)
     return session
 
 
@@ -76,7 +81,7 @@ def generate_command(
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
         img = load_image(image)  # before the (slow) model load, so a bad image fails at once
         decoder = VQVAEDecoder.from_npz(vae) if vae else None
-        session = _load(model_dir, load)
+        session = _load(model_dir, load, sampling)
         gen = run_prompt(session, session.encode(img), prompt, sampling, on_text=None if as_json else echo_text)
         found = draw_output(to_rgb(img), gen.text, draw, decoder) if draw else None
     peak = prof.peak()
@@ -85,10 +90,12 @@ def generate_command(
         model = session.model
         record |= {"dtype": session.dtype, "quantize": model.quantize, "kernels": model.kernel_report.to_json()}
         record |= {"peak_rss": peak.hwm or peak.rss} | ({"detections": found} if found is not None else {})
+        if session.streamer is not None:
+            record["streaming"] = {"max_memory": load.max_memory, **asdict(session.streamer.stats)}
         click.echo(json.dumps(record, ensure_ascii=False))
     else:
         click.echo()  # end the streamed answer
-    report = [speed_line(gen), memory_line(peak)]
+    report = [speed_line(gen), memory_line(peak), *filter(None, [stream_line(session)])]
     if draw is not None and found is not None:
         report += detections_report(found, draw, decoder is not None)
     click.echo("\n".join(report), err=True)
@@ -160,7 +167,7 @@ def chat_command(model_dir: Path, image: Path, sampling: SamplingOptions, load: 
     """
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
         img = load_image(image)
-        session = _load(model_dir, load)
+        session = _load(model_dir, load, sampling)
         features = session.encode(img)
 
         def report(gen: Generation) -> None:
@@ -188,7 +195,7 @@ def profile_command(
         meta = {"label": f"{model_dir.name}: {load.quantize or load.dtype} on {load.device}", "prompt": prompt}
         with MemoryProfiler(PROFILE_INTERVAL_S, meta) as prof:
             with prof.phase("load"):
-                session = _load(model_dir, load, on_phase=lambda name: prof.mark(f"load: {name}"))
+                session = _load(model_dir, load, sampling, on_phase=lambda name: prof.mark(f"load: {name}"))
             prof.meta["model_bytes"] = session.weight_bytes
             prof.meta["label"] = f"{model_dir.name}: {session.model.quantize or session.dtype} on {load.device}"
             with prof.phase("encode"):
@@ -227,7 +234,7 @@ def batch_command(
         click.echo(f"{len(images)} image(s) in {image_dir}, {len(images) - len(todo)} already in {out}", err=True)
         if not todo:
             return
-        session = _load(model_dir, load)
+        session = _load(model_dir, load, sampling)
         skip = lambda message: tqdm.write(message, file=sys.stderr)  # tqdm.write keeps the bar intact
         failed = run_batch(session, todo, prompt, sampling, out, progress=show_progress(), on_skip=skip)
     click.echo(f"answered {len(todo) - failed}, skipped {failed} unreadable; results in {out}", err=True)

@@ -1,0 +1,146 @@
+"""The page cache: how much of a file sits in it, dropping it, and reading past it.
+
+The page cache is not part of any process's RSS, yet on a small machine it is the same RAM: a runtime
+that streams a 17 GB checkpoint through buffered reads fills it, and evicting it costs the other programs
+their own cache. streamer.py reads streamed layers with O_DIRECT (`open_direct`, `read_direct`: the bytes go
+from the disk into the layer buffer and never enter the cache), or where a filesystem refuses O_DIRECT with
+buffered reads whose pages it drops at once (`drop`); `resident_bytes` checks that nothing stayed.
+O_DIRECT wants the file offset, the length and the memory address aligned to the device's logical block
+(512 or 4096 bytes); DIRECT_ALIGN covers both. docs/streaming.md has the measurements behind the choice.
+
+`resident_bytes` asks the kernel with mincore(2) over a fresh read-only shared mapping of the file:
+mapping touches no page, and mincore reports the page cache's state without faulting anything in, so
+measuring does not change what is measured. Linux and macOS (libc through ctypes); elsewhere None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+PAGE = mmap.PAGESIZE
+DIRECT_ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and addresses: any logical block size divides it
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+_LIBC = _libc()
+
+
+def resident_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes of `path` in the page cache now (whole pages; the last one counts in full), or None where
+    mincore is not available."""
+    size = os.path.getsize(path)
+    if _LIBC is None or not hasattr(_LIBC, "mincore"):
+        return None
+    if size == 0:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            pages = (size + PAGE - 1) // PAGE
+            vec = (ctypes.c_ubyte * pages)()
+            if _LIBC.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * PAGE  # bit 0: the page is resident
+        finally:
+            _LIBC.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def resident_total(paths: Iterable[str | os.PathLike]) -> int | None:
+    """`resident_bytes` summed over files (None if it is unknown for any)."""
+    total = 0
+    for p in paths:
+        n = resident_bytes(p)
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+def drop(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to evict the pages holding [offset, offset + length) of the open file from the page cache
+    (length 0: to the end). The range is widened to whole pages: the kernel keeps a page the range only partly
+    covers. Clean pages go at once; dirty ones (a file just written) only after writeback."""
+    if hasattr(os, "posix_fadvise"):
+        start = offset - offset % PAGE
+        end = 0 if length == 0 else offset + length + (-(offset + length)) % PAGE
+        os.posix_fadvise(fd, start, end - start if end else 0, os.POSIX_FADV_DONTNEED)
+
+
+def drop_file(path: str | Path) -> None:
+    """`drop` for a whole file, by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop(fd)
+    finally:
+        os.close(fd)
+
+
+# --- reading past the cache ----------------------------------------------------------------------------------
+
+
+def open_direct(path: str | os.PathLike) -> int | None:
+    """A descriptor that reads `path` with O_DIRECT, or None where the OS or the filesystem has no such reads
+    (macOS, tmpfs, some network filesystems)."""
+    flag = getattr(os, "O_DIRECT", None)
+    if flag is None:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+
+
+def align_down(n: int) -> int:
+    return n - n % DIRECT_ALIGN
+
+
+def align_up(n: int) -> int:
+    return n + (-n) % DIRECT_ALIGN
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of `nbytes` whose first byte sits at an address O_DIRECT accepts."""
+    raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % DIRECT_ALIGN
+    return raw[skip : skip + nbytes]
+
+
+def read_direct(fd: int, out: torch.Tensor, offset: int, need: int, path: Path) -> None:
+    """Fill the aligned uint8 tensor `out` (address, length and `offset` multiples of DIRECT_ALIGN) from an
+    O_DIRECT descriptor; the file may end inside `out`'s last block, but not before `need` bytes."""
+    view = memoryview(out.numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    if done < need:
+        raise CheckpointError(f"{path}: file ends at byte {offset + done}, inside a tensor (truncated?)")

@@ -1,0 +1,287 @@
+"""Which layers stay in memory under a budget, and which are read from the checkpoint for every forward.
+
+A memory budget (`--max-memory`, `max_memory=`) is the peak RSS the whole process may reach. The plan is made
+on the meta model, from parameter shapes and checkpoint headers, before anything is allocated:
+- always held: the weights outside the layers (the tied embedding / logits table, the projector, norms, the
+  patch and position embeddings), the request (KV cache for prompt + new tokens and the prefill's
+  activations, `request_bytes`), this process as it is now (interpreter, torch, tokenizer: its RSS is
+  measured), an int8 dequantization buffer where a kernel uses one, and a little allocator slack;
+- streamed: layers (Gemma decoder layers, SigLIP encoder layers) that do not fit. They are read into a pool
+  of `buffers` layer-sized buffers, the next one read while the current one computes (streamer.py);
+- the rest of the budget keeps layers resident. A decoder layer is read once per generated token, a vision
+  layer once per image, so decoder layers are kept first and the vision tower is streamed first. Resident
+  decoder layers are spread evenly through the stack, so every streamed read has resident compute to hide
+  behind.
+The minimum budget is everything held always, every layer streamed, and one layer in flight; below it
+`plan_residency` raises `InsufficientMemoryError` naming the minimum, before anything large exists.
+docs/streaming.md explains the numbers and what streaming costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PaliGemmaConfig
+from .errors import InsufficientMemoryError
+from .gemma import GemmaDecoderLayer
+from .loader import READ_WORKERS, LoadPlan, model_bytes, param_bytes
+from .ops import KernelChoice
+from .pagecache import DIRECT_ALIGN
+from .profiler import current_rss
+from .siglip import SiglipEncoderLayer
+from .streamer import STAGING_BYTES, layer_layout
+from .units import format_bytes
+
+RUN_SLACK_BYTES = 64 << 20  # allocator rounding, oneDNN's primitive caches, sampling: measured in tests
+DEFAULT_NEW_TOKENS = 32  # the request planned for when the caller does not say (runtime.SamplingOptions' default)
+TEXT_TOKENS = 64  # prompt text tokens planned for besides the image tokens when the caller does not say
+STREAM_BUFFERS = 2  # one layer computing, the next one being read
+# What a plan always holds besides the slack and a dequantization buffer (ResidencyPlan.parts' keys).
+OUTSIDE, REQUEST, PROCESS = "weights outside the layers", "request (KV cache, activations)", "process now"
+GROUPS = {GemmaDecoderLayer: "decoder", SiglipEncoderLayer: "vision"}  # the layers that can be streamed
+
+
+# --- the request ---------------------------------------------------------------------------------------------
+
+
+def request_bytes(
+    cfg: PaliGemmaConfig, prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype, batch: int = 1
+) -> int:
+    """Memory one request needs beyond the weights: the KV cache and the largest transient of a forward.
+
+    A first estimate, kept here beside its one user; a request-size module that other parts also use may
+    replace it. KV: 2 x layers x B x kv heads x (prompt + new) x head dim x itemsize. Transients of the
+    prefill (T = prompt tokens), the largest step: the attention scores (B, N, T, T) in float32 and twice in
+    the model dtype (Gemma 2's eager soft-capped path; SDPA's math fallback is the same size), the additive
+    masks and their boolean temporaries, the MLP's three (T, I) products, q/k/v with their rotated copies and
+    the grouped-query expansion, float32 copies of the residual stream in the norms, and the logits row.
+    The vision tower's transients (N image tokens) are counted when larger.
+    """
+    t, v = cfg.text, cfg.vision
+    size = dtype.itemsize
+    s = prompt_tokens + max_new_tokens
+    kv = 2 * t.num_hidden_layers * batch * t.num_key_value_heads * s * t.head_dim * size
+    n, k, h = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    masks = 2 if t.sliding_window else 1
+    text = batch * (
+        n * prompt_tokens * prompt_tokens * (4 + 2 * size)
+        + masks * prompt_tokens * prompt_tokens * (size + 3)
+        + 3 * prompt_tokens * t.intermediate_size * size
+        + 2 * prompt_tokens * (n + 2 * k) * h * size
+        + 2 * n * prompt_tokens * h * size
+        + 4 * prompt_tokens * t.hidden_size * 4
+        + 2 * t.vocab_size * 4
+    )
+    p = v.num_patches
+    vision = batch * (
+        v.num_attention_heads * p * p * (4 + 2 * size) + 3 * p * v.intermediate_size * size + 8 * p * v.hidden_size * 4
+    )
+    return kv + max(text, vision)
+
+
+def default_prompt_tokens(cfg: PaliGemmaConfig) -> int:
+    return cfg.num_image_tokens + TEXT_TOKENS
+
+
+# --- the units: layers that can be streamed ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One layer that can be streamed: all its parameters travel together."""
+
+    name: str  # module name, e.g. "language_model.model.layers.3"
+    group: str  # "vision" (read once per image) or "decoder" (once per forward)
+    nbytes: int  # its parameters in memory (model dtype, or quantized)
+    buffer_bytes: int  # a buffer that can hold it: nbytes plus alignment for direct reads (streamer.py)
+    stored_bytes: int  # bytes read from the checkpoint per pass
+    staging_bytes: int  # staging and temporaries while it is read: converted to another dtype or quantized (else 0)
+
+    @property
+    def converts(self) -> bool:
+        return self.staging_bytes > 0
+
+
+def streamable_units(model: nn.Module, dtype: torch.dtype, load_plan: LoadPlan | None = None) -> list[Unit]:
+    """The model's layers in execution order (vision tower, then decoder); stored sizes from `load_plan`
+    (the checkpoint headers) where given, else the in-memory sizes."""
+    units = []
+    for name, module in model.named_modules():
+        group = GROUPS.get(type(module))
+        if group is None:
+            continue
+        params = {f"{name}.{n}": p for n, p in module.named_parameters()}
+        nbytes = sum(param_bytes(p, dtype) for p in params.values())
+        # Without the checkpoint: every tensor might be a span of its own, with an aligned block either side.
+        stored, buffer, staging = nbytes, nbytes + 2 * DIRECT_ALIGN * len(params), 0
+        if load_plan is not None:
+            final = {n: torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device="meta")
+                     for n, p in params.items()}  # fmt: skip
+            layout = layer_layout(final, load_plan.restrict(params))
+            stored, buffer = layout.stored, layout.nbytes
+            staged = [e for e, _ in layout.copies] + [e for e, _ in layout.fills]
+            if staged:  # each reader's staging holds a chunk of at most its share, or the largest tensor
+                per_reader = min(STAGING_BYTES // READ_WORKERS, max(e.nbytes for e in staged) + 2 * DIRECT_ALIGN)
+                staging = 2 * READ_WORKERS * per_reader  # and the conversion's temporaries as much again
+        units.append(Unit(name, group, nbytes, buffer, stored, staging))
+    return sorted(units, key=lambda u: u.group != "vision")  # stable: layer order within each group
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k of n indices, evenly spaced (k = 4, n = 18: [2, 6, 11, 15])."""
+    return [int((i + 0.5) * n / k) for i in range(k)] if k else []
+
+
+# --- the plan ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    budget: int
+    parts: dict[str, int]  # what is always held, by what it is
+    units: tuple[Unit, ...]  # every streamable layer, in execution order
+    streamed: tuple[str, ...]  # the units read per pass, in execution order
+    buffers: int  # layer buffers in the pool (0: nothing streamed)
+    buffer_bytes: int  # one buffer
+    staging_bytes: int  # the readers' staging and quantization temporaries (0 unless a streamed layer converts)
+    minimum: int  # the smallest budget that runs: every layer streamed, one in flight
+
+    @property
+    def resident_units(self) -> list[Unit]:
+        return [u for u in self.units if u.name not in self.streamed]
+
+    @property
+    def streamed_units(self) -> list[Unit]:
+        return [u for u in self.units if u.name in self.streamed]
+
+    @property
+    def total(self) -> int:
+        """The planned peak: always-held parts, resident layers, the pool and the staging."""
+        resident = sum(u.nbytes for u in self.resident_units)
+        return sum(self.parts.values()) + resident + self.buffers * self.buffer_bytes + self.staging_bytes
+
+    def read_per_pass(self, group: str) -> int:
+        """Checkpoint bytes read per pass of `group` ("decoder": per forward, i.e. per token; "vision": per image)."""
+        return sum(u.stored_bytes for u in self.streamed_units if u.group == group)
+
+    def streamed_parameters(self, model: nn.Module) -> set[str]:
+        """Full names of the parameters that stay on meta at load (the streamed layers')."""
+        return {f"{u}.{n}" for u in self.streamed for n, _ in model.get_submodule(u).named_parameters()}
+
+    def describe(self, read_rate: float | None = None) -> list[str]:
+        """A few lines for stderr: what stays, what streams, what a token costs at `read_rate` (bytes/s)."""
+        held = ", ".join(f"{what} {format_bytes(n)}" for what, n in self.parts.items())
+        lines = [
+            f"memory budget {format_bytes(self.budget)}: planned peak {format_bytes(self.total)} "
+            f"(minimum {format_bytes(self.minimum)})",
+            f"  always held: {held}",
+        ]
+        for group, per in (("decoder", "token"), ("vision", "image")):
+            units = [u for u in self.units if u.group == group]
+            if not units:
+                continue
+            kept = [i for i, u in enumerate(units) if u.name not in self.streamed]
+            shown = "all" if len(kept) == len(units) else f"{len(kept)} of {len(units)}"
+            where = f" ({', '.join(map(str, kept))})" if 0 < len(kept) < len(units) else ""
+            line = f"  {group} layers: {shown} resident{where}"
+            if len(kept) < len(units):
+                how = " (converted or quantized as read)" if any(u.converts for u in units) else ""
+                line += f"; {format_bytes(self.read_per_pass(group))} read per {per}{how}"
+            lines.append(line)
+        if self.streamed:
+            lines.append(
+                f"  streaming through {self.buffers} buffer(s) of {format_bytes(self.buffer_bytes)}"
+                + (" (one computing, one being read)" if self.buffers > 1 else " (no read-ahead: the budget holds one)")
+            )
+        per_token = self.read_per_pass("decoder")
+        if per_token and read_rate:
+            how = " and converted" if any(u.converts for u in self.streamed_units) else ""
+            lines.append(
+                f"  first layer read{how} at {format_bytes(read_rate)}/s: at least {per_token / read_rate:.2f} s per "
+                "token for the reads"
+            )
+        return lines
+
+
+def _fit(units: list[Unit], room: int, buffers: int) -> list[Unit] | None:
+    """The streamed units when as many layers as fit in `room` stay resident and `buffers` buffers carry the
+    rest, or None if even streaming every layer does not fit."""
+    decoder = [u for u in units if u.group == "decoder"]
+    vision = [u for u in units if u.group == "vision"]
+    for k in range(len(units), -1, -1):  # resident count, most first; decoder layers are kept before vision ones
+        kept = {decoder[i].name for i in spread(len(decoder), min(k, len(decoder)))}
+        kept |= {u.name for u in vision[: max(0, k - len(decoder))]}
+        streamed = [u for u in units if u.name not in kept]
+        used = sum(u.nbytes for u in units if u.name in kept)
+        if streamed:
+            used += min(buffers, len(streamed)) * max(u.buffer_bytes for u in streamed)
+            used += max(u.staging_bytes for u in streamed)
+        if used <= room:
+            return streamed
+    return None
+
+
+def plan_residency(
+    model: nn.Module,
+    budget: int,
+    dtype: torch.dtype,
+    request: int,
+    *,
+    load_plan: LoadPlan | None = None,
+    process_bytes: int | None = None,
+    scratch: int = 0,
+) -> ResidencyPlan:
+    """The residency plan for `model` (on meta) in `budget` bytes of peak RSS, in `dtype`, for a request needing
+    `request` bytes (`request_bytes`). `load_plan`: the checkpoint matched to the model (stored sizes, dtype
+    conversion); `process_bytes`: this process's RSS now (None: measured); `scratch`: a dequantization buffer
+    the kernels use (`scratch_bytes`). Two buffers where the budget holds them (one layer computing, the next
+    being read), else one. Raises InsufficientMemoryError below the minimum, naming it."""
+    if process_bytes is None:
+        process_bytes = current_rss()["rss"]
+    units = streamable_units(model, dtype, load_plan)
+    in_units = {f"{u.name}.{n}" for u in units for n, _ in model.get_submodule(u.name).named_parameters()}
+    parts = {OUTSIDE: model_bytes(model, dtype, exclude=in_units), REQUEST: request, PROCESS: process_bytes,
+             "slack": RUN_SLACK_BYTES}  # fmt: skip
+    if scratch:
+        parts["int8 dequantization buffer"] = scratch
+    fixed = sum(parts.values())
+    in_flight = max((u.buffer_bytes for u in units), default=0)
+    in_flight += max((u.staging_bytes for u in units), default=0)
+    minimum = fixed + in_flight
+    streamed: list[Unit] | None = []
+    buffers = 0
+    if fixed + sum(u.nbytes for u in units) > budget:
+        for buffers in (STREAM_BUFFERS, 1):
+            streamed = _fit(units, budget - fixed, buffers)
+            if streamed is not None:
+                break
+    if streamed is None:
+        raise InsufficientMemoryError(
+            f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} for this model and "
+            f"request (process {format_bytes(process_bytes)}, weights outside the layers {format_bytes(parts[OUTSIDE])}"
+            f", request {format_bytes(request)}, one layer in flight {format_bytes(in_flight)}); raise --max-memory "
+            "or quantize (--quantize int8 / int4)"
+        )
+    return ResidencyPlan(
+        budget=budget,
+        parts=parts,
+        units=tuple(units),
+        streamed=tuple(u.name for u in streamed),
+        buffers=min(buffers, len(streamed)),
+        buffer_bytes=max((u.buffer_bytes for u in streamed), default=0),
+        staging_bytes=max((u.staging_bytes for u in streamed), default=0),
+        minimum=minimum,
+    )
+
+
+def scratch_bytes(model: nn.Module, kernel_plan: dict[str, KernelChoice], dtype: torch.dtype) -> int:
+    """The shared int8 dequantization buffer (ops.Scratch) at its largest: a 16-bit copy of the largest int8
+    linear layer, when the int8 kernels chosen in `kernel_plan` dequantize (embeddings never do)."""
+    choice = kernel_plan.get("int8")
+    if choice is None or "dequant" not in (choice.decode, choice.prefill):
+        return 0
+    int8 = [m for m in model.modules() if getattr(m, "FORMAT", None) == "int8" and not hasattr(m, "lookup")]
+    return max((m.weight.numel() for m in int8), default=0) * dtype.itemsize

@@ -1,0 +1,83 @@
+"""Page-cache residency by mincore, dropping pages, and O_DIRECT reads of unaligned data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lowmem_paligemma import CheckpointError
+from lowmem_paligemma.pagecache import (
+    DIRECT_ALIGN,
+    PAGE,
+    align_down,
+    align_up,
+    aligned_empty,
+    drop,
+    drop_file,
+    open_direct,
+    read_direct,
+    resident_bytes,
+)
+
+SIZE = 64 * PAGE + 123
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = os.urandom(SIZE)
+    path = tmp_path / "data.bin"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: only those can be dropped
+    drop_file(path)
+    return path, data
+
+
+def test_mincore_sees_reads_and_drops_without_faulting_pages_in(data_file):
+    path, _ = data_file
+    assert resident_bytes(path) == 0
+    assert resident_bytes(path) == 0  # measuring touched nothing
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: exactly the pages read
+        os.pread(fd, 10 * PAGE, 5 * PAGE)
+        assert resident_bytes(path) == 10 * PAGE
+        drop(fd, 5 * PAGE + 1, 3 * PAGE)  # widened to the pages the range touches: 5..8
+        assert resident_bytes(path) == 6 * PAGE
+        drop(fd)
+        assert resident_bytes(path) == 0
+    finally:
+        os.close(fd)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e").write_bytes(b"")
+    assert resident_bytes(tmp_path / "e") == 0
+
+
+def test_aligned_buffers_and_rounding():
+    for n in (1, 4096, 10_000):
+        buf = aligned_empty(n)
+        assert buf.numel() == n and buf.data_ptr() % DIRECT_ALIGN == 0
+    assert align_down(DIRECT_ALIGN + 5) == DIRECT_ALIGN and align_up(DIRECT_ALIGN + 5) == 2 * DIRECT_ALIGN
+    assert align_up(0) == 0 and align_up(DIRECT_ALIGN) == DIRECT_ALIGN
+
+
+def test_direct_reads_bypass_the_cache_and_stop_at_the_end(data_file):
+    path, data = data_file
+    fd = open_direct(path)
+    if fd is None:
+        pytest.skip("this filesystem has no O_DIRECT")
+    try:
+        out = aligned_empty(align_up(SIZE))
+        read_direct(fd, out, 0, SIZE, Path(path))  # the last block is partial: the file ends inside it
+        assert bytes(out[:SIZE].numpy()) == data
+        assert resident_bytes(path) == 0
+        tail = aligned_empty(2 * DIRECT_ALIGN)
+        read_direct(fd, tail, align_down(SIZE - 10), SIZE - align_down(SIZE - 10), Path(path))
+        assert bytes(tail[: SIZE - align_down(SIZE - 10)].numpy()) == data[align_down(SIZE - 10) :]
+        with pytest.raises(CheckpointError, match="file ends at byte"):
+            read_direct(fd, tail, align_down(SIZE - 10), 2 * DIRECT_ALIGN, Path(path))
+    finally:
+        os.close(fd)

@@ -1,0 +1,248 @@
+"""Streamed layers give the tokens of the resident model: every residency, dtype path and read path, misses,
+failed forwards and failed reads; the page cache stays clean; the reader stops with its model."""
+
+import gc
+import os
+import shutil
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowmem_paligemma import CheckpointError, load_model
+from lowmem_paligemma.generate import generate
+from lowmem_paligemma.loader import checkpoint_plan
+from lowmem_paligemma.pagecache import drop_file, resident_total
+from lowmem_paligemma.pretrained import TIED, build_model, normalize_key
+from lowmem_paligemma.residency import plan_residency
+from lowmem_paligemma.synth import tiny_checkpoint
+
+DTYPE = torch.bfloat16
+NEW_TOKENS = 6
+
+
+def _settle(model_dir):
+    """Written pages flushed and evicted: the page cache starts without the checkpoint."""
+    for path in model_dir.glob("*.safetensors"):
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        drop_file(path)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def stored_as_computed(tmp_path_factory):
+    """Tiny PG1 and PG2 stored in bfloat16 (read straight into the buffers), and pre-quantized int8 copies."""
+    out = {}
+    for gemma2 in (False, True):
+        name = "pg2" if gemma2 else "pg1"
+        bf16 = tiny_checkpoint(tmp_path_factory.mktemp(f"{name}_bf16"), gemma2, dtype=DTYPE)
+        out[name, None] = _settle(bf16)
+        int8 = tmp_path_factory.mktemp(f"{name}_int8")  # what an int8 checkpoint holds: weight int8, weight_scale
+        shutil.copy(bf16 / "config.json", int8 / "config.json")
+        state = load_model(bf16, dtype=DTYPE, quantize="int8").state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, int8 / "model.safetensors")
+        out[name, "int8"] = _settle(int8)
+    return out
+
+
+def _prompt(model, seed=0):
+    cfg = model.cfg
+    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 100, 200, 108]])
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
+    return ids, torch.zeros_like(ids), pixels
+
+
+def _tokens(model, seed=0):
+    ids, types, pixels = _prompt(model, seed)
+    return list(generate(model, ids, types, pixel_values=pixels, max_new_tokens=NEW_TOKENS, eos_token_ids=[]))
+
+
+def _plan(model_dir, quantize, kept: int | str, buffers=2):
+    """The plan for a budget that keeps `kept` decoder layers ("all": everything) with this process counted as
+    0 bytes, so that the budget is exact to the byte."""
+    model = build_model(model_dir, quantize)
+    load_plan = checkpoint_plan(model, model_dir, normalize_key, TIED)
+    base = plan_residency(model, 1 << 40, DTYPE, 0, load_plan=load_plan, process_bytes=0)
+    fixed = sum(base.parts.values())
+    decoder = [u for u in base.units if u.group == "decoder"]
+    if kept == "all":
+        budget = fixed + sum(u.nbytes for u in base.units)
+    else:
+        streamed = [u for u in base.units if u.group == "vision"] + decoder[kept:]
+        budget = fixed + sum(u.nbytes for u in decoder[:kept]) + buffers * max(u.buffer_bytes for u in streamed)
+    return plan_residency(model, budget, DTYPE, 0, load_plan=load_plan, process_bytes=0)
+
+
+def _stream_everything(model_dir, quantize, dtype):
+    """A plan that streams every layer whatever it costs (tiny layers cost less resident than streamed)."""
+    model = build_model(model_dir, quantize)
+    load_plan = checkpoint_plan(model, model_dir, normalize_key, TIED)
+    base = plan_residency(model, 1 << 40, dtype, 0, load_plan=load_plan, process_bytes=0)
+    return replace(base, streamed=tuple(u.name for u in base.units), buffers=2,
+                   buffer_bytes=max(u.buffer_bytes for u in base.units))  # fmt: skip
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("which", ["pg1", "pg2"])
+@pytest.mark.parametrize("kept", [0, 1, "all"])
+def test_budgets_keep_none_some_all_layers_and_the_tokens(stored_as_computed, which, quantize, kept):
+    model_dir = stored_as_computed[which, quantize]
+    want = _tokens(load_model(model_dir, dtype=DTYPE, quantize=quantize))
+    plan = _plan(model_dir, quantize, kept)
+    decoder = [u for u in plan.units if u.group == "decoder"]
+    resident = [u for u in plan.resident_units if u.group == "decoder"]
+    assert len(resident) == (len(decoder) if kept == "all" else kept)
+    assert not any(u.converts for u in plan.units)  # read as stored, int8 bytes and scales included
+    model = load_model(model_dir, dtype=DTYPE, quantize=quantize, max_memory=plan)
+    assert _tokens(model) == want
+    if kept == "all":
+        assert model.streamer is None
+        return
+    stats = model.streamer.stats
+    # The one miss: the first decoder layer, read at start to measure the disk, before the vision tower ran.
+    vision_streamed = any(u.group == "vision" and u.name in plan.streamed for u in plan.units)
+    assert model.streamer.direct and stats.misses == int(vision_streamed)
+    assert stats.passes == {"vision": 1, "decoder": NEW_TOKENS}  # one pass per forward: prefill, then per token
+    streamed = [u for u in plan.units if u.name in plan.streamed]
+    per_image = sum(u.stored_bytes for u in streamed if u.group == "vision")
+    assert stats.bytes_read >= per_image + NEW_TOKENS * plan.read_per_pass("decoder")
+    # Between forwards a streamed layer holds no memory, but those read ahead into the buffers.
+    held = [n for n in plan.streamed if not any(p.is_meta for p in model.get_submodule(n).parameters())]
+    assert len(held) <= plan.buffers
+    model.streamer.close()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("which", ["pg1", "pg2"])
+def test_converted_and_quantized_as_read(tiny_pg1_dir, tiny_pg2_dir, which, quantize):
+    """The float32 fixtures, computed in bfloat16 or int8: every streamed layer goes through the staging
+    buffer and the loader's conversion or quantizer each pass. Tiny layers cost less resident than staged, so
+    the plan is forced to stream them all."""
+    model_dir = tiny_pg2_dir if which == "pg2" else tiny_pg1_dir
+    want = _tokens(load_model(model_dir, dtype=DTYPE, quantize=quantize))
+    plan = _stream_everything(model_dir, quantize, DTYPE)
+    assert all(u.converts for u in plan.units)
+    model = load_model(model_dir, dtype=DTYPE, quantize=quantize, max_memory=plan)
+    assert _tokens(model) == want
+    assert model.streamer.stats.bytes_read >= NEW_TOKENS * 2 * plan.read_per_pass("decoder") // 2
+    model.streamer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_dtype(tiny_pg2_dir, dtype):
+    """float32 from the float32 fixture is read straight into place; float16 is converted as read."""
+    ids, types, pixels = _prompt(load_model(tiny_pg2_dir, dtype=dtype))
+    run = lambda m: list(generate(m, ids, types, pixel_values=pixels, max_new_tokens=NEW_TOKENS, eos_token_ids=[]))
+    want = run(load_model(tiny_pg2_dir, dtype=dtype))
+    plan = _stream_everything(tiny_pg2_dir, None, dtype)
+    assert all(u.converts == (dtype != torch.float32) for u in plan.units)
+    model = load_model(tiny_pg2_dir, dtype=dtype, max_memory=plan)
+    assert run(model) == want
+    model.streamer.close()
+
+
+def test_int4_quantized_as_read(tmp_path):
+    from lowmem_paligemma.config import tiny
+    from lowmem_paligemma.quant import Int4Linear
+    from lowmem_paligemma.synth import write_checkpoint
+
+    cfg = tiny(gemma2=True, hidden_size=128, intermediate_size=256, head_dim=32)  # wide enough for int4 groups
+    model_dir = write_checkpoint(tmp_path / "int4", cfg, max_shard_bytes=200_000)
+    want = _tokens(load_model(model_dir, dtype=DTYPE, quantize="int4"))
+    model = load_model(model_dir, dtype=DTYPE, quantize="int4", max_memory=_stream_everything(model_dir, "int4", DTYPE))
+    assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Int4Linear)
+    assert _tokens(model) == want
+    model.streamer.close()
+
+
+@pytest.mark.parametrize("prefetch, direct, buffers", [(False, None, 2), (True, False, 2), (False, False, 2),
+                                                      (True, None, 1)])  # fmt: skip
+def test_without_prefetch_without_direct_reads_and_one_buffer(stored_as_computed, prefetch, direct, buffers):
+    model_dir = stored_as_computed["pg2", None]
+    want = _tokens(load_model(model_dir, dtype=DTYPE))
+    plan = _plan(model_dir, None, 1, buffers=buffers)
+    assert plan.buffers == buffers  # a budget that holds one buffer gets one: read after use, not ahead
+    # direct False: the fallback for filesystems without O_DIRECT, buffered reads whose pages are dropped
+    model = load_model(model_dir, dtype=DTYPE, max_memory=plan, prefetch=prefetch, direct_io=direct)
+    assert model.streamer.direct == (direct is None)
+    assert _tokens(model) == want
+    reads = model.streamer.stats.layers_read
+    streamed_decoder = [u for u in plan.units if u.name in plan.streamed and u.group == "decoder"]
+    if not prefetch:  # what the forwards asked for, and the first decoder layer read at start (the disk probe)
+        assert reads == 1 + len(plan.streamed) - len(streamed_decoder) + NEW_TOKENS * len(streamed_decoder)
+    model.streamer.close()
+
+
+@pytest.mark.parametrize("direct", [None, False])
+def test_the_page_cache_keeps_nothing_of_the_checkpoint(stored_as_computed, direct):
+    model_dir = stored_as_computed["pg1", None]
+    shards = list(model_dir.glob("*.safetensors"))
+    plan = _plan(model_dir, None, 1)
+    model = load_model(model_dir, dtype=DTYPE, max_memory=plan, direct_io=direct)
+    _tokens(model)
+    assert resident_total(shards) == 0
+    model.streamer.close()
+    load_model(model_dir, dtype=DTYPE)  # a plain load leaves the file cached: the measurement can see it
+    assert resident_total(shards) > 0
+    for path in shards:
+        drop_file(path)
+
+
+def test_an_image_between_tokens_is_a_miss_and_still_right(stored_as_computed):
+    model_dir = stored_as_computed["pg2", None]
+    resident = load_model(model_dir, dtype=DTYPE)
+    want = [_tokens(resident, seed) for seed in (0, 1, 2)]
+    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 2))
+    assert [_tokens(model, seed) for seed in (0, 1, 2)] == want
+    assert model.streamer.stats.misses >= 2  # the vision tower came while the next token's layers were read ahead
+    model.streamer.close()
+
+
+def test_a_forward_that_raises_frees_its_buffer(stored_as_computed):
+    model_dir = stored_as_computed["pg1", None]
+    want = _tokens(load_model(model_dir, dtype=DTYPE))
+    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0))
+    ids, types, pixels = _prompt(model)
+    from lowmem_paligemma.gemma import KVCache
+
+    with torch.inference_mode(), pytest.raises(ValueError, match="KV cache holds"):
+        model(ids, pixels, types, cache=KVCache(model.cfg.text, 1, 4, DTYPE, "cpu"))  # too short: layer 0 raises
+    assert _tokens(model) == want
+    model.streamer.close()
+
+
+def test_a_read_that_fails_is_a_checkpoint_error(stored_as_computed, tmp_path):
+    model_dir = shutil.copytree(stored_as_computed["pg1", None], tmp_path / "copy")
+    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0), prefetch=False)
+    _tokens(model)
+    for shard in model_dir.glob("*.safetensors"):
+        os.truncate(shard, 1000)  # the checkpoint changed under the running model
+    with pytest.raises(CheckpointError, match="reading streamed layer .* failed"):
+        _tokens(model)
+    model.streamer.close()
+
+
+def test_progress_shows_layers_and_bytes(stored_as_computed, capsys):
+    model_dir = stored_as_computed["pg1", None]
+    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0), progress=True)
+    _tokens(model)
+    err = capsys.readouterr().err
+    assert "decoder pass" in err and "vision pass" in err and "GB read" in err and "layer/s" in err
+    model.streamer.close()
+
+
+def test_the_reader_stops_with_its_model(stored_as_computed):
+    model_dir = stored_as_computed["pg1", None]
+    model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0))
+    thread = model.streamer._thread
+    assert model.streamer.read_rate(timeout=10) > 0
+    del model
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not thread.is_alive()
