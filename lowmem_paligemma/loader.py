@@ -112,10 +112,15 @@ def available_bytes(device: torch.device | str) -> int:
     return psutil.virtual_memory().available
 
 
+def memory_needed(plan: dict[str, TensorEntry], dtype: torch.dtype, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Bytes a load needs: the parameters in `dtype`, the read chunks and the runtime margin (the pre-flight's sum)."""
+    return load_bytes(plan, dtype) + chunk_bytes + RUNTIME_MARGIN_BYTES
+
+
 def check_memory(
     plan: dict[str, TensorEntry], dtype: torch.dtype, device: torch.device | str, chunk_bytes: int
 ) -> None:
-    need = load_bytes(plan, dtype) + chunk_bytes + RUNTIME_MARGIN_BYTES
+    need = memory_needed(plan, dtype, chunk_bytes)
     have = available_bytes(device)
     if need > have:
         where = torch.device(device).type

@@ -23,11 +23,13 @@ from torch import nn
 
 from .config import load_config
 from .errors import CheckpointError
-from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
+from .loader import DEFAULT_CHUNK_BYTES, match_entries, memory_needed, stream_checkpoint
 from .paligemma import PaliGemmaForConditionalGeneration
+from .safetensors_io import read_checkpoint
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
+TIED = {LM_HEAD: EMBEDDING}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -85,12 +87,24 @@ def load_model(
     model_dir = resolve_model_dir(model_path)
     if on_phase:
         on_phase("build")
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(load_config(model_dir))
     return stream_checkpoint(
-        model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING},
+        _meta_model(model_dir), model_dir, dtype, device, key_map=normalize_key, tied=TIED,
         zero_copy=zero_copy, preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, on_phase=on_phase,
     )  # fmt: skip
+
+
+def _meta_model(model_dir: Path) -> PaliGemmaForConditionalGeneration:
+    with torch.device("meta"):
+        return PaliGemmaForConditionalGeneration(load_config(model_dir))
+
+
+def load_memory_bytes(
+    model_path: str | os.PathLike, dtype: torch.dtype = torch.float16, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
+    """Bytes `load_model(model_path, dtype=dtype)` needs, as its pre-flight counts them: from the headers, on meta."""
+    model_dir = resolve_model_dir(model_path)
+    plan = match_entries(_meta_model(model_dir), read_checkpoint(model_dir), normalize_key, TIED)
+    return memory_needed(plan, dtype, chunk_bytes)
 
 
 def load_hf_model(
