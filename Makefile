@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==$(TORCH_VERSION)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,ray]'
 	$(VENV)/bin/pip install -q -e '.[interop]' torch==$(TORCH_VERSION) || echo "optional compressed-tensors not installed (it would need another torch): its tests are skipped"
 	touch $(STAMP)
 

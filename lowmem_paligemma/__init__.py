@@ -22,13 +22,13 @@ from .errors import (
     TokenizerError,
     VAEWeightsError,
 )
-from .generate import encode_image, generate
+from .generate import encode_image, generate, generate_batch
 from .loader import stream_checkpoint
 from .paligemma import PaliGemmaForConditionalGeneration
 from .pretrained import load_hf_model, load_model, load_transformers_model
 from .processor import Processor, TextStream
 from .profiler import MemoryProfiler
-from .runtime import LoadOptions, SamplingOptions, Session, load_session, run_prompt
+from .runtime import LoadOptions, SamplingOptions, Session, load_session, run_prompt, run_prompts
 
 __all__ = [
     # loading
@@ -39,6 +39,7 @@ __all__ = [
     # running
     "Processor",
     "generate",
+    "generate_batch",
     "encode_image",
     "TextStream",
     "LoadOptions",
@@ -46,6 +47,7 @@ __all__ = [
     "Session",
     "load_session",
     "run_prompt",
+    "run_prompts",
     # model and config
     "PaliGemmaForConditionalGeneration",
     "PaliGemmaConfig",

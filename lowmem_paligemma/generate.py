@@ -6,8 +6,12 @@
   around each model call, not across a `yield`, so the caller's code never runs in inference mode.
 - Several prompts on one image: `encode_image` once, pass the features to each `generate()` call.
   (The language-model prefill is redone: image tokens attend to the prompt, so their keys depend on it.)
+- Several (image, prompt) pairs at once: `generate_batch()`. On a CPU a decode step reads every weight
+  once whatever the batch, so B rows cost about one. Prompts of different lengths are left-padded: the
+  attention mask drops the pads in every layer and positions count real tokens only (transformers:
+  cumsum(attention_mask), 1-indexed), so each row's greedy tokens are the ones it gets alone.
 
-Axes: B batch (1 here), L prompt length, V vocab.
+Axes: B batch, L prompt length (the longest, in a batch), V vocab.
 """
 
 from __future__ import annotations
@@ -34,17 +38,36 @@ def prefill(
     token_types: torch.Tensor,
     image_features: torch.Tensor | None,
     cache: KVCache,
+    valid: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the whole prompt (B, L), fill the cache, return the next-token logits (B, V)."""
-    return model(ids, token_type_ids=token_types, image_features=image_features, cache=cache, last_only=True)[:, -1]
+    """Run the whole prompt (B, L), fill the cache, return the next-token logits (B, V).
+
+    Left-padded rows pass `valid` (B, L), False on pads, and their `positions` (B, L).
+    """
+    return model(
+        ids, token_type_ids=token_types, attention_mask=valid, image_features=image_features, cache=cache,
+        last_only=True, positions=positions,
+    )[:, -1]  # fmt: skip
 
 
 @torch.inference_mode()
 def decode_step(
-    model: PaliGemmaForConditionalGeneration, ids: torch.Tensor, token_types: torch.Tensor, pos: int, cache: KVCache
+    model: PaliGemmaForConditionalGeneration,
+    ids: torch.Tensor,
+    token_types: torch.Tensor,
+    pos: int,
+    cache: KVCache,
+    valid: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Feed the token at `pos` (ids/token_types cover 0..pos), return the next-token logits (B, V)."""
-    return model(ids[:, : pos + 1], token_type_ids=token_types[:, : pos + 1], cache=cache, start=pos)[:, -1]
+    """Feed the token at `pos` (ids/token_types, and `valid`/`positions` if given, cover 0..pos at least),
+    return the next-token logits (B, V)."""
+    return model(
+        ids[:, : pos + 1], token_type_ids=token_types[:, : pos + 1],
+        attention_mask=None if valid is None else valid[:, : pos + 1], cache=cache, start=pos,
+        positions=None if positions is None else positions[:, pos : pos + 1],
+    )[:, -1]  # fmt: skip
 
 
 def generate(
@@ -88,3 +111,105 @@ def generate(
         pos = length + i
         ids[0, pos] = token
         logits = decode_step(model, ids, token_types, pos, cache)
+
+
+def left_pad(
+    input_ids: Sequence[torch.Tensor],
+    token_type_ids: Sequence[torch.Tensor | None] | None,
+    total: int,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """ids, token types, valid, positions, each (B, total), and the padded prompt width L.
+
+    Row i holds its prompt in slots L - L_i .. L - 1 and generates from slot L on. valid is False on pads,
+    so no real query sees them; pads are token type 0, so a pad's own query still sees its row's prefix
+    block and no query row is all masked (its values stay finite, and its keys are never read).
+    """
+    width = max(x.shape[1] for x in input_ids)
+    rows = len(input_ids)
+    ids = torch.full((rows, total), pad_id, dtype=torch.long)
+    token_types = torch.ones(rows, total, dtype=torch.long)  # generated tokens: causal (type 1)
+    token_types[:, :width] = 0
+    valid = torch.ones(rows, total, dtype=torch.bool)
+    for i, row in enumerate(input_ids):
+        pad = width - row.shape[1]
+        ids[i, pad:width] = row[0]
+        if token_type_ids is not None and token_type_ids[i] is not None:
+            token_types[i, pad:width] = token_type_ids[i][0]
+        valid[i, :pad] = False
+    positions = valid.long().cumsum(-1).clamp(min=1)  # 1-indexed per row, counting real tokens only
+    return ids.to(device), token_types.to(device), valid.to(device), positions.to(device), width
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    generators: list[torch.Generator | None],
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> list[int]:
+    """(B, V) -> B token ids; sampled row by row with each row's own generator, as if it ran alone."""
+    if temperature == 0:
+        return sample_next_token(logits).tolist()
+    return [
+        int(sample_next_token(logits[i : i + 1], g, temperature, top_k, top_p)[0]) for i, g in enumerate(generators)
+    ]
+
+
+def generate_batch(
+    model: PaliGemmaForConditionalGeneration,
+    input_ids: Sequence[torch.Tensor],
+    token_type_ids: Sequence[torch.Tensor | None] | None = None,
+    *,
+    pixel_values: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> Iterator[list[int | None]]:
+    """Generate for B prompts (each (1, L_i)) together; yield one list of B entries per step.
+
+    Entry i is row i's next token, or None once row i has stopped (its EOS is yielded, then None).
+    Ends when every row has stopped or after max_new_tokens steps. `pixel_values` (B, 3, S, S) or
+    `image_features` (B, N, D) are in row order. Row i's tokens are those of `generate()` on its prompt
+    alone: greedy up to float rounding across batch shapes (exact in float32 in tests/test_generate.py),
+    and sampled with a seed, each row draws from its own generator seeded `seed`.
+    """
+    rows = len(input_ids)
+    if rows == 0:
+        raise ValueError("generate_batch() needs at least one prompt")
+    for x in input_ids:
+        if x.dim() != 2 or x.shape[0] != 1:
+            raise ValueError(f"generate_batch() takes prompts of shape (1, L), got {tuple(x.shape)}")
+    if token_type_ids is not None and len(token_type_ids) != rows:
+        raise ValueError(f"{rows} prompts but {len(token_type_ids)} token type rows")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    device = model.device
+    total = max(x.shape[1] for x in input_ids) + max_new_tokens
+    padded = left_pad(input_ids, token_type_ids, total, model.cfg.pad_token_id, device)
+    ids, token_types, valid, positions, width = padded
+    if image_features is None and pixel_values is not None:
+        image_features = encode_image(model, pixel_values)
+    generators = [None if seed is None else torch.Generator().manual_seed(seed) for _ in range(rows)]
+    cache = KVCache(model.cfg.text, rows, total, model.dtype, device)
+
+    logits = prefill(model, ids[:, :width], token_types[:, :width], image_features, cache, valid[:, :width],
+                     positions[:, :width])  # fmt: skip
+    stopped = [False] * rows
+    for i in range(max_new_tokens):
+        tokens = _sample_rows(logits.float().cpu(), generators, temperature, top_k, top_p)
+        step = [None if done else token for done, token in zip(stopped, tokens)]
+        stopped = [done or token in eos for done, token in zip(stopped, tokens)]
+        yield step
+        if all(stopped) or i == max_new_tokens - 1:
+            return
+        pos = width + i
+        # A stopped row is fed padding; its logits are never read again.
+        ids[:, pos] = torch.tensor([model.cfg.pad_token_id if t is None else t for t in step], device=device)
+        logits = decode_step(model, ids, token_types, pos, cache, valid, positions)

@@ -187,9 +187,15 @@ def available_bytes(device: torch.device | str) -> int:
     return psutil.virtual_memory().available
 
 
+def memory_needed(model: nn.Module, dtype: torch.dtype, chunk_bytes: int = DEFAULT_CHUNK_BYTES, exclude=()) -> int:
+    """Bytes a load of `model` (on meta) needs: its parameters as loaded (quantized ones at their size; those
+    in `exclude` not at all), the read chunks and the runtime margin. The pre-flight's sum, in one place."""
+    return model_bytes(model, dtype, exclude) + chunk_bytes + RUNTIME_MARGIN_BYTES
+
+
 def check_memory(need: int, device: torch.device | str, advice: str = "") -> None:
-    """Refuse, before anything large is allocated, a load that needs more than the memory available now."""
-    need += RUNTIME_MARGIN_BYTES
+    """Refuse, before anything large is allocated, a load that needs `need` bytes (margin included) when less
+    memory is available now."""
     have = available_bytes(device)
     if need > have:
         where = torch.device(device).type
@@ -432,7 +438,7 @@ def stream_checkpoint(
         plan = plan.restrict({name for name, _ in model.named_parameters()} - set(exclude))
     if preflight and not zero_copy:
         advice += " or load in a 16-bit dtype" if dtype == torch.float32 else ""
-        check_memory(model_bytes(model, dtype, exclude) + chunk_bytes + extra_bytes, device, advice)
+        check_memory(memory_needed(model, dtype, chunk_bytes, exclude) + extra_bytes, device, advice)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)

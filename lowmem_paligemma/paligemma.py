@@ -42,6 +42,8 @@ def make_attn_mask(
     allowed[q, k] = (causal(q, k) and in_window(q, k)) or (tt[q] == 0 and tt[k] == 0), then and valid[k]
     (transformers 5.23 `masking_utils`: the prefix block is OR-ed in on sliding layers too; docs/model.md,
     "Prefix-LM mask" and "Sliding window").
+    Batched prompts are left-padded (generate.generate_batch): a row's real tokens fill consecutive slots,
+    so slot distance is position distance and the window counts positions; `valid` (B, S) drops the pads.
 
     Example, tt = [0 0 0 1 1] (three prefix tokens, two suffix tokens), no window:
         q0: 1 1 1 0 0     the prefix is one bidirectional block,
@@ -114,12 +116,15 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for the T = L - start new tokens `input_ids[:, start:]`.
 
         `token_type_ids` / `attention_mask` (B, L) cover the whole sequence so far (cached keys included);
         without `token_type_ids` every token is treated as prefix (type 0) up to `start` and causal after.
         `last_only` computes logits for the last position only (generation needs no more).
+        `positions` (B, T) are the new tokens' 1-indexed positions; left-padded rows pass their own
+        (transformers: cumsum(attention_mask) - 1, + 1 for PaliGemma). Default: start + 1 .. L.
         """
         if image_features is None and pixel_values is not None:
             image_features = self.encode_image(pixel_values.to(self.device))
@@ -130,7 +135,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         b, length = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(start, length, device=x.device)[None].expand(b, -1) + 1  # 1-indexed, as HF
+        if positions is None:
+            positions = torch.arange(start, length, device=x.device)[None].expand(b, -1) + 1  # 1-indexed, as HF
         window = self.cfg.text.sliding_window
         full = make_attn_mask(token_type_ids, attention_mask, start, None, x.dtype)
         sliding = make_attn_mask(token_type_ids, attention_mask, start, window, x.dtype) if window else None

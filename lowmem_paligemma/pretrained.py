@@ -26,7 +26,7 @@ from .compressed import stored_mode
 from .config import load_config
 from .errors import CheckpointError, OptionError
 from .kernels import KernelReport, choose_dtype, choose_kernels, layer_shapes
-from .loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, stream_checkpoint
+from .loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, memory_needed, stream_checkpoint
 from .ops import KernelChoice, use_kernels
 from .paligemma import PaliGemmaForConditionalGeneration
 from .quant import INT4_GROUP, quantize_model
@@ -227,6 +227,21 @@ def load_model(
         model.streamer = LayerStreamer(model, residency, load_plan.restrict(streamed), prefetch=prefetch,
                                        progress=progress, direct=direct_io)  # fmt: skip
     return model
+
+
+def load_memory_bytes(
+    model_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    *,
+    quantize: str | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> int:
+    """Bytes `load_model(model_path, dtype=dtype, quantize=quantize)` needs, as its pre-flight counts them, from
+    the config and headers on meta (the headers are matched too, so a bad checkpoint fails here already)."""
+    model_dir = resolve_model_dir(model_path)
+    model = build_model(model_dir, quantize)
+    checkpoint_plan(model, model_dir, normalize_key, TIED)
+    return memory_needed(model, dtype, chunk_bytes)
 
 
 def load_hf_model(

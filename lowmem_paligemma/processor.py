@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -30,11 +30,18 @@ def load_image(path: str | Path) -> Image.Image:
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{p}: no such image file")
+    return decode_image(p, str(p))
+
+
+def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
+    """Open and decode an image file or stream; `name` (its path or URI) goes into the ImageError."""
     try:
-        img = Image.open(p)
+        img = Image.open(source)
         img.load()  # decode now: a truncated or corrupt file fails here, not inside preprocessing
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{p}: not a readable image ({e})") from None
+        # PIL's "cannot identify image file <path or stream repr>" would repeat the name or print an address
+        detail = "not a known image format" if isinstance(e, UnidentifiedImageError) else e
+        raise ImageError(f"{name}: not a readable image ({detail})") from None
     return img
 
 

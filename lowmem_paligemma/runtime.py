@@ -3,7 +3,9 @@
 The CLI commands, `make demo` and the benchmarks all go through here, so what a user runs is what is
 measured. A `Session` holds the model and its processor; `Session.encode` turns an image into features
 once, and `run_prompt` generates for one prompt on them, timing prefill (prompt in, first token out)
-and decode (every further token) separately.
+and decode (every further token) separately; `run_prompts` is its batched counterpart (several images
+and prompts generated together). `session_memory_bytes` says what a session will take before loading
+it, from the checkpoint headers: the Ray workers of `batch --ray` ask for that much.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .generate import encode_image, generate
+from .config import PaliGemmaConfig, load_config
+from .gemma import KVCache
+from .generate import encode_image, generate, generate_batch
 from .kernels import cache_path, machine_key
 from .loader import model_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
-from .pretrained import build_model, choose_compute, load_model, plan_memory, resolve_model_dir
+from .pretrained import build_model, choose_compute, load_memory_bytes, load_model, plan_memory, resolve_model_dir
 from .processor import Processor, TextStream
-from .safetensors_io import dtype_name
+from .safetensors_io import WEIGHT_DTYPES, dtype_name
 from .streamer import LayerStreamer
 from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
 
@@ -199,6 +203,67 @@ def run_prompt(
     if on_text and text.startswith(stream.text) and len(text) > len(stream.text):
         on_text(text[len(stream.text) :])  # a character the stream held back as incomplete bytes
     return Generation(text, ids, int(input_ids.shape[1]), t1 - t0, t2 - t1)
+
+
+def run_prompts(
+    session: Session,
+    image_features: torch.Tensor,
+    prompts: list[str],
+    sampling: SamplingOptions = SamplingOptions(),
+) -> list[Generation]:
+    """Row i answers prompts[i] on image_features[i] (B, N, D), all rows generated together.
+
+    Each row's tokens are what `run_prompt` gives it alone (generate.generate_batch). Every row's
+    prefill_s is the shared prefill; its decode_s runs until its own last token.
+    """
+    inputs = [session.processor.prompt_inputs(p) for p in prompts]
+    steps = generate_batch(
+        session.model, [ids for ids, _ in inputs], [types for _, types in inputs], image_features=image_features,
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+        top_p=sampling.top_p, seed=sampling.seed,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    tokens: list[list[int]] = [[t] for t in next(steps)]  # the first step gives every row a token
+    t1 = time.perf_counter()
+    ends = [t1] * len(prompts)
+    for step in steps:
+        now = time.perf_counter()
+        for i, token in enumerate(step):
+            if token is not None:
+                tokens[i].append(token)
+                ends[i] = now
+    return [
+        Generation(session.processor.decode(ids), ids, int(x.shape[1]), t1 - t0, end - t1)
+        for ids, (x, _), end in zip(tokens, inputs, ends)
+    ]
+
+
+def generation_memory_bytes(cfg: PaliGemmaConfig, batch: int, prompt_tokens: int, max_new_tokens: int,
+                            dtype: torch.dtype) -> int:  # fmt: skip
+    """Working memory of generating `batch` rows at once, an upper estimate: the KV cache as gemma.KVCache
+    allocates it (sized on meta), plus the prefill's largest temporaries: the MLP's gate, up and product
+    (B, L, I) and one layer's float32 attention scores (B, heads, L, L)."""
+    cache = KVCache(cfg.text, batch, prompt_tokens + max_new_tokens, dtype, "meta")
+    mlp = 3 * batch * prompt_tokens * cfg.text.intermediate_size * dtype.itemsize
+    scores = batch * cfg.text.num_attention_heads * prompt_tokens**2 * 4
+    return cache.k.nbytes + cache.v.nbytes + mlp + scores
+
+
+def session_memory_bytes(
+    model_dir: str | os.PathLike, options: LoadOptions, prompt: str, sampling: SamplingOptions, batch: int
+) -> int:
+    """Bytes a session loaded with `options` needs to answer `prompt` for `batch` images at once: the load
+    pre-flight's estimate (weights from the headers + margin) plus `generation_memory_bytes`. Nothing is read
+    but headers and config.json; the prompt's token count is bounded by its UTF-8 length (a piece is >= 1 byte).
+    """
+    if options.max_memory is not None:  # the budget holds the weights kept resident and the request
+        return options.max_memory
+    model_dir = resolve_model_dir(model_dir)
+    cfg = load_config(model_dir)
+    dtype = WEIGHT_DTYPES.get(options.dtype, torch.bfloat16)  # "auto" is a 16-bit dtype: the same bytes
+    prompt_tokens = cfg.num_image_tokens + 1 + len((prompt + "\n").encode())  # image tokens, <bos>, prompt + \n
+    work = generation_memory_bytes(cfg, batch, prompt_tokens, sampling.max_new_tokens, dtype)
+    return load_memory_bytes(model_dir, dtype, quantize=options.quantize) + work
 
 
 def draw_output(image: Image.Image, text: str, path: Path, vae: VQVAEDecoder | None) -> list[dict[str, Any]]:

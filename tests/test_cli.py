@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -329,23 +334,27 @@ def test_convert_quantize_writes_a_checkpoint_loaded_as_stored(tiny_pg2_dir, ima
 
 
 def _records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    return [json.loads(line) for line in path.read_text().splitlines()]  # every line must parse
 
 
-def test_batch_writes_jsonl_skips_bad_images_and_resumes(tiny_pg1_dir, images, tmp_path, monkeypatch):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    shutil.copy(images["a"], folder / "a.png")
-    Image.open(images["b"]).convert("RGB").save(folder / "b.jpg")
-    shutil.copy(images["bad"], folder / "broken.png")
-    (folder / "notes.txt").write_text("not an image, and not an image name either")
-    (folder / "sub.png").mkdir()  # a directory with an image name is not an image
+def _answers(records: list[dict]) -> dict[str, dict]:
+    """Records by path without the timing fields, which differ from run to run and batch to batch."""
+    return {r["path"]: {k: v for k, v in r.items() if k not in ("seconds", "batch")} for r in records}
+
+
+@pytest.fixture()
+def folder(images, tmp_path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(images["a"], d / "a.png")
+    Image.open(images["b"]).convert("RGB").save(d / "b.jpg")
+    shutil.copy(images["bad"], d / "broken.png")
+    (d / "notes.txt").write_text("not an image, and not an image name either")
+    (d / "sub.png").mkdir()  # a directory with an image name is not an image
+    return d
+
+
+def test_batch_writes_jsonl_skips_bad_images_and_resumes(tiny_pg1_dir, images, folder, tmp_path, monkeypatch):
     results = tmp_path / "out" / "results.jsonl"
     prompt, n = "caption en", 8
     args = ["batch", tiny_pg1_dir, folder, prompt, "--out", results, "--dtype", "float32", "--max-new-tokens", n]
@@ -353,24 +362,84 @@ def test_batch_writes_jsonl_skips_bad_images_and_resumes(tiny_pg1_dir, images, t
     first = ok(run(*args))
     records = _records(results)
     assert [r["image"] for r in records] == ["a.png", "b.jpg", "broken.png"]
+    assert records[0]["path"] == str((folder / "a.png").absolute()) and records[0]["prompt"] == prompt
     _, want_a = library_answer(tiny_pg1_dir, folder / "a.png", prompt, torch.float32, max_new_tokens=n)
-    assert records[0]["output"] == want_a and records[0]["prompt"] == prompt
-    assert records[0]["tokens"] > 0 and records[0]["seconds"] > 0
-    assert set(records[2]) == {"image", "error"} and "broken.png" in first.stderr
+    assert records[0]["output"] == want_a and records[0]["settings"]["max_new_tokens"] == n
+    assert records[0]["tokens"] > 0 and records[0]["seconds"] > 0 and records[0]["batch"] == 1
+    assert set(records[2]) == {"image", "path", "prompt", "settings", "error"} and "broken.png" in first.stderr
 
-    # Resume after a run killed mid-line: only the new image is done, on a line of its own.
+    # Resume after a run killed mid-line: the torn line goes, the new image is answered, the failed one retried.
     shutil.copy(images["b"], folder / "c.png")
+    before = results.read_text()
     with results.open("a") as f:
         f.write('{"image": "torn')
-    before = results.read_text()
     counter = EncodeCounter(monkeypatch)
-    ok(run(*args))
-    assert counter.calls == 1
-    assert results.read_text().startswith(before + "\n")
-    assert [r["image"] for r in _records(results)] == ["a.png", "b.jpg", "broken.png", "c.png"]
+    second = ok(run(*args))
+    assert "2 already answered" in second.stderr and "1 failed before (retried)" in second.stderr
+    assert "half-written" in second.stderr
+    assert counter.calls == 1  # c.png only: the broken file never reaches the vision tower
+    assert results.read_text().startswith(before)
+    assert [r["image"] for r in _records(results)] == ["a.png", "b.jpg", "broken.png", "broken.png", "c.png"]
 
+    (folder / "broken.png").unlink()
     again = ok(run(*args))
-    assert counter.calls == 1 and "4 already in" in again.stderr
+    assert counter.calls == 1 and "3 already answered" in again.stderr and "0 to do" in again.stderr
+    assert "loaded" not in again.stderr  # nothing to do: the model is not even loaded
+
+
+def test_batch_with_another_prompt_or_settings_does_the_work(tiny_pg1_dir, folder, tmp_path):
+    results = tmp_path / "r.jsonl"
+    base = ["batch", tiny_pg1_dir, folder, "--out", results, "--dtype", "float32", "--max-new-tokens", 6]
+    ok(run(*base[:3], "caption en", *base[3:]))
+    second = ok(run(*base[:3], "answer en what is this?", *base[3:]))
+    assert "0 already answered" in second.stderr and "2 answered there only with another prompt" in second.stderr
+    third = ok(run(*base[:3], "caption en", *base[3:], "--seed", 1))  # another setting: done again too
+    assert "0 already answered" in third.stderr
+    records = _records(results)
+    assert len(records) == 9 and len({(r["path"], r["prompt"], json.dumps(r["settings"])) for r in records}) == 9
+
+
+def test_batch_size_changes_nothing_but_the_speed(tiny_pg2_dir, folder, images, tmp_path):
+    for i in range(3):
+        shutil.copy(images["a" if i % 2 else "b"], folder / f"extra{i}.png")
+    out = {}
+    for size in (1, 3):
+        out[size] = tmp_path / f"r{size}.jsonl"
+        args = ["--out", out[size], "--batch-size", size, "--dtype", "float32", "--max-new-tokens", 10]
+        ok(run("batch", tiny_pg2_dir, folder, "answer en what is in the picture?", *args))
+    one, three = _records(out[1]), _records(out[3])
+    assert _answers(one) == _answers(three) and len(one) == 6
+    assert [r.get("batch") for r in three] == [2, 2, None, 3, 3, 3]  # the error row leaves 2 in its batch
+
+
+def test_batch_killed_mid_run_resumes_without_loss_or_duplicates(tiny_pg1_dir, images, tmp_path):
+    """A real process, killed with SIGKILL while it writes, then run again into the same file."""
+    d = tmp_path / "many"
+    d.mkdir()
+    names = [f"{i:02d}.png" for i in range(24)]
+    for i, name in enumerate(names):
+        shutil.copy(images["a" if i % 2 else "b"], d / name)
+    results = tmp_path / "r.jsonl"
+    root = Path(__file__).resolve().parent.parent
+    # One thread: a tiny model gains nothing from more, and on a busy machine spinning OpenMP threads cost 5x.
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+                        "OMP_NUM_THREADS": "1"}  # fmt: skip
+    args = [sys.executable, "-c", "from lowmem_paligemma.cli import main; main()", "batch", str(tiny_pg1_dir),
+            str(d), "caption en", "--out", str(results), "--max-new-tokens", "16", "--batch-size", "2",
+            "--dtype", "float32"]  # fmt: skip
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_text().count("\n") >= 4:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = results.read_text().count("\n")
+    assert 4 <= written < len(names), "the run was not killed mid-way"
+    subprocess.run(args, env=env, check=True, capture_output=True)
+    records = _records(results)
+    assert sorted(r["image"] for r in records) == names  # all there, none twice, every line parses
 
 
 # --- errors and help ------------------------------------------------------------------------------------------------
@@ -406,6 +475,7 @@ def _broken_copy(src: Path, dst: Path, how: str) -> Path:
         "missing model dir", "empty model dir", "truncated shard", "missing image", "not an image", "empty prompt",
         "image token in prompt", "unknown option", "bad dtype", "negative max-new-tokens", "top-p above 1",
         "nan temperature", "vae without draw", "batch empty prompt", "batch missing folder", "chat not an image",
+        "batch workers without ray", "batch uri without ray",
         "profile without --out", "synth bad size", "synth preset and tiny", "synth gemma2 with preset",
         "synth nonempty dir", "no command option", "pickle only", "missing shard", "broken config",
         "model dir is a file",
@@ -433,6 +503,8 @@ def test_expected_failures_are_one_error_line(case, tiny_pg1_dir, broken_checkpo
         "vae without draw": ["generate", m, a, "caption en", "--vae", a],
         "batch empty prompt": ["batch", m, images["a"].parent, "", "--out", tmp_path / "r.jsonl"],
         "batch missing folder": ["batch", m, tmp_path / "nope", "caption en", "--out", tmp_path / "r.jsonl"],
+        "batch workers without ray": ["batch", m, a.parent, "caption en", "--out", tmp_path / "r", "--workers", 2],
+        "batch uri without ray": ["batch", m, "s3://bucket/images", "caption en", "--out", tmp_path / "r.jsonl"],
         "chat not an image": ["chat", m, images["bad"]],
         "profile without --out": ["profile", m, a, "caption en"],
         "synth bad size": ["synth", tmp_path / "s", "--tiny", "--max-shard-size", "5 parsecs"],

@@ -6,8 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowmem_paligemma import CheckpointError, load_hf_model, load_model, load_transformers_model
+from lowmem_paligemma import (
+    CheckpointError,
+    InsufficientMemoryError,
+    load_hf_model,
+    load_model,
+    load_transformers_model,
+    loader,
+)
 from lowmem_paligemma.config import load_config
+from lowmem_paligemma.pretrained import load_memory_bytes
 from lowmem_paligemma.synth import write_key_variant
 
 
@@ -92,3 +100,15 @@ def test_transformers_class_through_our_stream(tiny_pg2_dir):
         want = ref(input_ids=ids, pixel_values=pv, token_type_ids=torch.zeros_like(ids)).logits
         got = ours(input_ids=ids, pixel_values=pv, token_type_ids=torch.zeros_like(ids)).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_memory_bytes_is_what_the_preflight_asks(tiny_pg2_dir, monkeypatch, dtype):
+    need = load_memory_bytes(tiny_pg2_dir, dtype)
+    weights = sum(p.nbytes for p in load_model(tiny_pg2_dir, dtype=dtype).parameters())
+    assert need == weights + loader.DEFAULT_CHUNK_BYTES + loader.RUNTIME_MARGIN_BYTES
+    monkeypatch.setattr(loader, "available_bytes", lambda device: need - 1)
+    with pytest.raises(InsufficientMemoryError):
+        load_model(tiny_pg2_dir, dtype=dtype)
+    monkeypatch.setattr(loader, "available_bytes", lambda device: need)
+    assert load_model(tiny_pg2_dir, dtype=dtype) is not None

@@ -1,4 +1,4 @@
-"""The runtime every front end shares: sessions, one prompt with its timings, the option defaults."""
+"""The runtime every front end shares: sessions, one prompt or a batch with their timings, memory estimates."""
 
 import math
 from dataclasses import replace
@@ -6,9 +6,20 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
+from lowmem_paligemma.config import load_config
+from lowmem_paligemma.gemma import KVCache
 from lowmem_paligemma.generate import generate
-from lowmem_paligemma.pretrained import load_model
-from lowmem_paligemma.runtime import Generation, LoadOptions, SamplingOptions, load_session, run_prompt
+from lowmem_paligemma.pretrained import load_memory_bytes, load_model
+from lowmem_paligemma.runtime import (
+    Generation,
+    LoadOptions,
+    SamplingOptions,
+    generation_memory_bytes,
+    load_session,
+    run_prompt,
+    run_prompts,
+    session_memory_bytes,
+)
 from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES
 
 
@@ -50,3 +61,31 @@ def test_a_budget_reaches_the_model_and_counts_only_resident_weights(tiny_pg1_di
     assert session.streamer is model.streamer and session.weight_bytes < full.weight_bytes
     session.close()
     assert not model.streamer._thread.is_alive()
+
+
+def test_run_prompts_equals_run_prompt_row_by_row(tiny_pg1_dir):
+    session = load_session(tiny_pg1_dir, LoadOptions(dtype="float32"))
+    images = [Image.linear_gradient("L").convert("RGB"), Image.radial_gradient("L").convert("RGB").rotate(30)]
+    prompts = ["caption en", "answer en what is in the middle of this picture?"]  # different lengths
+    sampling = SamplingOptions(max_new_tokens=10)
+    want = [run_prompt(session, session.encode(im), p, sampling) for im, p in zip(images, prompts)]
+    features = torch.cat([session.encode(im) for im in images])
+    got = run_prompts(session, features, prompts, sampling)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want] and want[0].token_ids != want[1].token_ids
+    assert [g.text for g in got] == [w.text for w in want]
+    assert [g.prompt_tokens for g in got] == [w.prompt_tokens for w in want]
+    assert all(g.prefill_s == got[0].prefill_s > 0 for g in got)  # one shared prefill
+
+
+def test_session_memory_bytes_adds_the_batch_work_to_the_load(tiny_pg2_dir):
+    options, sampling = LoadOptions(dtype="bfloat16"), SamplingOptions(max_new_tokens=20)
+    cfg = load_config(tiny_pg2_dir)
+    load = load_memory_bytes(tiny_pg2_dir, torch.bfloat16)
+    one = session_memory_bytes(tiny_pg2_dir, options, "caption en", sampling, batch=1)
+    eight = session_memory_bytes(tiny_pg2_dir, options, "caption en", sampling, batch=8)
+    prompt_tokens = cfg.num_image_tokens + 1 + len("caption en\n")
+    session = load_session(tiny_pg2_dir, LoadOptions(dtype="bfloat16"))
+    assert prompt_tokens >= session.processor.prompt_inputs("caption en")[0].shape[1]  # the bound holds
+    assert one == load + generation_memory_bytes(cfg, 1, prompt_tokens, 20, torch.bfloat16)
+    cache = KVCache(cfg.text, 8, prompt_tokens + 20, torch.bfloat16, "cpu")
+    assert eight - load > cache.k.nbytes + cache.v.nbytes > one - load  # the cache counted, per row

@@ -5,6 +5,7 @@ Results go to stdout (streamed tokens, JSON, paths written); diagnostics go to s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -14,15 +15,25 @@ from typing import TextIO
 
 import click
 import torch
+from click.core import ParameterSource
 
-from ..batch import list_images, recorded_images, run_batch
+from ..batch import BatchJob, list_image_paths, plan_run, run_batch
 from ..errors import ImageError, PromptError
 from ..plot import plot_timeline
 from ..processor import check_prompt, load_image, to_rgb
 from ..profiler import MemoryProfiler
+from ..ray_batch import connect, run_ray_batch, worker_resources
 from ..runtime import Generation, LoadOptions, SamplingOptions, Session, draw_output, load_session, run_prompt
 from ..tasks import VQVAEDecoder
-from .options import EXISTING_FILE, MODEL_DIR, NEW_DIR, load_options, prompt_argument, sampling_options
+from .options import (
+    EXISTING_FILE,
+    MODEL_DIR,
+    NEW_DIR,
+    library_default,
+    load_options,
+    prompt_argument,
+    sampling_options,
+)
 from .report import (
     detections_report,
     echo_text,
@@ -206,35 +217,98 @@ def profile_command(
     click.echo("\n".join(profile_summary(gen, session, timeline, files)))
 
 
+RAY_ONLY = ("ray_address", "workers", "worker_cpus")
+
+
 @click.command("batch")
 @click.argument("model_dir", type=MODEL_DIR)
-@click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images")
 @prompt_argument
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="JSONL results, appended to: images already in it are skipped (resume; delete a line to redo).",
+    help="JSONL results, appended to. An image answered there with this prompt and these settings is skipped "
+    "(resume); one that failed is tried again.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=library_default(run_batch, "batch_size"),
+    show_default=True,
+    help="Images generated together (a CPU decode step costs about the same for 1 or 8).",
+)
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Spread the work over a Ray cluster (pip install 'lowmem_paligemma[ray]'); IMAGES may then be "
+    "any folder Ray reads (s3://..., gs://...). docs/batch.md",
+)
+@click.option(
+    "--ray-address",
+    help="Cluster to join (--ray): host:6379, ray://host:10001 or auto. "
+    "Default: the cluster `ray start` left on this machine, else a new local one.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=library_default(run_ray_batch, "workers"),
+    show_default=True,
+    help="Ray workers (--ray), each holding one model.",
+)
+@click.option(
+    "--worker-cpus",
+    type=click.IntRange(min=1),
+    help="CPUs (torch threads) per Ray worker (--ray). Default: the cluster's CPUs shared out.",
 )
 @sampling_options
 @load_options
 def batch_command(
-    model_dir: Path, image_dir: Path, prompt: str, out: Path, sampling: SamplingOptions, load: LoadOptions
+    model_dir: Path,
+    images: str,
+    prompt: str,
+    out: Path,
+    batch_size: int,
+    use_ray: bool,
+    ray_address: str | None,
+    workers: int,
+    worker_cpus: int | None,
+    sampling: SamplingOptions,
+    load: LoadOptions,
 ) -> None:
-    """Answer PROMPT for every image in IMAGE_DIR (jpg, jpeg, png, webp, bmp, gif), one JSON line per image.
+    """Answer PROMPT for every image in the folder IMAGES (jpg, jpeg, png, webp, bmp, gif), one JSON line each.
 
-    A file that cannot be read as an image gets an {"image", "error"} line and the run goes on.
+    A file that cannot be read as an image gets an error line and the run goes on. With --ray the images
+    are answered by Ray workers (one model each) and the lines are the same.
     """
     from tqdm import tqdm
 
+    ctx = click.get_current_context()
+    for name in RAY_ONLY:
+        if not use_ray and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+            raise click.BadParameter("only used with --ray", param_hint=f"'--{name.replace('_', '-')}'")
+    if not use_ray and "://" in images:
+        raise click.BadParameter(f"{images}: a URI is read by Ray workers only; add --ray", param_hint="'IMAGES'")
+    if use_ray and importlib.util.find_spec("ray") is None:
+        raise click.ClickException("--ray needs Ray: pip install 'lowmem_paligemma[ray]'")
     with user_errors():
-        images = list_images(image_dir)
-        done = recorded_images(out)
-        todo = [p for p in images if p.name not in done]
-        click.echo(f"{len(images)} image(s) in {image_dir}, {len(images) - len(todo)} already in {out}", err=True)
-        if not todo:
+        paths = list_image_paths(images)
+        job = BatchJob.of(model_dir, prompt, sampling, load)
+        plan = plan_run(paths, job, out)
+        click.echo(plan.describe(len(paths), out), err=True)
+        if not plan.todo:
             return
-        session = _load(model_dir, load, sampling)
-        skip = lambda message: tqdm.write(message, file=sys.stderr)  # tqdm.write keeps the bar intact
-        failed = run_batch(session, todo, prompt, sampling, out, progress=show_progress(), on_skip=skip)
-    click.echo(f"answered {len(todo) - failed}, skipped {failed} unreadable; results in {out}", err=True)
+        on_error = lambda message: tqdm.write(f"error row: {message}", file=sys.stderr)  # keeps the bar intact
+        if use_ray:
+            connect(ray_address)
+            resources = worker_resources(model_dir, load, job, sampling, batch_size, workers, worker_cpus)
+            click.echo(resources.describe(workers), err=True)
+            failed = run_ray_batch(
+                model_dir, plan.todo, job, sampling, load, out, resources, batch_size=batch_size, workers=workers,
+                progress=show_progress(), on_error=on_error,
+            )  # fmt: skip
+        else:
+            session = _load(model_dir, load, sampling)
+            failed = run_batch(session, plan.todo, job, sampling, out, batch_size, show_progress(), on_error)
+    click.echo(f"answered {len(plan.todo) - failed}, {failed} unreadable (error rows); results in {out}", err=True)

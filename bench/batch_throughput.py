@@ -1,0 +1,202 @@
+"""Batch throughput: images per minute at batch 1, 4 and 8, and `batch --ray` with one worker against the local command.
+
+Full-size synthetic PaliGemma-3B-224 (random weights in the Hub layout, bench/common.py) unless --checkpoint
+names another directory (a tiny one smoke-tests the script). 16 random images of assorted sizes, prompt
+"caption en", 20 new tokens, greedy, the same thread count everywhere:
+1. In process, model loaded once: `batch.run_batch` over all images at each batch size, after a warm-up.
+   Reported: images per minute of the whole run (encode + prefill + decode + writing the lines).
+2. End to end, each in a fresh process at the largest batch size: `lowmem-paligemma batch` (load + run), then
+   `batch --ray --workers 1` on a local Ray cluster started beforehand (a running cluster, as a user would
+   have): connect + worker start + load + run. Overhead = Ray wall time / local wall time - 1.
+Prints the table and writes docs/results/batch.md (or --out).
+
+    python -m bench.batch_throughput
+    python -m bench.batch_throughput --checkpoint /tmp/tiny --out /tmp/batch.md   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import ROOT, ensure_checkpoint
+
+PROMPT = "caption en"
+NEW_TOKENS = 20
+IMAGES = 16
+BATCH_SIZES = (1, 4, 8)
+CLI = "from lowmem_paligemma.cli import main; main()"
+
+
+def write_images(folder: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = (480, 640) if i % 2 else (600, 400)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.jpg", quality=90)
+
+
+def _env(threads: int) -> dict[str, str]:
+    path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": str(threads)}
+
+
+def in_process(model_dir: Path, images: Path, dtype: str, work: Path) -> list[dict]:
+    """Images per minute at each batch size with the model loaded once; the lines of each run for comparison."""
+    from lowmem_paligemma.batch import BatchJob, list_image_paths, read_records, run_batch
+    from lowmem_paligemma.runtime import LoadOptions, SamplingOptions, load_session
+
+    load, sampling = LoadOptions(dtype=dtype), SamplingOptions(max_new_tokens=NEW_TOKENS)
+    session = load_session(model_dir, load)
+    job = BatchJob.of(model_dir, PROMPT, sampling, load)
+    paths = list_image_paths(str(images))
+    run_batch(session, paths[:1], job, SamplingOptions(max_new_tokens=2), work / "warmup.jsonl")
+    rows = []
+    for size in BATCH_SIZES:
+        out = work / f"in-process-{size}.jsonl"
+        t0 = time.perf_counter()
+        run_batch(session, paths, job, sampling, out, batch_size=size)
+        seconds = time.perf_counter() - t0
+        records = list(read_records(out))
+        rows.append({"run": "in process, model loaded", "batch": size, "seconds": seconds, "records": records})
+        print(f"  batch {size}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def end_to_end(model_dir: Path, images: Path, dtype: str, work: Path, threads: int, batch: int) -> list[dict]:
+    """The local command and the Ray command, each a fresh process, timed from start to exit."""
+    common = [str(model_dir), str(images), PROMPT, "--dtype", dtype, "--max-new-tokens", str(NEW_TOKENS),
+              "--batch-size", str(batch), "--device", "cpu"]  # fmt: skip
+    rows = []
+
+    def timed(name: str, extra: list[str], out: Path) -> None:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CLI, "batch", *common, "--out", str(out), *extra],
+                              env=_env(threads), capture_output=True, text=True)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        from lowmem_paligemma.batch import read_records
+
+        rows.append({"run": name, "batch": batch, "seconds": seconds, "records": list(read_records(out))})
+        print(f"  {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    timed("local command (load + run)", [], work / "local.jsonl")
+    try:
+        import ray
+    except ImportError:
+        print("  Ray is not installed (pip install '.[ray]'): no Ray row", file=sys.stderr)
+        return rows
+    # A cluster owned by this process (it ends with ray.shutdown), started before the clock, as a user's
+    # would be; its workers inherit this environment, so they import this checkout.
+    os.environ.update(_env(threads))
+    ray.init(num_cpus=threads, object_store_memory=500 << 20, include_dashboard=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        extra = ["--ray", "--ray-address", address, "--workers", "1", "--worker-cpus", str(threads)]
+        timed("Ray, 1 worker (connect + load + run)", extra, work / "ray.jsonl")
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def _same_outputs(row: dict, reference: dict) -> str:
+    """How many images got the reference run's output (bf16 rounding may differ across batch shapes)."""
+    want = {r["path"]: r.get("output") for r in reference["records"]}
+    got = {r["path"]: r.get("output") for r in row["records"]}
+    same = sum(got.get(p) == o for p, o in want.items())
+    return f"{same}/{len(want)}"
+
+
+def table(rows: list[dict]) -> list[str]:
+    base = rows[0]
+    local = next((r for r in rows if r["run"].startswith("local")), None)
+    lines = ["| run | batch | seconds | images / min | vs batch 1 | vs local command | outputs as batch 1 |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        per_min = 60 * len(r["records"]) / r["seconds"]
+        speedup = f"{base['seconds'] / r['seconds']:.2f}x" if r["run"] == base["run"] else "-"
+        vs_local = f"{r['seconds'] / local['seconds'] - 1:+.1%}" if local and r["run"].startswith("Ray") else "-"
+        lines.append(f"| {r['run']} | {r['batch']} | {r['seconds']:.1f} | {per_min:.2f} | {speedup} | {vs_local} "
+                     f"| {_same_outputs(r, base)} |")  # fmt: skip
+    return lines
+
+
+def targets(rows: list[dict]) -> list[str]:
+    by = {(r["run"], r["batch"]): r for r in rows}
+    one, eight = by.get(("in process, model loaded", 1)), by.get(("in process, model loaded", max(BATCH_SIZES)))
+    local = next((r for r in rows if r["run"].startswith("local")), None)
+    ray = next((r for r in rows if r["run"].startswith("Ray")), None)
+    verdict = lambda ok: "met" if ok else "**not met**"
+    lines = ["| target | this run | verdict |", "|---|---|---|"]
+    if one and eight:
+        ratio = one["seconds"] / eight["seconds"]
+        lines.append(f"| batch {max(BATCH_SIZES)} >= 2x the images / min of batch 1 | {ratio:.2f}x "
+                     f"| {verdict(ratio >= 2)} |")  # fmt: skip
+    if local and ray:
+        overhead = ray["seconds"] / local["seconds"] - 1
+        lines.append(f"| Ray, 1 worker, <= 10% over the local command | {overhead:+.1%} | {verdict(overhead <= 0.1)} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, help="model directory (default: full-size synthetic PaliGemma-3B)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in every run")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "batch.md")
+    args = ap.parse_args()
+    model_dir = args.checkpoint or ensure_checkpoint("bf16")
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    try:
+        images = work / "images"
+        images.mkdir()
+        write_images(images, IMAGES)
+        print(f"in process, {model_dir.name}, {args.dtype}, {args.threads} threads:", file=sys.stderr, flush=True)
+        rows = in_process(model_dir, images, args.dtype, work)
+        print("end to end:", file=sys.stderr, flush=True)
+        rows += end_to_end(model_dir, images, args.dtype, work, args.threads, max(BATCH_SIZES))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = table(rows)
+    print("\n".join(lines))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
+    command = "python -m bench.batch_throughput" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+    doc = [
+        "# Batch throughput",
+        "",
+        f"Measured {dt.date.today().isoformat()} with `{command}` on {cpu} ({os.cpu_count()} logical CPUs), "
+        f"torch {torch.__version__}, {args.threads} threads, {args.dtype} weights of `{model_dir.name}`. "
+        f"{IMAGES} random images, prompt `{PROMPT}`, {NEW_TOKENS} new tokens, greedy. bench/batch_throughput.py "
+        "says what each row times; docs/batch.md explains batching and the Ray path.",
+        "",
+        *lines,
+        "",
+        "## Targets",
+        "",
+        *targets(rows),
+        "",
+        "Tokens per image: " + json.dumps(sorted({r.get("tokens") for r in rows[0]["records"]} - {None})) + ".",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(doc))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
