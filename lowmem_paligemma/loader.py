@@ -89,6 +89,8 @@ def match_entries(
             raise CheckpointError(
                 f"{entry.path}: {entry.key!r} has shape {list(entry.shape)}, the model expects {want}"
             )
+        if entry.dtype.is_floating_point != params[name].dtype.is_floating_point:  # int bits are not weights
+            raise CheckpointError(f"{entry.path}: {entry.key!r} is stored as {dtype_name(entry.dtype)}, not floats")
     for entry, target in copies:  # a stored tied copy must have its parameter's shape; its values are not used
         if entry.shape != tuple(params[target].shape):
             raise CheckpointError(f"{entry.path}: {entry.key!r} shape {list(entry.shape)} is not {target}'s")
