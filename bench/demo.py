@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from bench.common import ensure_checkpoint, gb
-from lowmem_paligemma.generate import TextStream, generate
-from lowmem_paligemma.loader import load_hf_model
-from lowmem_paligemma.processor import Processor
+from lowmem_paligemma.generate import generate
+from lowmem_paligemma.pretrained import load_hf_model
+from lowmem_paligemma.processor import Processor, TextStream
 from lowmem_paligemma.profiler import MemoryProfiler, current_rss
 
 
@@ -46,6 +46,7 @@ def main() -> None:
     for token in tokens:
         print(stream.push(token), end="", flush=True)
         n += 1
+    print(stream.flush(), end="")
     rss = current_rss()
     print(f"\n             {n} tokens in {time.perf_counter() - t0:.1f} s (float16 weights on CPU, prefill included); "
           f"RSS {gb(rss['rss'])} GB (anon {gb(rss['anon'])}, file {gb(rss['file'])})")  # fmt: skip

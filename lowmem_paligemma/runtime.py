@@ -131,8 +131,7 @@ def run_prompt(
 
     def take(token: int) -> None:
         ids.append(token)
-        piece = stream.push(token) if on_text else ""
-        if piece and on_text:
+        if on_text and (piece := stream.push(token)):
             on_text(piece)
 
     t0 = time.perf_counter()
@@ -143,9 +142,9 @@ def run_prompt(
         for token in tokens:
             take(token)
     t2 = time.perf_counter()
+    if on_text and (rest := stream.flush()):
+        on_text(rest)  # a byte run the stream held back: the pieces now add up to `text`
     text = session.processor.decode(ids)
-    if on_text and text.startswith(stream.text) and len(text) > len(stream.text):
-        on_text(text[len(stream.text) :])  # a character the stream held back as incomplete bytes
     return Generation(text, ids, int(input_ids.shape[1]), t1 - t0, t2 - t1)
 
 

@@ -123,6 +123,24 @@ def test_generate_equals_library(which, options, sampling, tiny_pg1_dir, tiny_pg
     assert record["peak_rss"] > 0 and record["load_s"] >= 0 and record["prefill_s"] > 0
 
 
+@pytest.mark.parametrize(
+    "which, prompt, options",
+    [
+        ("pg1", "caption en", []),
+        ("pg2", "detect cat ; dog", []),
+        ("pg1", "ocr", ["--temperature", "3", "--seed", "5"]),  # near-uniform sampling: many byte-fallback runs
+        ("pg2", "answer en what is this?", ["--temperature", "1.5", "--seed", "2"]),
+    ],
+)
+def test_streamed_answer_equals_the_json_output(which, prompt, options, tiny_pg1_dir, tiny_pg2_dir, images):
+    # Long answers: the stream once printed 1,258 characters where --json gave 687 (a byte run re-decoded).
+    model_dir = tiny_pg1_dir if which == "pg1" else tiny_pg2_dir
+    args = ["generate", model_dir, images["a"], prompt, "--max-new-tokens", 300, *options]
+    record = json.loads(ok(run(*args, "--json")).stdout)
+    assert record["tokens"] > 50
+    assert ok(run(*args)).stdout == record["output"] + "\n"
+
+
 def test_sampling_options_change_the_output(tiny_pg1_dir, images):
     # Makes the sampled case above meaningful: the options reach the sampler.
     common = ["generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 12]
