@@ -43,3 +43,7 @@ class OutputError(LowmemError, ValueError):
 
 class InsufficientMemoryError(LowmemError):
     """The load would not fit in the memory available now."""
+
+
+class ContextLengthError(LowmemError, ValueError):
+    """A request longer than the model's context: prompt + max_new_tokens over max_position_embeddings."""

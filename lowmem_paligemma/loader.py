@@ -115,16 +115,27 @@ def available_bytes(device: torch.device | str) -> int:
 
 
 def check_memory(
-    plan: dict[str, TensorEntry], dtype: torch.dtype, device: torch.device | str, chunk_bytes: int
+    plan: dict[str, TensorEntry],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    chunk_bytes: int,
+    reserve: Mapping[str, int] | None = None,
 ) -> None:
-    need = load_bytes(plan, dtype) + chunk_bytes + RUNTIME_MARGIN_BYTES
+    """Refuse a load that would not fit. `reserve` names what the caller needs beside the weights, by part
+    (e.g. a request's KV cache and activations: memory.py), so the message can say what takes the room."""
+    reserve = reserve or {}
+    weights = load_bytes(plan, dtype)
+    need = weights + chunk_bytes + RUNTIME_MARGIN_BYTES + sum(reserve.values())
     have = available_bytes(device)
     if need > have:
         where = torch.device(device).type
+        parts = "".join(f", {name} {format_bytes(n)}" for name, n in reserve.items())
+        breakdown = f" (weights {format_bytes(weights)}{parts})" if reserve else ""
         advice = " or load in a 16-bit dtype" if dtype == torch.float32 else ""
+        advice += ", ask for a shorter request" if reserve else ""
         raise InsufficientMemoryError(
-            f"loading needs about {format_bytes(need)} of {where} memory but {format_bytes(have)} is available; "
-            f"close other programs{advice}, or skip this check (--force / preflight=False)"
+            f"loading needs about {format_bytes(need)} of {where} memory{breakdown} but {format_bytes(have)} is "
+            f"available; close other programs{advice}, or skip this check (--force / preflight=False)"
         )
 
 
@@ -265,6 +276,7 @@ def stream_checkpoint(
     repair: Callable[[nn.Module], None] | None = None,
     zero_copy: bool = False,
     preflight: bool = True,
+    reserve: Mapping[str, int] | None = None,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_phase: Callable[[str], None] | None = None,
@@ -274,8 +286,8 @@ def stream_checkpoint(
     `key_map` maps a stored key to a parameter name (None: unexpected); `tied` names stored copies of a
     parameter to skip (see `match_entries`). `tie` re-ties shared parameters after materialisation;
     `repair` rebuilds non-persistent buffers. `preflight` refuses a load that would not fit in the memory
-    available now. Errors are raised before any allocation where the headers can tell (keys, shapes,
-    memory), and nothing half-loaded is returned.
+    available now, counting `reserve` (bytes by name the caller needs beside the weights). Errors are raised
+    before any allocation where the headers can tell (keys, shapes, memory), and nothing half-loaded is returned.
     """
     if dtype not in WEIGHT_DTYPES.values():
         raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -285,7 +297,7 @@ def stream_checkpoint(
     entries = read_checkpoint(Path(model_dir))
     plan = match_entries(model, entries, key_map, tied)  # on meta: a mismatch costs nothing
     if preflight and not zero_copy:
-        check_memory(plan, dtype, device, chunk_bytes)
+        check_memory(plan, dtype, device, chunk_bytes, reserve)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -72,6 +72,7 @@ def load_model(
     *,
     zero_copy: bool = False,
     preflight: bool = True,
+    reserve: Mapping[str, int] | None = None,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_phase: Callable[[str], None] | None = None,
@@ -79,7 +80,8 @@ def load_model(
     """Stream a Hub-layout PaliGemma / PaliGemma 2 checkpoint into our model, in eval mode.
 
     `zero_copy` maps the shards instead of copying (CPU, checkpoint stored in `dtype`); `preflight` refuses
-    a load that would not fit in the memory available now; `progress` draws a bar on stderr; `on_phase(name)`
+    a load that would not fit in the memory available now, with `reserve` (bytes by name, e.g.
+    `memory.request_bytes(...).parts()`) on top of the weights; `progress` draws a bar on stderr; `on_phase(name)`
     is called at each loading phase (build, materialize, shard i/n, done).
     """
     model_dir = resolve_model_dir(model_path)
@@ -89,7 +91,8 @@ def load_model(
         model = PaliGemmaForConditionalGeneration(load_config(model_dir))
     return stream_checkpoint(
         model, model_dir, dtype, device, key_map=normalize_key, tied={LM_HEAD: EMBEDDING},
-        zero_copy=zero_copy, preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, on_phase=on_phase,
+        zero_copy=zero_copy, preflight=preflight, reserve=reserve, progress=progress, chunk_bytes=chunk_bytes,
+        on_phase=on_phase,
     )  # fmt: skip
 
 

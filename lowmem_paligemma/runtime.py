@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .generate import encode_image, generate
+from .config import load_config
+from .generate import check_length, encode_image, generate
+from .memory import request_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
 from .pretrained import load_model, resolve_model_dir
 from .processor import Processor, TextStream
@@ -71,14 +73,29 @@ def load_session(
     options: LoadOptions = LoadOptions(),
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
+    *,
+    prompt: str = "",
+    max_new_tokens: int | None = None,
 ) -> Session:
-    """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model."""
+    """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model.
+
+    With `max_new_tokens`, the request (`prompt` on one image; "" for prompts that come later) is checked
+    against the model's context, and its KV cache and activations (memory.py) join the memory pre-flight,
+    so a request that cannot fit is refused before the model is allocated.
+    """
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(model_dir)
-    processor = Processor.from_pretrained(model_dir)
+    cfg = load_config(model_dir)
+    processor = Processor.from_pretrained(model_dir, cfg)
+    dtype = WEIGHT_DTYPES[options.dtype]
+    reserve = None
+    if max_new_tokens is not None:
+        prompt_len = int(processor.prompt_inputs(prompt)[0].shape[1])
+        check_length(cfg.text, prompt_len, max_new_tokens)
+        reserve = request_bytes(cfg, prompt_len, max_new_tokens, dtype).parts()
     model = load_model(
-        model_dir, device=options.device, dtype=WEIGHT_DTYPES[options.dtype], zero_copy=options.zero_copy,
-        preflight=options.preflight, progress=progress, on_phase=on_phase,
+        model_dir, device=options.device, dtype=dtype, zero_copy=options.zero_copy, preflight=options.preflight,
+        reserve=reserve, progress=progress, on_phase=on_phase,
     )  # fmt: skip
     return Session(model, processor, time.perf_counter() - t0, options)
 

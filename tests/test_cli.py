@@ -435,3 +435,39 @@ def test_help(command):
 
 def test_version():
     assert "lowmem-paligemma" in ok(run("--version")).stdout
+
+
+# --- requests known up front: context and memory ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "profile", "chat"])
+def test_a_request_over_the_context_is_one_error_before_loading(command, tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    args = {
+        "generate": ["generate", tiny_pg1_dir, images["a"], "caption en"],
+        "profile": ["profile", tiny_pg1_dir, images["a"], "caption en", "--out", tmp_path / "p"],
+        "chat": ["chat", tiny_pg1_dir, images["a"]],
+    }[command]
+    line = assert_user_error(run(*args, "--max-new-tokens", 100_000, input="caption en\n"))
+    assert "over the model's context of 8192" in line and "ask for at most" in line
+    assert loads == []
+
+
+def test_chat_refuses_one_long_line_and_goes_on(tiny_pg1_dir, images, monkeypatch):
+    # The pre-flight counts the shortest prompt; a longer line that no longer fits is refused alone.
+    script = "caption en " + "very " * 5000 + "\ncaption en\n"  # over 8,192 tokens, then a short line
+    result = ok(run("chat", tiny_pg1_dir, images["a"], "--max-new-tokens", 8, input=script))
+    assert "over the model's context" in result.stderr and result.stderr.count("Error:") == 1
+    assert result.stderr.count("tokens/s") == 1
+
+
+def test_a_request_that_cannot_fit_names_the_kv_cache(tiny_pg1_dir, images, monkeypatch):
+    from lowmem_paligemma import loader
+
+    weights = sum(e.numel for e in read_checkpoint(tiny_pg1_dir).values()) * 2  # bfloat16
+    spare = loader.DEFAULT_CHUNK_BYTES + loader.RUNTIME_MARGIN_BYTES + 1_000_000
+    monkeypatch.setattr(loader, "available_bytes", lambda device: weights + spare)
+    line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8000))
+    assert "KV cache for 8,0" in line and "--force" in line
+    ok(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8))

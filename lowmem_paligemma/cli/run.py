@@ -15,7 +15,7 @@ import click
 import torch
 
 from ..batch import list_images, recorded_images, run_batch
-from ..errors import ImageError, PromptError
+from ..errors import ContextLengthError, ImageError, PromptError
 from ..plot import plot_timeline
 from ..processor import check_prompt, load_image, to_rgb
 from ..profiler import MemoryProfiler
@@ -36,8 +36,16 @@ from .report import (
 PROFILE_INTERVAL_S = 0.05  # RSS sampling period; VmHWM catches anything shorter
 
 
-def _load(model_dir: Path, load: LoadOptions, on_phase: Callable[[str], None] | None = None) -> Session:
-    session = load_session(model_dir, load, on_phase=on_phase, progress=show_progress())
+def _load(
+    model_dir: Path,
+    load: LoadOptions,
+    on_phase: Callable[[str], None] | None = None,
+    prompt: str = "",
+    sampling: SamplingOptions | None = None,
+) -> Session:
+    """The session; with `sampling`, the request (`prompt`, "" for prompts read later) is part of the pre-flight."""
+    max_new_tokens = None if sampling is None else sampling.max_new_tokens
+    session = load_session(model_dir, load, on_phase, show_progress(), prompt=prompt, max_new_tokens=max_new_tokens)
     click.echo(load_line(session), err=True)
     return session
 
@@ -76,7 +84,7 @@ def generate_command(
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
         img = load_image(image)  # before the (slow) model load, so a bad image fails at once
         decoder = VQVAEDecoder.from_npz(vae) if vae else None
-        session = _load(model_dir, load)
+        session = _load(model_dir, load, prompt=prompt, sampling=sampling)
         gen = run_prompt(session, session.encode(img), prompt, sampling, on_text=None if as_json else echo_text)
         found = draw_output(to_rgb(img), gen.text, draw, decoder) if draw else None
     peak = prof.peak()
@@ -137,7 +145,11 @@ def run_chat(
         except PromptError as e:
             click.echo(f"Error: {e}", err=True)
             continue
-        gen = run_prompt(session, image_features, line, sampling, on_text=echo_text)
+        try:
+            gen = run_prompt(session, image_features, line, sampling, on_text=echo_text)
+        except ContextLengthError as e:  # refused before the first token: the session goes on
+            click.echo(f"Error: {e}", err=True)
+            continue
         click.echo()
         on_answer(gen)
         answers += 1
@@ -158,7 +170,7 @@ def chat_command(model_dir: Path, image: Path, sampling: SamplingOptions, load: 
     """
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
         img = load_image(image)
-        session = _load(model_dir, load)
+        session = _load(model_dir, load, sampling=sampling)  # the shortest prompt: each line is checked again
         features = session.encode(img)
 
         def report(gen: Generation) -> None:
@@ -186,7 +198,7 @@ def profile_command(
         meta = {"label": f"{model_dir.name}: {load.dtype} on {load.device}", "prompt": prompt}
         with MemoryProfiler(PROFILE_INTERVAL_S, meta) as prof:
             with prof.phase("load"):
-                session = _load(model_dir, load, on_phase=lambda name: prof.mark(f"load: {name}"))
+                session = _load(model_dir, load, lambda name: prof.mark(f"load: {name}"), prompt, sampling)
             prof.meta["model_bytes"] = session.weight_bytes
             with prof.phase("encode"):
                 features = session.encode(img)
