@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .config import load_config
+from .errors import OutputError, PromptError
 from .generate import check_length, encode_image, generate
 from .memory import request_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
@@ -165,8 +166,36 @@ def run_prompt(
     return Generation(text, ids, int(input_ids.shape[1]), t1 - t0, t2 - t1)
 
 
+DRAW_TASKS = ("detect", "segment")  # the prompts whose answers hold <loc> boxes (docs/model.md, "Output formats")
+
+
+def check_draw(prompt: str, path: Path, source: Path | None = None) -> None:
+    """Refuse, before any work, a drawing that cannot be what the user wants.
+
+    The prompt must ask for boxes; `path` must not be the input image `source` (the answer drawn over the
+    picture it came from would be lost with the original); its directory must exist: none is created.
+    """
+    words = prompt.split()
+    if not words or words[0] not in DRAW_TASKS:
+        raise PromptError(f'drawing needs a detect or segment prompt (e.g. "detect cat ; dog"), got {prompt!r}')
+    if source is not None and _same_file(path, source):
+        raise OutputError(f"{path}: this is the input image; draw into a new file")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the directory {path.parent} does not exist (it is not created for you)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    # resolve() sees through symbolic links and "..", samefile() through hard links.
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
 def draw_output(image: Image.Image, text: str, path: Path, vae: VQVAEDecoder | None) -> list[dict[str, Any]]:
-    """Parse detect/segment output, draw it on `image` as a PNG at `path`; the objects in pixels (x0, y0, x1, y1)."""
+    """Parse detect/segment output, draw it on `image` as a PNG at `path`; the objects in pixels (x0, y0, x1, y1).
+
+    An answer without boxes still writes `path` (an unchanged copy: no objects is an answer); the caller says so.
+    """
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the directory {path.parent} does not exist (it is not created for you)")
     dets = parse_detections(text)
     width, height = image.size
     boxes = [to_pixels(d, width, height) for d in dets]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -196,8 +197,52 @@ def test_draw_without_vae_names_the_missing_masks(tiny_pg1_dir, images, tmp_path
 def test_draw_on_real_model_output(tiny_pg2_dir, images, tmp_path):
     out = tmp_path / "real.png"
     result = ok(run("generate", tiny_pg2_dir, images["b"], "detect cat", "--draw", out))
-    assert "object(s) drawn on" in result.stderr
+    assert re.search(r"\d+ object(s|\(s\)) drawn", result.stderr), result.stderr
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("how", ["same path", "another spelling", "symbolic link", "hard link"])
+def test_draw_never_overwrites_the_input_image(how, tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    image = shutil.copy(images["a"], tmp_path / "in.png")
+    before = image.read_bytes()
+    target = {
+        "same path": image,
+        "another spelling": tmp_path / "sub" / ".." / "in.png",
+        "symbolic link": tmp_path / "link.png",
+        "hard link": tmp_path / "hard.png",
+    }[how]
+    (tmp_path / "sub").mkdir()
+    if how == "symbolic link":
+        target.symlink_to(image)
+    if how == "hard link":
+        target.hardlink_to(image)
+    line = assert_user_error(run("generate", tiny_pg1_dir, image, "detect cat", "--draw", target))
+    assert "input image" in line and image.read_bytes() == before and loads == []
+
+
+def test_draw_creates_no_directory(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    target = tmp_path / "no" / "such" / "dir" / "out.png"
+    line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "detect cat", "--draw", target))
+    assert "does not exist" in line and not (tmp_path / "no").exists() and loads == []
+
+
+def test_draw_needs_a_detect_or_segment_prompt(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--draw", tmp_path / "x.png"))
+    assert "detect or segment prompt" in line and not (tmp_path / "x.png").exists() and loads == []
+
+
+def test_draw_says_why_nothing_is_drawn(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    _fixed_output(monkeypatch, tiny_pg1_dir, "no cat here")
+    out = tmp_path / "same.png"
+    result = ok(run("generate", tiny_pg1_dir, images["a"], "detect cat", "--draw", out))
+    assert "no <loc> boxes" in result.stderr and "unchanged copy" in result.stderr
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(images["a"]).convert("RGB")))
 
 
 # --- chat -----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,16 @@ from ..errors import ContextLengthError, ImageError, PromptError
 from ..plot import plot_timeline
 from ..processor import check_prompt, load_image, to_rgb
 from ..profiler import MemoryProfiler
-from ..runtime import Generation, LoadOptions, SamplingOptions, Session, draw_output, load_session, run_prompt
+from ..runtime import (
+    Generation,
+    LoadOptions,
+    SamplingOptions,
+    Session,
+    check_draw,
+    draw_output,
+    load_session,
+    run_prompt,
+)
 from ..tasks import VQVAEDecoder
 from .options import EXISTING_FILE, MODEL_DIR, NEW_DIR, load_options, prompt_argument, sampling_options
 from .report import (
@@ -59,7 +68,9 @@ def _load(
 @click.option(
     "--draw",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Draw detect / segment output onto IMAGE and save it here as PNG; boxes listed on stderr.",
+    help="Draw the boxes (and masks) of a detect / segment answer onto a copy of IMAGE, saved here as PNG; boxes "
+    "listed on stderr. Needs a detect or segment prompt, an existing directory and a file other than IMAGE "
+    "(an existing one is replaced). An answer without boxes writes the copy unchanged, and says so.",
 )
 @click.option("--vae", type=EXISTING_FILE, help="vae-oid.npz, to decode segmentation masks for --draw.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (output, timings, memory) instead.")
@@ -82,6 +93,8 @@ def generate_command(
     if vae is not None and draw is None:
         raise click.BadParameter("--vae is only used with --draw", param_hint="'--vae'")
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
+        if draw is not None:
+            check_draw(prompt, draw, image)
         img = load_image(image)  # before the (slow) model load, so a bad image fails at once
         decoder = VQVAEDecoder.from_npz(vae) if vae else None
         session = _load(model_dir, load, prompt=prompt, sampling=sampling)
