@@ -12,11 +12,13 @@ What is special:
 - The non-weight files come along: config.json with its dtype fields set to the new dtype, and the generation,
   preprocessor, tokenizer and processor files (every top-level file that is not weights and not hidden).
 - All or nothing: the output is written into a hidden temporary directory beside `dst_dir` and renamed into
-  place at the end; any failure (or Ctrl-C) removes it.
+  place at the end; any failure (or Ctrl-C) removes it. A process killed outright (SIGKILL) leaves it behind:
+  the loader refuses it by its `.partial` suffix, and the next convert into `dst_dir` removes it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -31,6 +33,7 @@ from .loader import DEFAULT_CHUNK_BYTES
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
+    PARTIAL_SUFFIX,
     WEIGHT_DTYPES,
     TensorSpec,
     dtype_name,
@@ -82,8 +85,10 @@ def convert_checkpoint(
     if free < total:
         raise OutputError(f"{dst.parent}: {format_bytes(free)} free, the converted weights need {format_bytes(total)}")
 
-    # Not tempfile.mkdtemp: its 0700 mode would become the converted checkpoint's.
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    _remove_abandoned(dst)
+    # Not tempfile.mkdtemp: its 0700 mode would become the converted checkpoint's. The suffix keeps the loader
+    # away from it: a directory that looks complete but was never renamed is refused (safetensors_io.py).
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     tmp.mkdir()
     try:
         # Same rounding as the loader's copy_ into a parameter of `dtype` (round to nearest even), so loading the
@@ -96,6 +101,25 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _remove_abandoned(dst: Path) -> None:
+    """Temporary directories of earlier converts into `dst` whose process is gone: SIGKILL (or a power cut)
+    runs no cleanup. One whose process still runs is another convert at work, and is left alone."""
+    for partial in dst.parent.glob(f".{glob.escape(dst.name)}.*{PARTIAL_SUFFIX}"):
+        pid = partial.name[len(dst.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def _copy_side_files(src: Path, dst: Path, dtype: torch.dtype) -> None:

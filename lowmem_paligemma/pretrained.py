@@ -25,6 +25,7 @@ from .config import load_config
 from .errors import CheckpointError
 from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
 from .paligemma import PaliGemmaForConditionalGeneration
+from .safetensors_io import refuse_partial
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
@@ -35,6 +36,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The model directory, or a CheckpointError that says what is wrong (missing, a file, a Hub id)."""
     p = Path(path)
     if p.is_dir():
+        refuse_partial(p)
         return p
     if p.exists():
         raise CheckpointError(f"{p}: not a directory; pass the model directory (config.json, *.safetensors)")

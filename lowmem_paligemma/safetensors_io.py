@@ -202,14 +202,17 @@ def read_index(model_dir: Path) -> dict[str, str] | None:
     return weight_map
 
 
+def refuse_partial(model_dir: Path) -> None:
+    """A directory still being written, or left by a writer that was killed, is never a checkpoint."""
+    if model_dir.name.endswith(PARTIAL_SUFFIX):
+        raise CheckpointError(f"{model_dir}: the unfinished output of a `convert`; delete it and convert again")
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The shard files of a checkpoint directory, in index order; refuses pickles and stray paths."""
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory")
-    if model_dir.name.endswith(PARTIAL_SUFFIX):
-        raise CheckpointError(
-            f"{model_dir}: the unfinished output of a `convert` that was killed; delete it and convert again"
-        )
+    refuse_partial(model_dir)
     weight_map = read_index(model_dir)
     if weight_map is not None:
         index, root = model_dir / INDEX_NAME, model_dir.resolve()

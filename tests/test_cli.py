@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -516,3 +521,30 @@ def test_a_request_that_cannot_fit_names_the_kv_cache(tiny_pg1_dir, images, monk
     line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8000))
     assert "KV cache for 8,0" in line and "--force" in line
     ok(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8))
+
+
+# --- interrupted work -----------------------------------------------------------------------------------------------
+
+CLI = "from lowmem_paligemma.cli import main; main()"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_ctrl_c_exits_130_without_a_traceback(command, tiny_pg1_dir, images):
+    args = [tiny_pg1_dir, images["a"], *(["caption en"] if command == "generate" else []), "--max-new-tokens", 8000]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, command, *map(str, args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        if command == "chat":
+            proc.stdin.write(b"caption en\n")  # stdin stays open: chat would wait for the next line
+            proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], 120)[0], "no streamed text within 120 s"
+        assert proc.stdout.read(1)  # the answer is streaming: generation is under way
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert b"Traceback" not in stderr and stderr.decode().rstrip().endswith("interrupted")
