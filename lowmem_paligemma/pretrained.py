@@ -26,6 +26,7 @@ from .errors import CheckpointError
 from .loader import DEFAULT_CHUNK_BYTES, stream_checkpoint
 from .paligemma import PaliGemmaForConditionalGeneration
 from .safetensors_io import refuse_partial
+from .verify import verify_checkpoint
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
@@ -75,6 +76,7 @@ def load_model(
     zero_copy: bool = False,
     preflight: bool = True,
     reserve: Mapping[str, int] | None = None,
+    verify: bool | str | os.PathLike = False,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_phase: Callable[[str], None] | None = None,
@@ -83,10 +85,15 @@ def load_model(
 
     `zero_copy` maps the shards instead of copying (CPU, checkpoint stored in `dtype`); `preflight` refuses
     a load that would not fit in the memory available now, with `reserve` (bytes by name, e.g.
-    `memory.request_bytes(...).parts()`) on top of the weights; `progress` draws a bar on stderr; `on_phase(name)`
-    is called at each loading phase (build, materialize, shard i/n, done).
+    `memory.request_bytes(...).parts()`) on top of the weights; `verify` first checks every shard's checksum
+    (verify.py): True against the Hub's download records, a path against that sums file; `progress` draws a
+    bar on stderr; `on_phase(name)` is called at each loading phase (verify, build, materialize, shard i/n, done).
     """
     model_dir = resolve_model_dir(model_path)
+    if verify is not False:
+        if on_phase:
+            on_phase("verify")
+        verify_checkpoint(model_dir, None if verify is True else verify)
     if on_phase:
         on_phase("build")
     with torch.device("meta"):

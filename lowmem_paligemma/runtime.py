@@ -40,6 +40,7 @@ class LoadOptions:
     device: str = "cpu"  # cpu / cuda / mps (front ends resolve "auto")
     zero_copy: bool = False  # map the shards instead of copying (CPU, checkpoint stored in `dtype`)
     preflight: bool = True  # refuse a load that would not fit in the memory available now
+    verify: bool | Path = False  # check shard checksums first: True the Hub's records, a Path a sums file (verify.py)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def load_session(
         reserve = request_bytes(cfg, prompt_len, max_new_tokens, dtype).parts()
     model = load_model(
         model_dir, device=options.device, dtype=dtype, zero_copy=options.zero_copy, preflight=options.preflight,
-        reserve=reserve, progress=progress, on_phase=on_phase,
+        reserve=reserve, verify=options.verify, progress=progress, on_phase=on_phase,
     )  # fmt: skip
     return Session(model, processor, time.perf_counter() - t0, options)
 

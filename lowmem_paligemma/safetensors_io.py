@@ -215,12 +215,13 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     refuse_partial(model_dir)
     weight_map = read_index(model_dir)
     if weight_map is not None:
-        index, root = model_dir / INDEX_NAME, model_dir.resolve()
-        files = []
+        index, files = model_dir / INDEX_NAME, []
         for name in dict.fromkeys(weight_map.values()):
-            path = (model_dir / name).resolve()
-            if path.parent != root:
+            # A bare file name: the index cannot reach elsewhere. (The file may be a link, as in a Hub cache
+            # snapshot, where every file links to ../../blobs/<sha256>.)
+            if Path(name).name != name or name in ("", ".", ".."):
                 raise CheckpointError(f"{index}: shard {name!r} points outside the model directory")
+            path = model_dir / name
             if not path.is_file():
                 raise CheckpointError(f"{index}: shard {name!r} is missing")
             files.append(path)
@@ -250,10 +251,10 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
             entries[key] = entry
     weight_map = read_index(model_dir) or {}
     index = model_dir / INDEX_NAME
-    for key, name in weight_map.items():  # paths compared resolved: Hub cache snapshots link shards to blobs
+    for key, name in weight_map.items():
         if key not in entries:
             raise CheckpointError(f"{index}: weight_map lists {key!r}, which no shard holds")
-        if entries[key].path != (model_dir / name).resolve():
+        if entries[key].path != model_dir / name:
             raise CheckpointError(f"{index}: weight_map puts {key!r} in {name!r}, which does not hold it")
     if weight_map and len(weight_map) != len(entries):
         key = next(k for k in entries if k not in weight_map)

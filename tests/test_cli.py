@@ -548,3 +548,22 @@ def test_ctrl_c_exits_130_without_a_traceback(command, tiny_pg1_dir, images):
         proc.kill()
     assert proc.returncode == 130, stderr
     assert b"Traceback" not in stderr and stderr.decode().rstrip().endswith("interrupted")
+
+
+def test_verify_names_the_corrupted_shard(tiny_pg1_dir, images, tmp_path):
+    import hashlib
+
+    ckpt = shutil.copytree(tiny_pg1_dir, tmp_path / "ckpt")
+    shards = sorted(ckpt.glob("*.safetensors"))
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in shards))
+    args = ["generate", ckpt, images["a"], "caption en", "--max-new-tokens", 4]
+    ok(run(*args, "--verify", sums))
+    raw = bytearray(shards[0].read_bytes())
+    raw[-1] ^= 1  # the last byte of the last tensor: headers stay valid
+    shards[0].write_bytes(bytes(raw))
+    ok(run(*args))  # without --verify the corrupted weights load
+    line = assert_user_error(run(*args, f"--verify={sums}"))
+    assert shards[0].name in line and "checksum" in line and "download it again" in line
+    assert "no checksum to compare with" in assert_user_error(run(*args, "--verify"))  # no Hub records here
+    assert "no such sums file" in assert_user_error(run(*args, "--verify", tmp_path / "nope"))

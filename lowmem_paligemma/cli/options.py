@@ -101,8 +101,15 @@ sampling_options = _grouped(
 )  # fmt: skip
 
 
-def _load(dtype: str, device: str, zero_copy: bool, force: bool) -> LoadOptions:
-    return LoadOptions(dtype=dtype, device=device, zero_copy=zero_copy, preflight=not force)
+def _load(dtype: str, device: str, zero_copy: bool, force: bool, verify: str | None) -> LoadOptions:
+    checks: bool | Path = False if verify is None else True if verify == "" else Path(verify)
+    return LoadOptions(dtype=dtype, device=device, zero_copy=zero_copy, preflight=not force, verify=checks)
+
+
+def _check_sums_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and not Path(value).is_file():
+        raise click.BadParameter(f"{value}: no such sums file", ctx, param)
+    return value
 
 
 _L = LoadOptions()
@@ -116,9 +123,14 @@ load_options = _grouped(
                      help="Map the weight files instead of copying them (cpu; checkpoint stored in --dtype)."),
         click.option("--force", is_flag=True, default=not _L.preflight,
                      help="Load even if the memory pre-flight says the model will not fit."),
+        click.option("--verify", is_flag=False, flag_value="", default=None, metavar="[SUMS]",
+                     callback=_check_sums_file,
+                     help="Check each shard's sha256 before loading: against the Hub's download records "
+                          "(huggingface-cli download --local-dir, or the Hub cache), or a sha256sum-format SUMS "
+                          "file (--verify=SUMS). Catches corrupted weight bytes, which no header check can."),
     ],
     _load,
-    ["dtype", "device", "zero_copy", "force"],
+    ["dtype", "device", "zero_copy", "force", "verify"],
     "load",
 )  # fmt: skip
 
