@@ -108,11 +108,15 @@ def load_model(
 def load_hf_model(
     model_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16
 ):
-    """(model, tokenizer) from a Hub checkpoint directory, streamed (hkproj/pytorch-paligemma's API)."""
-    from .processor import load_tokenizer
+    """(model, tokenizer) from a Hub checkpoint directory, streamed (hkproj/pytorch-paligemma's API).
 
-    model = load_model(model_path, device=device, dtype=dtype)
-    return model, load_tokenizer(model_path)
+    The tokenizer comes first and must agree with config.json on the prompt's ids, before the weights load.
+    """
+    from .processor import check_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_dir(model_path))
+    check_tokenizer(tokenizer, load_config(model_path), model_path)
+    return load_model(model_path, device=device, dtype=dtype), tokenizer
 
 
 # --- transformers' own class through the same stream ----------------------------------------------------

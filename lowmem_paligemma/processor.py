@@ -13,6 +13,7 @@ in one call, as PaliGemmaProcessor does, so a prompt ending in "\\n" gives the t
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,27 @@ IMAGE_TOKEN = "<image>"
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """The decoded image (first frame), or an ImageError: missing, truncated, corrupt, empty or a decompression bomb."""
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{p}: no such image file")
     try:
-        img = Image.open(p)
-        img.load()  # decode now: a truncated or corrupt file fails here, not inside preprocessing
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL refuses more than 2 x MAX_IMAGE_PIXELS (about 179 million) but only warns, then decodes, between
+        # that and MAX_IMAGE_PIXELS: the warning is made an error for this call so the whole range is refused.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:  # closed on the way out; the decoded first frame stays usable
+                img.load()  # decode now: a truncated or corrupt file fails here, not inside preprocessing
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{p}: too many pixels to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{p}: not a readable image ({e})") from None
+    return check_image(img, p)
+
+
+def check_image(img: Image.Image, name: object = "the image") -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{name}: the image has no pixels ({img.width}x{img.height})")
     return img
 
 
@@ -53,7 +67,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def preprocess_image(img: Image.Image, image_size: int) -> torch.Tensor:
     """(3, S, S) float32 in [-1, 1], bit-identical to SiglipImageProcessorPil."""
-    resized = to_rgb(img).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    check_image(img)
+    try:  # an image opened but not yet decoded decodes here; some modes have no conversion to RGB
+        resized = to_rgb(img).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot read the image as RGB (mode {img.mode}: {e})") from None
     # HF rescales in float64 and rounds to float32 once (image_transforms.rescale), then normalises in float32.
     x = (np.asarray(resized, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
     x = (x - np.float32(0.5)) / np.float32(0.5)
@@ -71,6 +89,15 @@ def load_tokenizer(model_dir: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(d, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise TokenizerError(f"{d}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def check_tokenizer(tokenizer: Any, cfg: PaliGemmaConfig, model_dir: str | Path) -> None:
+    """The tokenizer and config.json must agree on the ids the prompt is built from (<image>, <bos>)."""
+    for token, want, field in ((IMAGE_TOKEN, cfg.image_token_index, "image_token_index"),
+                               ("<bos>", cfg.bos_token_id, "bos_token_id")):  # fmt: skip
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise TokenizerError(f"{model_dir}: tokenizer {token} id {got} differs from {field} {want} in config.json")
 
 
 def check_prompt(prompt: str, allow_empty: bool = False) -> str:
@@ -122,12 +149,7 @@ class Processor:
     def from_pretrained(cls, model_dir: str | Path, cfg: PaliGemmaConfig | None = None) -> Processor:
         cfg = cfg if cfg is not None else load_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if image_id != cfg.image_token_index:
-            raise TokenizerError(
-                f"{model_dir}: tokenizer {IMAGE_TOKEN} id {image_id} differs from image_token_index "
-                f"{cfg.image_token_index} in config.json"
-            )
+        check_tokenizer(tokenizer, cfg, model_dir)
         return cls(
             tokenizer=tokenizer,
             image_size=cfg.vision.image_size,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +232,66 @@ def test_stream_decodes_each_token_about_once(ours_and_hf) -> None:
     counting = CountingTokenizer(tok)
     assert _streamed(counting, ids) == tok.decode(ids, skip_special_tokens=True)
     assert counting.decoded == len(ids) and counting.calls <= len(ids)
+
+
+# --- images that are not what they claim: bombs, empty, huge, unconvertible -----------------------------------------
+
+
+def _png(width: int, height: int, rows: bytes | None = None) -> bytes:
+    """A grey PNG built by hand: any declared size, and (for a real bomb) every row of zeros compressed as it goes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    if rows is None:
+        row = bytes(width + 1)  # filter byte + one byte per pixel
+        data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    else:
+        data = z.compress(rows) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [9500, 20000])  # 90 M pixels: PIL only warns and decodes; 400 M: PIL refuses
+def test_decompression_bombs_are_image_errors(tmp_path: Path, side: int) -> None:
+    assert Image.MAX_IMAGE_PIXELS < side * side
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png(side, side) if side < 10000 else _png(side, side, rows=b""))
+    assert path.stat().st_size < 200_000  # a few hundred KB that would decode to 90 MB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a warning on the way either
+        with pytest.raises(ImageError, match="too many pixels"):
+            load_image(path)
+
+
+def test_empty_images_are_image_errors(tmp_path: Path, ours_and_hf) -> None:
+    ours, _ = ours_and_hf
+    path = tmp_path / "empty.png"
+    path.write_bytes(_png(0, 5, rows=b""))
+    with pytest.raises(ImageError):
+        load_image(path)
+    for size in [(0, 5), (5, 0), (0, 0)]:  # PIL resizes these to black silently
+        with pytest.raises(ImageError, match="no pixels"):
+            ours.pixel_values(Image.new("RGB", size))
+
+
+def test_a_huge_image_within_the_limit_works(tmp_path: Path, ours_and_hf) -> None:
+    ours, _ = ours_and_hf
+    path = tmp_path / "huge.jpg"
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(path, quality=50)
+    x = ours.pixel_values(path)
+    assert x.shape == (1, 3, 28, 28) and torch.isfinite(x).all()
+
+
+def test_unconvertible_and_undecoded_images_are_image_errors(tmp_path: Path, ours_and_hf) -> None:
+    ours, _ = ours_and_hf
+    with pytest.raises(ImageError, match="mode La"):
+        ours.pixel_values(Image.new("La", (4, 4)))
+    good = tmp_path / "good.png"
+    IMAGES["large"].save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:3000])
+    lazy = Image.open(cut)  # opened by the caller, not decoded yet: decoding happens in preprocessing
+    with pytest.raises(ImageError, match="cannot read the image as RGB"):
+        ours.pixel_values(lazy)
