@@ -1,12 +1,13 @@
 """PaliGemma entry points: every writer's key names, readable key errors, transformers' class, model paths."""
 
+import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowmem_paligemma import CheckpointError, load_hf_model, load_model, load_transformers_model
+from lowmem_paligemma import CheckpointError, TokenizerError, load_hf_model, load_model, load_transformers_model
 from lowmem_paligemma.config import load_config
 from lowmem_paligemma.synth import write_key_variant
 
@@ -92,3 +93,14 @@ def test_transformers_class_through_our_stream(tiny_pg2_dir):
         want = ref(input_ids=ids, pixel_values=pv, token_type_ids=torch.zeros_like(ids)).logits
         got = ours(input_ids=ids, pixel_values=pv, token_type_ids=torch.zeros_like(ids)).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field, value", [("image_token_index", 1663), ("bos_token_id", 5)])
+def test_load_hf_model_refuses_a_tokenizer_that_disagrees_with_the_config(tiny_pg1_dir, tmp_path, field, value):
+    # Both are valid ids, so config.json alone cannot tell; the prompt would be built from the wrong ones.
+    d = shutil.copytree(tiny_pg1_dir, tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match=rf"differs from {field} {value} in config.json"):
+        load_hf_model(d)
