@@ -110,13 +110,16 @@ def load_hf_model(
 ):
     """(model, tokenizer) from a Hub checkpoint directory, streamed (hkproj/pytorch-paligemma's API).
 
-    The tokenizer comes first and must agree with config.json on the prompt's ids, before the weights load.
+    config.json is validated first, then the tokenizer must agree with it on the prompt's ids (AutoTokenizer
+    reads config.json too), all before the weights load.
     """
     from .processor import check_tokenizer, load_tokenizer
 
-    tokenizer = load_tokenizer(resolve_model_dir(model_path))
-    check_tokenizer(tokenizer, load_config(model_path), model_path)
-    return load_model(model_path, device=device, dtype=dtype), tokenizer
+    model_dir = resolve_model_dir(model_path)
+    cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer(tokenizer, cfg, model_dir)
+    return load_model(model_dir, device=device, dtype=dtype), tokenizer
 
 
 # --- transformers' own class through the same stream ----------------------------------------------------

@@ -87,8 +87,13 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise TokenizerError(f"{d}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        # AutoTokenizer parses tokenizer_config.json and config.json (user files) and lets TypeError,
+        # AttributeError and strict-dataclass errors out on odd values: each is "cannot load", in one line.
+        message = str(e).strip().splitlines()
+        raise TokenizerError(
+            f"{d}: cannot load the tokenizer ({type(e).__name__}: {message[0] if message else ''})"
+        ) from None
 
 
 def check_tokenizer(tokenizer: Any, cfg: PaliGemmaConfig, model_dir: str | Path) -> None:

@@ -269,7 +269,7 @@ class CheckpointFuzzer:
             return Outcome(target, what, "wrong", f"{type(e).__name__}: {e}")
         try:
             got = self.logits(model)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return Outcome(target, what, "wrong", f"forward failed: {type(e).__name__}: {e}")
         if got.shape == self.reference.shape and torch.equal(got, self.reference):
             return Outcome(target, what, "identical")
@@ -336,7 +336,7 @@ def image_case(processor: Processor, seeds: dict[str, bytes], path_stem: Path, s
         x = processor.pixel_values(load_image(path))
     except ImageError as e:
         return Outcome("image", what, "refused", str(e))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return Outcome("image", what, "wrong", f"{type(e).__name__}: {e}")
     if x.shape != (1, 3, processor.image_size, processor.image_size) or not bool(torch.isfinite(x).all()):
         return Outcome("image", what, "wrong", f"pixel values {tuple(x.shape)}, finite: {bool(x.isfinite().all())}")

@@ -295,3 +295,19 @@ def test_unconvertible_and_undecoded_images_are_image_errors(tmp_path: Path, our
     lazy = Image.open(cut)  # opened by the caller, not decoded yet: decoding happens in preprocessing
     with pytest.raises(ImageError, match="cannot read the image as RGB"):
         ours.pixel_values(lazy)
+
+
+@pytest.mark.parametrize("field, value", [("torch_dtype", "x"), ("hidden_size", None), ("torch_dtype", [])])
+def test_a_config_the_tokenizer_loader_chokes_on_is_a_tokenizer_error(tiny_pg1_dir: Path, tmp_path: Path, field, value):
+    # Fields the model never reads, but AutoTokenizer parses config.json and raises AttributeError, IndexError or
+    # strict-dataclass errors on them: each is one TokenizerError line.
+    import json
+    import shutil
+
+    d = shutil.copytree(tiny_pg1_dir, tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="cannot load the tokenizer") as err:
+        load_tokenizer(d)
+    assert "\n" not in str(err.value)
