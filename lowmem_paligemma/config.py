@@ -175,7 +175,7 @@ _GEMMA2_DEFAULTS = dict(
     num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=CONTEXT_LENGTH,
     query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
 )  # fmt: skip
-_GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # old Gemma configs say "gelu" (rewritten)
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu")  # old Gemma configs say "gelu" (rewritten)
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 # Sanity bounds far above every released model (docs/model.md, "Configurations": at most 46 layers, no width
 # over 36,864, 257,216 embedding rows). A corrupted value beyond them would build a meta model for minutes, or

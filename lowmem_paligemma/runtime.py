@@ -181,6 +181,10 @@ def check_draw(prompt: str, path: Path, source: Path | None = None) -> None:
         raise PromptError(f'drawing needs a detect or segment prompt (e.g. "detect cat ; dog"), got {prompt!r}')
     if source is not None and _same_file(path, source):
         raise OutputError(f"{path}: this is the input image; draw into a new file")
+    _check_directory(path)
+
+
+def _check_directory(path: Path) -> None:
     if not path.parent.is_dir():
         raise OutputError(f"{path}: the directory {path.parent} does not exist (it is not created for you)")
 
@@ -195,8 +199,7 @@ def draw_output(image: Image.Image, text: str, path: Path, vae: VQVAEDecoder | N
 
     An answer without boxes still writes `path` (an unchanged copy: no objects is an answer); the caller says so.
     """
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: the directory {path.parent} does not exist (it is not created for you)")
+    _check_directory(path)
     dets = parse_detections(text)
     width, height = image.size
     boxes = [to_pixels(d, width, height) for d in dets]

@@ -102,7 +102,8 @@ sampling_options = _grouped(
 
 
 def _load(dtype: str, device: str, zero_copy: bool, force: bool, verify: str | None) -> LoadOptions:
-    checks: bool | Path = False if verify is None else True if verify == "" else Path(verify)
+    # --verify alone arrives as "" (its flag_value): the Hub's records; with a value, a sums file.
+    checks: bool | Path = Path(verify) if verify else verify == ""
     return LoadOptions(dtype=dtype, device=device, zero_copy=zero_copy, preflight=not force, verify=checks)
 
 
