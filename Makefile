@@ -3,7 +3,7 @@ PY ?= python3
 VENV = .venv
 STAMP = $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean distclean
+.PHONY: install test lint format demo bench fuzz clean distclean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Thousands of seeded mutations of checkpoints and images (a few minutes); writes docs/results/fuzz.md.
+fuzz: install
+	$(VENV)/bin/python tests/fuzzing.py --cases 4000 --images 4000
 
 demo: install
 	$(VENV)/bin/python -m bench.demo

@@ -12,11 +12,16 @@ No torch import here: configs are plain data.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+# Gemma's context: GemmaConfig / Gemma2Config `max_position_embeddings` default, which no PaliGemma config.json
+# overrides (docs/model.md, "Configurations"). Prompt (image tokens included) + generated tokens must fit.
+CONTEXT_LENGTH = 8192
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class GemmaConfig:
     head_dim: int = 256
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    max_position_embeddings: int = CONTEXT_LENGTH  # positions a request may use (prompt + generated): CONTEXT_LENGTH
     # Gemma 2 behaviour flags; the Gemma 1 values switch each feature off.
     post_norms: bool = False  # post_attention/post_feedforward norms around each sub-block
     attn_logit_softcap: float | None = None  # tanh(s / c) * c on attention scores
@@ -103,6 +109,7 @@ class PaliGemmaConfig:
             "head_dim": t.head_dim,
             "rms_norm_eps": t.rms_norm_eps,
             "rope_theta": t.rope_theta,
+            "max_position_embeddings": t.max_position_embeddings,
             "hidden_activation": "gelu_pytorch_tanh",
             "num_image_tokens": self.num_image_tokens,
             "pad_token_id": self.pad_token_id,
@@ -160,117 +167,209 @@ _SIGLIP_DEFAULTS = dict(
     num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
 )  # fmt: skip
 _GEMMA_DEFAULTS = dict(
-    vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-    num_attention_heads=16, num_key_value_heads=16, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+    vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=16, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=CONTEXT_LENGTH,
 )  # fmt: skip
 _GEMMA2_DEFAULTS = dict(
-    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=CONTEXT_LENGTH,
     query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
 )  # fmt: skip
-_GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"}  # old Gemma configs say "gelu" (rewritten)
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu")  # old Gemma configs say "gelu" (rewritten)
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+# Sanity bounds far above every released model (docs/model.md, "Configurations": at most 46 layers, no width
+# over 36,864, 257,216 embedding rows). A corrupted value beyond them would build a meta model for minutes, or
+# overflow torch's element counts, before the checkpoint could disagree with it.
+MAX_LAYERS = 1024
+MAX_SIZE = 1 << 20
 
 
-def _get(d: dict[str, Any], defaults: dict[str, Any], key: str) -> Any:
-    value = d.get(key)
-    return defaults[key] if value is None else value
+def _show(value: Any) -> str:
+    """A value as config.json spells it (null, true, "x")."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
-def _int_field(d: dict[str, Any], defaults: dict[str, Any], key: str, where: str) -> int:
-    value = _get(d, defaults, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where}.{key} must be a positive integer, got {value!r}")
+class _Reader:
+    """One config.json object: a missing field takes the class default; a present one is checked.
+
+    transformers (5.x, strict config dataclasses) refuses null for every sized field, so null is an error
+    here too except where its classes take it: a switched-off sliding window or soft-cap, default layer
+    types and rope parameters, and token ids (`_token_id`).
+    """
+
+    def __init__(self, d: dict[str, Any], defaults: dict[str, Any], where: str):
+        self.d, self.defaults, self.where = d, defaults, where
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str) -> Any:
+        return self.d[key] if key in self.d else self.defaults.get(key)
+
+    def int(self, key: str, upper: int = MAX_SIZE) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= upper:
+            raise ConfigError(f"{self.name(key)} must be a positive integer (at most {upper}), got {_show(value)}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigError(f"{self.name(key)} must be a positive number, got {_show(value)}")
+        return float(value)
+
+    def optional_number(self, key: str) -> float | None:
+        return None if self.get(key) is None else self.number(key)
+
+    def optional_int(self, key: str) -> int | None:
+        return None if self.get(key) is None else self.int(key)
+
+    def choice(self, key: str, allowed: Any, default: str) -> str:
+        value = self.d.get(key, default)
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(f"{self.name(key)} {_show(value)} is not {' or '.join(allowed)}")
+        return value
+
+    def token_id(self, key: str, vocab_size: int, default: int) -> int:
+        value = self.d.get(key)
+        return default if value is None else _token_id(value, self.name(key), vocab_size)
+
+
+def _token_id(value: Any, name: str, vocab_size: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ConfigError(f"{name} must be a token id below vocab_size {vocab_size}, got {_show(value)}")
     return value
 
 
 def _siglip_from_hf(v: dict[str, Any]) -> SiglipConfig:
-    ints = {k: _int_field(v, _SIGLIP_DEFAULTS, k, "vision_config") for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_channels", "image_size", "patch_size")}  # fmt: skip
+    r = _Reader(v, _SIGLIP_DEFAULTS, "vision_config")
+    r.choice("model_type", ("siglip_vision_model",), "siglip_vision_model")
+    ints = {
+        k: r.int(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size")
+    }
+    ints["num_hidden_layers"] = r.int("num_hidden_layers", MAX_LAYERS)
+    ints["num_channels"] = r.int("num_channels")
+    if ints["num_channels"] != 3:
+        raise ConfigError(
+            f"vision_config.num_channels must be 3 (the processor makes RGB images), got {_show(v['num_channels'])}"
+        )
     # vision_config.num_positions (256 in PG2-448/896 configs) is bogus: the table has num_patches rows.
-    act = v.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _GELU_TANH:
-        raise ConfigError(f"vision_config.hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
-    if v.get("vision_use_head"):
-        raise ConfigError("vision_config.vision_use_head=true is not a PaliGemma vision tower")
-    if ints["hidden_size"] % ints["num_attention_heads"]:
-        raise ConfigError("vision_config.hidden_size is not divisible by num_attention_heads")
+    r.choice("hidden_act", _GELU_TANH, "gelu_pytorch_tanh")
+    if v.get("vision_use_head", False) is not False:
+        raise ConfigError(
+            f"vision_config.vision_use_head must be false (no PaliGemma has one), got {_show(v['vision_use_head'])}"
+        )
+    width, heads = ints["hidden_size"], ints["num_attention_heads"]
+    if width % heads:
+        raise ConfigError(f"vision_config.hidden_size {width} is not divisible by num_attention_heads {heads}")
     if ints["image_size"] % ints["patch_size"]:
-        raise ConfigError("vision_config.image_size is not a multiple of patch_size")
-    return SiglipConfig(**ints, layer_norm_eps=float(_get(v, _SIGLIP_DEFAULTS, "layer_norm_eps")))
+        raise ConfigError(
+            f"vision_config.image_size {ints['image_size']} is not a multiple of patch_size {ints['patch_size']}"
+        )
+    return SiglipConfig(**ints, layer_norm_eps=r.number("layer_norm_eps"))
 
 
-def _rope_theta(t: dict[str, Any], defaults: dict[str, Any]) -> float:
+def _rope_theta(r: _Reader) -> float:
     # transformers 5.x writes rope_parameters {"rope_theta": ..., "rope_type": "default"}; 4.x writes rope_theta.
-    params = t.get("rope_parameters") or {}
-    if params.get("rope_type", "default") != "default":
-        raise ConfigError(f"text_config.rope_parameters.rope_type {params['rope_type']!r} is not supported")
-    return float(params.get("rope_theta") or _get(t, defaults, "rope_theta"))
+    if r.d.get("rope_scaling") is not None:
+        raise ConfigError(f"text_config.rope_scaling {_show(r.d['rope_scaling'])} is not supported")
+    params = r.d.get("rope_parameters")
+    if params is None:
+        return r.number("rope_theta")
+    if not isinstance(params, dict):
+        raise ConfigError(f"text_config.rope_parameters must be an object, got {_show(params)}")
+    p = _Reader(params, {"rope_theta": r.number("rope_theta")}, "text_config.rope_parameters")
+    p.choice("rope_type", ("default",), "default")
+    return p.number("rope_theta")
+
+
+def _sliding_layers(r: _Reader, n: int) -> tuple[int, ...]:
+    layer_types = r.d.get("layer_types")
+    if layer_types is None:  # Gemma2Config default: even layers slide, odd layers are global
+        return tuple(i for i in range(n) if (i + 1) % 2)
+    if not isinstance(layer_types, list) or len(layer_types) != n or not all(k in _LAYER_TYPES for k in layer_types):
+        raise ConfigError(
+            f"text_config.layer_types must list {n} of {', '.join(_LAYER_TYPES)}, got {_show(layer_types)}"
+        )
+    return tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
 
 
 def _gemma_from_hf(t: dict[str, Any]) -> GemmaConfig:
-    model_type = t.get("model_type", "gemma")
-    if model_type not in ("gemma", "gemma2"):
-        raise ConfigError(f"text_config.model_type {model_type!r} is not gemma or gemma2")
+    model_type = _Reader(t, {}, "text_config").choice("model_type", ("gemma", "gemma2"), "gemma")
     gemma2 = model_type == "gemma2"
-    defaults = _GEMMA2_DEFAULTS if gemma2 else _GEMMA_DEFAULTS
-    ints = {k: _int_field(t, defaults, k, "text_config") for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim")}  # fmt: skip
+    r = _Reader(t, _GEMMA2_DEFAULTS if gemma2 else _GEMMA_DEFAULTS, "text_config")
+    ints = {k: r.int(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                  "num_key_value_heads", "head_dim", "max_position_embeddings")}  # fmt: skip
+    ints["num_hidden_layers"] = r.int("num_hidden_layers", MAX_LAYERS)
     if ints["num_attention_heads"] % ints["num_key_value_heads"]:
-        raise ConfigError("text_config.num_attention_heads is not a multiple of num_key_value_heads")
-    act = t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _GELU_TANH:
-        raise ConfigError(f"text_config activation {act!r} is not supported (Gemma uses gelu_pytorch_tanh)")
-    common = dict(ints, rms_norm_eps=float(_get(t, defaults, "rms_norm_eps")), rope_theta=_rope_theta(t, defaults))
+        raise ConfigError(
+            f"text_config.num_attention_heads {ints['num_attention_heads']} is not a multiple of "
+            f"num_key_value_heads {ints['num_key_value_heads']}"
+        )
+    if ints["head_dim"] % 2:
+        raise ConfigError(f"text_config.head_dim must be even (rotary embeddings rotate pairs), got {ints['head_dim']}")
+    for key in ("hidden_activation", "hidden_act"):  # Gemma 2 names it hidden_activation; either may be present
+        r.choice(key, _GELU_TANH, "gelu_pytorch_tanh")
+    common = dict(ints, rms_norm_eps=r.number("rms_norm_eps"), rope_theta=_rope_theta(r))
     if not gemma2:
         return GemmaConfig(**common)
-    n = ints["num_hidden_layers"]
-    layer_types = t.get("layer_types")
-    if layer_types is None:  # Gemma2Config default: even layers slide, odd layers are global
-        sliding = tuple(i for i in range(n) if (i + 1) % 2)
-    elif len(layer_types) != n:
-        raise ConfigError(f"text_config.layer_types has {len(layer_types)} entries for {n} layers")
-    else:
-        sliding = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
-    window = t.get("sliding_window", defaults["sliding_window"])  # explicit null switches the window off
-    attn_cap = t.get("attn_logit_softcapping", defaults["attn_logit_softcapping"])
-    final_cap = t.get("final_logit_softcapping", defaults["final_logit_softcapping"])
+    window = r.optional_int("sliding_window")  # an explicit null switches the window off
     return GemmaConfig(
         **common,
         post_norms=True,
-        attn_logit_softcap=None if attn_cap is None else float(attn_cap),
-        final_logit_softcap=None if final_cap is None else float(final_cap),
-        query_pre_attn_scalar=int(_get(t, defaults, "query_pre_attn_scalar")),
-        sliding_window=None if window is None else int(window),
-        sliding_layers=sliding if window is not None else (),
+        attn_logit_softcap=r.optional_number("attn_logit_softcapping"),
+        final_logit_softcap=r.optional_number("final_logit_softcapping"),
+        query_pre_attn_scalar=r.int("query_pre_attn_scalar"),
+        sliding_window=window,
+        sliding_layers=_sliding_layers(r, ints["num_hidden_layers"]) if window is not None else (),
     )
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    ids = value if isinstance(value, list) else [value]
-    return tuple(int(i) for i in ids if i is not None)
+def _eos_ids(r: _Reader, vocab_size: int) -> tuple[int, ...]:
+    """text_config.eos_token_id (an id or a list: PaliGemma 2 says [1, 107]); missing or null: ()."""
+    value = r.d.get("eos_token_id")
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    return tuple(_token_id(i, r.name("eos_token_id"), vocab_size) for i in ids)
 
 
 def from_hf(d: dict[str, Any]) -> PaliGemmaConfig:
-    """Parse the dict of a Hub PaliGemma / PaliGemma 2 `config.json`."""
+    """Parse the dict of a Hub PaliGemma / PaliGemma 2 `config.json`; every field the model reads is checked.
+
+    Each failure is one ConfigError naming the field and its value.
+    """
     if not isinstance(d, dict):
         raise ConfigError("config.json does not hold a JSON object")
-    if d.get("model_type") not in (None, "paligemma"):
-        raise ConfigError(f"model_type {d.get('model_type')!r} is not paligemma")
+    r = _Reader(d, {}, "")
+    r.choice("model_type", ("paligemma",), "paligemma")
     t, v = d.get("text_config"), d.get("vision_config")
     if not isinstance(t, dict) or not isinstance(v, dict):
+        # transformers would build its default sub-configs (a SigLIP with intermediate_size 4096, which no
+        # released checkpoint has): a config.json without them describes no real model.
         raise ConfigError("config.json needs text_config and vision_config objects")
     text, vision = _gemma_from_hf(t), _siglip_from_hf(v)
-    if d.get("projection_dim") not in (None, text.hidden_size):
-        raise ConfigError(f"projection_dim {d['projection_dim']} differs from text hidden_size {text.hidden_size}")
-    eos = _eos_ids(t.get("eos_token_id")) or _eos_ids(d.get("eos_token_id", 1))
+    if "projection_dim" in d and d["projection_dim"] != text.hidden_size:
+        raise ConfigError(
+            f"projection_dim {_show(d['projection_dim'])} differs from text hidden_size {text.hidden_size}"
+        )
+    image_key = "image_token_id" if "image_token_id" in d and "image_token_index" not in d else "image_token_index"
+    image_token = d.get(image_key, 256000)  # PaliGemmaConfig's class default
+    if isinstance(image_token, bool) or not isinstance(image_token, int) or image_token < 0:
+        # May equal or exceed vocab_size: transformers looks such an id up as 0 (docs/model.md, "Forward pass").
+        raise ConfigError(f"{image_key} must be a non-negative integer, got {_show(image_token)}")
+    vocab = text.vocab_size
+    text_eos, top_eos = _eos_ids(_Reader(t, {}, "text_config"), vocab), _eos_ids(r, vocab)  # both checked
+    eos = text_eos or top_eos or (1,)  # GemmaConfig's default
     return PaliGemmaConfig(
         vision=vision,
         text=text,
-        image_token_index=int(d.get("image_token_index", d.get("image_token_id", 256000))),  # class default 256000
-        pad_token_id=int(d.get("pad_token_id") if d.get("pad_token_id") is not None else 0),
-        bos_token_id=int(d.get("bos_token_id") if d.get("bos_token_id") is not None else 2),
+        image_token_index=image_token,
+        # null: transformers keeps None and its processor takes the ids from the tokenizer, whose <pad> / <bos>
+        # are 0 / 2 in every Gemma vocabulary (docs/model.md, "Prompt and tokens"), the class defaults.
+        pad_token_id=r.token_id("pad_token_id", vocab, 0),
+        bos_token_id=r.token_id("bos_token_id", vocab, 2),
         eos_token_ids=eos,
     )
 

@@ -12,7 +12,8 @@ What is special:
 - The non-weight files come along: config.json with its dtype fields set to the new dtype, and the generation,
   preprocessor, tokenizer and processor files (every top-level file that is not weights and not hidden).
 - All or nothing: the output is written into a hidden temporary directory beside `dst_dir` and renamed into
-  place at the end; any failure (or Ctrl-C) removes it.
+  place at the end; any failure (or Ctrl-C) removes it. A process killed outright (SIGKILL) leaves it behind:
+  the loader refuses it by its `.partial` suffix, and the next convert into `dst_dir` removes it.
 - `quantize` "int8" / "int4" writes a pre-quantized checkpoint in compressed-tensors' layout (compressed.py):
   the layers the loader would quantize (quant.quantize_model's policy, on the meta model) are quantized by
   the loader's arithmetic, so loading the result equals quantizing at load bit for bit when the source is
@@ -25,6 +26,7 @@ What is special:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -53,6 +55,7 @@ from .quant import (
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
+    PARTIAL_SUFFIX,
     WEIGHT_DTYPES,
     TensorEntry,
     TensorSpec,
@@ -114,8 +117,10 @@ def convert_checkpoint(
     if free < total:
         raise OutputError(f"{dst.parent}: {format_bytes(free)} free, the converted weights need {format_bytes(total)}")
 
-    # Not tempfile.mkdtemp: its 0700 mode would become the converted checkpoint's.
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    _remove_abandoned(dst)
+    # Not tempfile.mkdtemp: its 0700 mode would become the converted checkpoint's. The suffix keeps the loader
+    # away from it: a directory that looks complete but was never renamed is refused (safetensors_io.py).
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     tmp.mkdir()
     try:
         # Same rounding as the loader's copy_ into a parameter of `dtype` (round to nearest even), so loading the
@@ -128,6 +133,25 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _remove_abandoned(dst: Path) -> None:
+    """Temporary directories of earlier converts into `dst` whose process is gone: SIGKILL (or a power cut)
+    runs no cleanup. One whose process still runs is another convert at work, and is left alone."""
+    for leftover in dst.parent.glob(f".{glob.escape(dst.name)}.*{PARTIAL_SUFFIX}"):
+        pid = leftover.name[len(dst.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def _stored_dtype(entry: TensorEntry, dtype: torch.dtype) -> torch.dtype:

@@ -47,3 +47,7 @@ class OptionError(LowmemError, ValueError):
 
 class InsufficientMemoryError(LowmemError):
     """The load would not fit in the memory available now."""
+
+
+class ContextLengthError(LowmemError, ValueError):
+    """A request longer than the model's context: prompt + max_new_tokens over max_position_embeddings."""

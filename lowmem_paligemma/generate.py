@@ -16,10 +16,12 @@ Axes: B batch, L prompt length (the longest, in a batch), V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .config import GemmaConfig
+from .errors import ContextLengthError
 from .gemma import KVCache
 from .paligemma import PaliGemmaForConditionalGeneration
 from .sampling import sample_next_token
@@ -70,6 +72,21 @@ def decode_step(
     )[:, -1]  # fmt: skip
 
 
+def check_length(cfg: GemmaConfig, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Positions the request uses (prompt + new tokens), or a ContextLengthError if over the model's context."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total, context = prompt_tokens + max_new_tokens, cfg.max_position_embeddings
+    if total > context:
+        room = context - prompt_tokens
+        advice = f"ask for at most {room} new tokens" if room > 0 else "the prompt alone fills it"
+        raise ContextLengthError(
+            f"a prompt of {prompt_tokens} tokens (image included) + max_new_tokens {max_new_tokens} = {total} "
+            f"positions is over the model's context of {context} (text_config.max_position_embeddings); {advice}"
+        )
+    return total
+
+
 def generate(
     model: PaliGemmaForConditionalGeneration,
     input_ids: torch.Tensor,
@@ -84,12 +101,30 @@ def generate(
     seed: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids for one prompt (1, L); stops after an EOS id (yielded) or max_new_tokens."""
+    """Yield generated token ids for one prompt (1, L); stops after an EOS id (yielded) or max_new_tokens.
+
+    The request is checked here, before anything is allocated: a prompt + max_new_tokens over the model's
+    context raises ContextLengthError at the call, not at the first token.
+    """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate() takes one prompt of shape (1, L), got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_length(model.cfg.text, input_ids.shape[1], max_new_tokens)
     eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    sample = lambda logits: int(sample_next_token(logits.float().cpu(), generator, temperature, top_k, top_p)[0])
+    return _tokens(model, input_ids, token_type_ids, pixel_values, image_features, max_new_tokens, eos, sample)
+
+
+def _tokens(
+    model: PaliGemmaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    image_features: torch.Tensor | None,
+    max_new_tokens: int,
+    eos: set[int],
+    sample: Callable[[torch.Tensor], int],
+) -> Iterator[int]:
     device = model.device
     length = input_ids.shape[1]
     total = length + max_new_tokens
@@ -99,12 +134,11 @@ def generate(
     token_types[:, :length] = 0 if token_type_ids is None else token_type_ids
     if image_features is None and pixel_values is not None:
         image_features = encode_image(model, pixel_values)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
     cache = KVCache(model.cfg.text, 1, total, model.dtype, device)
 
     logits = prefill(model, ids[:, :length], token_types[:, :length], image_features, cache)
     for i in range(max_new_tokens):
-        token = int(sample_next_token(logits.float().cpu(), generator, temperature, top_k, top_p)[0])
+        token = sample(logits)
         yield token
         if token in eos or i == max_new_tokens - 1:
             return
@@ -189,6 +223,7 @@ def generate_batch(
         raise ValueError(f"{rows} prompts but {len(token_type_ids)} token type rows")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_length(model.cfg.text, max(x.shape[1] for x in input_ids), max_new_tokens)  # before the cache exists
     eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     device = model.device
     total = max(x.shape[1] for x in input_ids) + max_new_tokens

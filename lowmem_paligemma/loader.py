@@ -126,6 +126,8 @@ def match_entries(
                 raise CheckpointError(
                     f"{entry.path}: {key!r} has shape {list(entry.shape)}, the model expects {list(want)}"
                 )
+            if entry.dtype.is_floating_point != params[name].dtype.is_floating_point:  # int bits are not weights
+                raise CheckpointError(f"{entry.path}: {key!r} is stored as {dtype_name(entry.dtype)}, not floats")
             plan.copies[name] = entry
         elif name in offers:
             if offers[name].shape != entry.shape:
@@ -193,15 +195,23 @@ def memory_needed(model: nn.Module, dtype: torch.dtype, chunk_bytes: int = DEFAU
     return model_bytes(model, dtype, exclude) + chunk_bytes + RUNTIME_MARGIN_BYTES
 
 
-def check_memory(need: int, device: torch.device | str, advice: str = "") -> None:
-    """Refuse, before anything large is allocated, a load that needs `need` bytes (margin included) when less
-    memory is available now."""
+def check_memory(
+    need: int, device: torch.device | str, advice: str = "", reserve: Mapping[str, int] | None = None
+) -> None:
+    """Refuse, before anything large is allocated, a load that needs `need` bytes (weights, chunks, margin) and
+    `reserve` (what the caller needs beside the weights, by part: a request's KV cache and activations,
+    memory.py) when less memory is available now; the message says what takes the room."""
+    reserve = reserve or {}
+    weights, need = need, need + sum(reserve.values())
     have = available_bytes(device)
     if need > have:
         where = torch.device(device).type
+        parts = "".join(f", {name} {format_bytes(n)}" for name, n in reserve.items())
+        breakdown = f" (weights {format_bytes(weights)}{parts})" if reserve else ""
+        advice += ", ask for a shorter request" if reserve else ""
         raise InsufficientMemoryError(
-            f"loading needs about {format_bytes(need)} of {where} memory but {format_bytes(have)} is available; "
-            f"close other programs{advice}, or skip this check (--force / preflight=False)"
+            f"loading needs about {format_bytes(need)} of {where} memory{breakdown} but {format_bytes(have)} is "
+            f"available; close other programs{advice}, or skip this check (--force / preflight=False)"
         )
 
 
@@ -408,9 +418,9 @@ def stream_checkpoint(
     repair: Callable[[nn.Module], None] | None = None,
     zero_copy: bool = False,
     preflight: bool = True,
+    reserve: Mapping[str, int] | None = None,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    extra_bytes: int = 0,
     advice: str = "",
     on_phase: Callable[[str], None] | None = None,
     exclude: Collection[str] = (),
@@ -421,7 +431,8 @@ def stream_checkpoint(
     `key_map` maps a stored key to a parameter name (None: unexpected); `tied` names stored copies of a
     parameter to skip (see `match_entries`). `tie` re-ties shared parameters after materialisation;
     `repair` rebuilds non-persistent buffers. `preflight` refuses a load that would not fit in the memory
-    available now (the parameters, a chunk and `extra_bytes`, e.g. what the first request will need), with
+    available now (the parameters, a chunk and `reserve`: bytes by name the caller needs beside the weights,
+    named in the message), with
     `advice` (", or ...") in its message. Modules with a `row_fills()` method are filled through it
     (quantized while streaming, see `RowFill`). Errors are raised before any allocation where the headers
     can tell (keys, shapes, memory), and nothing half-loaded is returned.
@@ -438,7 +449,7 @@ def stream_checkpoint(
         plan = plan.restrict({name for name, _ in model.named_parameters()} - set(exclude))
     if preflight and not zero_copy:
         advice += " or load in a 16-bit dtype" if dtype == torch.float32 else ""
-        check_memory(memory_needed(model, dtype, chunk_bytes, exclude) + extra_bytes, device, advice)
+        check_memory(memory_needed(model, dtype, chunk_bytes, exclude), device, advice, reserve)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)

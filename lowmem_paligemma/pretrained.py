@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -40,8 +40,9 @@ from .residency import (
     scratch_bytes,
     streamable_units,
 )
-from .safetensors_io import WEIGHT_DTYPES
+from .safetensors_io import WEIGHT_DTYPES, refuse_partial
 from .streamer import LayerStreamer
+from .verify import verify_checkpoint
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
@@ -53,6 +54,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The model directory, or a CheckpointError that says what is wrong (missing, a file, a Hub id)."""
     p = Path(path)
     if p.is_dir():
+        refuse_partial(p)
         return p
     if p.exists():
         raise CheckpointError(f"{p}: not a directory; pass the model directory (config.json, *.safetensors)")
@@ -168,9 +170,10 @@ def load_model(
     kernels: str | None = None,
     zero_copy: bool = False,
     preflight: bool = True,
+    reserve: Mapping[str, int] | None = None,
+    verify: bool | str | os.PathLike = False,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    extra_bytes: int = 0,
     on_phase: Callable[[str], None] | None = None,
     max_memory: int | ResidencyPlan | None = None,
     prompt_tokens: int | None = None,
@@ -185,8 +188,10 @@ def load_model(
     with `quantize` None or equal to its mode.
     `kernels` overrides the measured kernel choice (kernels.py: a spec, or "reference"). `zero_copy` maps the
     shards instead of copying (CPU, checkpoint stored as loaded); `preflight` refuses a load that would not
-    fit in the memory available now (`extra_bytes` more for what the caller will run); `progress` draws a bar
-    on stderr; `on_phase(name)` is called at each phase (build, materialize, shard i/n, done).
+    fit in the memory available now, with `reserve` (bytes by name, e.g. `memory.request_bytes(...).parts()`)
+    on top of the weights; `verify` first checks every shard's checksum (verify.py): True against the Hub's
+    download records, a path against that sums file; `progress` draws a bar on stderr; `on_phase(name)` is
+    called at each phase (verify, build, materialize, shard i/n, done).
     The kernel report (what was chosen and why) is kept as `model.kernel_report`.
 
     `max_memory` (bytes of peak RSS for the whole process, or a `residency.ResidencyPlan`) keeps what fits
@@ -198,6 +203,10 @@ def load_model(
     `model.streamer`.
     """
     model_dir = resolve_model_dir(model_path)
+    if verify is not False:
+        if on_phase:
+            on_phase("verify")
+        verify_checkpoint(model_dir, None if verify is True else verify)
     if on_phase:
         on_phase("build")
     model = build_model(model_dir, quantize, device)
@@ -211,12 +220,13 @@ def load_model(
             max_new_tokens=max_new_tokens,
         )  # fmt: skip
         streamed = residency.streamed_parameters(model)
-        extra_bytes += residency.buffers * residency.buffer_bytes + residency.staging_bytes + residency.parts[REQUEST]
+        buffers = residency.buffers * residency.buffer_bytes + residency.staging_bytes
+        reserve = {"streamed-layer buffers": buffers, **(reserve or {REQUEST: residency.parts[REQUEST]})}
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
     advice = advice.get(model.quantize, "") if model.quantize == quantize else ""  # a stored mode is not an option
     model = stream_checkpoint(
         model, model_dir, dtype, device, key_map=normalize_key, tied=TIED, zero_copy=zero_copy,
-        preflight=preflight, progress=progress, chunk_bytes=chunk_bytes, extra_bytes=extra_bytes, on_phase=on_phase,
+        preflight=preflight, reserve=reserve, progress=progress, chunk_bytes=chunk_bytes, on_phase=on_phase,
         advice=advice, exclude=streamed, drop_cache=max_memory is not None,
     )  # fmt: skip
     use_kernels(model, report.plan)
@@ -247,11 +257,18 @@ def load_memory_bytes(
 def load_hf_model(
     model_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16
 ):
-    """(model, tokenizer) from a Hub checkpoint directory, streamed (hkproj/pytorch-paligemma's API)."""
-    from .processor import load_tokenizer
+    """(model, tokenizer) from a Hub checkpoint directory, streamed (hkproj/pytorch-paligemma's API).
 
-    model = load_model(model_path, device=device, dtype=dtype)
-    return model, load_tokenizer(model_path)
+    config.json is validated first, then the tokenizer must agree with it on the prompt's ids (AutoTokenizer
+    reads config.json too), all before the weights load.
+    """
+    from .processor import check_tokenizer, load_tokenizer
+
+    model_dir = resolve_model_dir(model_path)
+    cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer(tokenizer, cfg, model_dir)
+    return load_model(model_dir, device=device, dtype=dtype), tokenizer
 
 
 # --- transformers' own class through the same stream ----------------------------------------------------

@@ -12,6 +12,8 @@ in one call, as PaliGemmaProcessor does, so a prompt ending in "\\n" gives the t
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +29,7 @@ IMAGE_TOKEN = "<image>"
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """The decoded image (first frame), or an ImageError: missing, truncated, corrupt, empty or a decompression bomb."""
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{p}: no such image file")
@@ -36,12 +39,24 @@ def load_image(path: str | Path) -> Image.Image:
 def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
     """Open and decode an image file or stream; `name` (its path or URI) goes into the ImageError."""
     try:
-        img = Image.open(source)
-        img.load()  # decode now: a truncated or corrupt file fails here, not inside preprocessing
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL refuses more than 2 x MAX_IMAGE_PIXELS (about 179 million) but only warns, then decodes, between
+        # that and MAX_IMAGE_PIXELS: the warning is made an error for this call so the whole range is refused.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:  # closed on the way out; the decoded first frame stays usable
+                img.load()  # decode now: a truncated or corrupt file fails here, not inside preprocessing
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: too many pixels to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL's "cannot identify image file <path or stream repr>" would repeat the name or print an address
         detail = "not a known image format" if isinstance(e, UnidentifiedImageError) else e
         raise ImageError(f"{name}: not a readable image ({detail})") from None
+    return check_image(img, name)
+
+
+def check_image(img: Image.Image, name: object = "the image") -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{name}: the image has no pixels ({img.width}x{img.height})")
     return img
 
 
@@ -59,7 +74,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def preprocess_image(img: Image.Image, image_size: int) -> torch.Tensor:
     """(3, S, S) float32 in [-1, 1], bit-identical to SiglipImageProcessorPil."""
-    resized = to_rgb(img).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    check_image(img)
+    try:  # an image opened but not yet decoded decodes here; some modes have no conversion to RGB
+        resized = to_rgb(img).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot read the image as RGB (mode {img.mode}: {e})") from None
     # HF rescales in float64 and rounds to float32 once (image_transforms.rescale), then normalises in float32.
     x = (np.asarray(resized, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (S, S, 3)
     x = (x - np.float32(0.5)) / np.float32(0.5)
@@ -75,8 +94,22 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise TokenizerError(f"{d}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        # AutoTokenizer parses tokenizer_config.json and config.json (user files) and lets TypeError,
+        # AttributeError and strict-dataclass errors out on odd values: each is "cannot load", in one line.
+        message = str(e).strip().splitlines()
+        raise TokenizerError(
+            f"{d}: cannot load the tokenizer ({type(e).__name__}: {message[0] if message else ''})"
+        ) from None
+
+
+def check_tokenizer(tokenizer: Any, cfg: PaliGemmaConfig, model_dir: str | Path) -> None:
+    """The tokenizer and config.json must agree on the ids the prompt is built from (<image>, <bos>)."""
+    for token, want, field in ((IMAGE_TOKEN, cfg.image_token_index, "image_token_index"),
+                               ("<bos>", cfg.bos_token_id, "bos_token_id")):  # fmt: skip
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != want:
+            raise TokenizerError(f"{model_dir}: tokenizer {token} id {got} differs from {field} {want} in config.json")
 
 
 def check_prompt(prompt: str, allow_empty: bool = False) -> str:
@@ -128,12 +161,7 @@ class Processor:
     def from_pretrained(cls, model_dir: str | Path, cfg: PaliGemmaConfig | None = None) -> Processor:
         cfg = cfg if cfg is not None else load_config(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if image_id != cfg.image_token_index:
-            raise TokenizerError(
-                f"{model_dir}: tokenizer {IMAGE_TOKEN} id {image_id} differs from image_token_index "
-                f"{cfg.image_token_index} in config.json"
-            )
+        check_tokenizer(tokenizer, cfg, model_dir)
         return cls(
             tokenizer=tokenizer,
             image_size=cfg.vision.image_size,
@@ -169,23 +197,47 @@ class Processor:
 
 
 class TextStream:
-    """Incremental detokenisation: push token ids, get back only the new text.
+    """Incremental detokenisation: push token ids, get back the new text; `flush()` gives the rest at the end.
 
-    SentencePiece byte-fallback pieces can split one character over several tokens; while the decoded
-    text ends in U+FFFD the tail is held back until the character is complete.
+    The pieces always add up to `tokenizer.decode(all ids)`, and each id is decoded about once (linear time).
+    Gemma's decoder (Replace "\u2581" -> " ", ByteFallback, Fuse) turns each token into text on its own except a
+    run of byte-fallback pieces (<0x00>..<0xFF>): the run is decoded as one UTF-8 string, and when any byte of
+    it is invalid every byte becomes U+FFFD, so a later byte can change text decoded before it (<0x07> alone is
+    "\x07"; followed by <0xC3>, both become U+FFFD). Special tokens skipped in decoding, and ids past the
+    vocabulary, vanish before that, so a run looks through them. Text is therefore final up to the last other
+    token: the stream decodes from there on and holds a trailing run back until a token ends it, or `flush()`.
     """
+
+    _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._vanish = set(tokenizer.all_special_ids) if skip_special_tokens else set()
         self.ids: list[int] = []
-        self.text = ""
+        self._start = 0  # ids[:_start] are decoded and given out; no later id can change their text
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything given out so far."""
+        return "".join(self._pieces)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):
+        return "" if self._may_join_a_run(token_id) else self.flush()
+
+    def flush(self) -> str:
+        """Decode what is held back (a trailing byte run); at the end of generation this completes the text."""
+        if self._start == len(self.ids):
             return ""
-        new = text[len(self.text) :] if text.startswith(self.text) else text
-        self.text = text
+        new = self.tokenizer.decode(self.ids[self._start :], skip_special_tokens=self.skip_special_tokens)
+        self._start = len(self.ids)
+        self._pieces.append(new)
         return new
+
+    def _may_join_a_run(self, token_id: int) -> bool:
+        if token_id in self._vanish:
+            return True
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        return piece is None or self._BYTE_PIECE.fullmatch(piece) is not None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import memory
 from .config import PaliGemmaConfig
 from .errors import InsufficientMemoryError
 from .gemma import GemmaDecoderLayer
@@ -50,36 +51,8 @@ GROUPS = {GemmaDecoderLayer: "decoder", SiglipEncoderLayer: "vision"}  # the lay
 def request_bytes(
     cfg: PaliGemmaConfig, prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype, batch: int = 1
 ) -> int:
-    """Memory one request needs beyond the weights: the KV cache and the largest transient of a forward.
-
-    A first estimate, kept here beside its one user; a request-size module that other parts also use may
-    replace it. KV: 2 x layers x B x kv heads x (prompt + new) x head dim x itemsize. Transients of the
-    prefill (T = prompt tokens), the largest step: the attention scores (B, N, T, T) in float32 and twice in
-    the model dtype (Gemma 2's eager soft-capped path; SDPA's math fallback is the same size), the additive
-    masks and their boolean temporaries, the MLP's three (T, I) products, q/k/v with their rotated copies and
-    the grouped-query expansion, float32 copies of the residual stream in the norms, and the logits row.
-    The vision tower's transients (N image tokens) are counted when larger.
-    """
-    t, v = cfg.text, cfg.vision
-    size = dtype.itemsize
-    s = prompt_tokens + max_new_tokens
-    kv = 2 * t.num_hidden_layers * batch * t.num_key_value_heads * s * t.head_dim * size
-    n, k, h = t.num_attention_heads, t.num_key_value_heads, t.head_dim
-    masks = 2 if t.sliding_window else 1
-    text = batch * (
-        n * prompt_tokens * prompt_tokens * (4 + 2 * size)
-        + masks * prompt_tokens * prompt_tokens * (size + 3)
-        + 3 * prompt_tokens * t.intermediate_size * size
-        + 2 * prompt_tokens * (n + 2 * k) * h * size
-        + 2 * n * prompt_tokens * h * size
-        + 4 * prompt_tokens * t.hidden_size * 4
-        + 2 * t.vocab_size * 4
-    )
-    p = v.num_patches
-    vision = batch * (
-        v.num_attention_heads * p * p * (4 + 2 * size) + 3 * p * v.intermediate_size * size + 8 * p * v.hidden_size * 4
-    )
-    return kv + max(text, vision)
+    """Memory one request needs beyond the weights (memory.py: the KV cache and the largest activations)."""
+    return memory.request_bytes(cfg, prompt_tokens, max_new_tokens, dtype, batch).total
 
 
 def default_prompt_tokens(cfg: PaliGemmaConfig) -> int:

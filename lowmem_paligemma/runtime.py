@@ -21,14 +21,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import PaliGemmaConfig, load_config
-from .gemma import KVCache
-from .generate import encode_image, generate, generate_batch
+from .config import load_config
+from .errors import OutputError, PromptError
+from .generate import check_length, encode_image, generate, generate_batch
 from .kernels import cache_path, machine_key
 from .loader import model_bytes
+from .memory import request_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
 from .pretrained import build_model, choose_compute, load_memory_bytes, load_model, plan_memory, resolve_model_dir
 from .processor import Processor, TextStream
+from .residency import DEFAULT_NEW_TOKENS
 from .safetensors_io import WEIGHT_DTYPES, dtype_name
 from .streamer import LayerStreamer
 from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
@@ -48,6 +50,7 @@ class LoadOptions:
     preflight: bool = True  # refuse a load that would not fit in the memory available now
     max_memory: int | None = None  # peak RSS budget in bytes: layers that do not fit are streamed (residency.py)
     prefetch: bool = True  # read the next streamed layer while one computes (False: the ablation)
+    verify: bool | Path = False  # check shard checksums first: True the Hub's records, a Path a sums file (verify.py)
 
 
 @dataclass(frozen=True)
@@ -100,18 +103,33 @@ def load_session(
     options: LoadOptions = LoadOptions(),
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
-    max_new_tokens: int = SamplingOptions.max_new_tokens,
+    *,
+    prompt: str = "",
+    max_new_tokens: int | None = None,
 ) -> Session:
     """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model.
-    Under a memory budget the request planned for is one prompt (the image tokens and 64 more) and
-    `max_new_tokens`; the process's RSS is measured once the processor is loaded."""
+
+    With `max_new_tokens`, the request (`prompt` on one image; "" for prompts that come later) is checked
+    against the model's context, and its KV cache and activations (memory.py) join the memory pre-flight,
+    so a request that cannot fit is refused before the model is allocated. Under a memory budget the plan
+    holds that request (or, without `max_new_tokens`, the image tokens and 64 more and residency's default);
+    the process's RSS is measured once the processor is loaded.
+    """
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(model_dir)
-    processor = Processor.from_pretrained(model_dir)
+    cfg = load_config(model_dir)
+    processor = Processor.from_pretrained(model_dir, cfg)
+    dtype = WEIGHT_DTYPES.get(options.dtype, torch.bfloat16)  # "auto" is a 16-bit dtype: the same bytes
+    reserve, prompt_len = None, None
+    if max_new_tokens is not None:
+        prompt_len = int(processor.prompt_inputs(prompt)[0].shape[1])
+        check_length(cfg.text, prompt_len, max_new_tokens)
+        reserve = request_bytes(cfg, prompt_len, max_new_tokens, dtype).parts()
     model = load_model(
         model_dir, device=options.device, dtype=options.dtype, quantize=options.quantize, kernels=options.kernels,
-        zero_copy=options.zero_copy, preflight=options.preflight, progress=progress, on_phase=on_phase,
-        max_memory=options.max_memory, max_new_tokens=max_new_tokens, prefetch=options.prefetch,
+        zero_copy=options.zero_copy, preflight=options.preflight, reserve=reserve, verify=options.verify,
+        progress=progress, on_phase=on_phase, max_memory=options.max_memory, prompt_tokens=prompt_len,
+        max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS, prefetch=options.prefetch,
     )  # fmt: skip
     return Session(model, processor, time.perf_counter() - t0, options)
 
@@ -187,8 +205,7 @@ def run_prompt(
 
     def take(token: int) -> None:
         ids.append(token)
-        piece = stream.push(token) if on_text else ""
-        if piece and on_text:
+        if on_text and (piece := stream.push(token)):
             on_text(piece)
 
     t0 = time.perf_counter()
@@ -199,9 +216,9 @@ def run_prompt(
         for token in tokens:
             take(token)
     t2 = time.perf_counter()
+    if on_text and (rest := stream.flush()):
+        on_text(rest)  # a byte run the stream held back: the pieces now add up to `text`
     text = session.processor.decode(ids)
-    if on_text and text.startswith(stream.text) and len(text) > len(stream.text):
-        on_text(text[len(stream.text) :])  # a character the stream held back as incomplete bytes
     return Generation(text, ids, int(input_ids.shape[1]), t1 - t0, t2 - t1)
 
 
@@ -238,22 +255,11 @@ def run_prompts(
     ]
 
 
-def generation_memory_bytes(cfg: PaliGemmaConfig, batch: int, prompt_tokens: int, max_new_tokens: int,
-                            dtype: torch.dtype) -> int:  # fmt: skip
-    """Working memory of generating `batch` rows at once, an upper estimate: the KV cache as gemma.KVCache
-    allocates it (sized on meta), plus the prefill's largest temporaries: the MLP's gate, up and product
-    (B, L, I) and one layer's float32 attention scores (B, heads, L, L)."""
-    cache = KVCache(cfg.text, batch, prompt_tokens + max_new_tokens, dtype, "meta")
-    mlp = 3 * batch * prompt_tokens * cfg.text.intermediate_size * dtype.itemsize
-    scores = batch * cfg.text.num_attention_heads * prompt_tokens**2 * 4
-    return cache.k.nbytes + cache.v.nbytes + mlp + scores
-
-
 def session_memory_bytes(
     model_dir: str | os.PathLike, options: LoadOptions, prompt: str, sampling: SamplingOptions, batch: int
 ) -> int:
     """Bytes a session loaded with `options` needs to answer `prompt` for `batch` images at once: the load
-    pre-flight's estimate (weights from the headers + margin) plus `generation_memory_bytes`. Nothing is read
+    pre-flight's estimate (weights from the headers + margin) plus the batch's request (memory.py). Nothing is read
     but headers and config.json; the prompt's token count is bounded by its UTF-8 length (a piece is >= 1 byte).
     """
     if options.max_memory is not None:  # the budget holds the weights kept resident and the request
@@ -262,12 +268,43 @@ def session_memory_bytes(
     cfg = load_config(model_dir)
     dtype = WEIGHT_DTYPES.get(options.dtype, torch.bfloat16)  # "auto" is a 16-bit dtype: the same bytes
     prompt_tokens = cfg.num_image_tokens + 1 + len((prompt + "\n").encode())  # image tokens, <bos>, prompt + \n
-    work = generation_memory_bytes(cfg, batch, prompt_tokens, sampling.max_new_tokens, dtype)
+    work = request_bytes(cfg, prompt_tokens, sampling.max_new_tokens, dtype, batch).total
     return load_memory_bytes(model_dir, dtype, quantize=options.quantize) + work
 
 
+DRAW_TASKS = ("detect", "segment")  # the prompts whose answers hold <loc> boxes (docs/model.md, "Output formats")
+
+
+def check_draw(prompt: str, path: Path, source: Path | None = None) -> None:
+    """Refuse, before any work, a drawing that cannot be what the user wants.
+
+    The prompt must ask for boxes; `path` must not be the input image `source` (the answer drawn over the
+    picture it came from would be lost with the original); its directory must exist: none is created.
+    """
+    words = prompt.split()
+    if not words or words[0] not in DRAW_TASKS:
+        raise PromptError(f'drawing needs a detect or segment prompt (e.g. "detect cat ; dog"), got {prompt!r}')
+    if source is not None and _same_file(path, source):
+        raise OutputError(f"{path}: this is the input image; draw into a new file")
+    _check_directory(path)
+
+
+def _check_directory(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the directory {path.parent} does not exist (it is not created for you)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    # resolve() sees through symbolic links and "..", samefile() through hard links.
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
 def draw_output(image: Image.Image, text: str, path: Path, vae: VQVAEDecoder | None) -> list[dict[str, Any]]:
-    """Parse detect/segment output, draw it on `image` as a PNG at `path`; the objects in pixels (x0, y0, x1, y1)."""
+    """Parse detect/segment output, draw it on `image` as a PNG at `path`; the objects in pixels (x0, y0, x1, y1).
+
+    An answer without boxes still writes `path` (an unchanged copy: no objects is an answer); the caller says so.
+    """
+    _check_directory(path)
     dets = parse_detections(text)
     width, height = image.size
     boxes = [to_pixels(d, width, height) for d in dets]

@@ -34,6 +34,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' "5GB" at the time the Hub's PaliGemma shards were written
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation refuses larger headers
+PARTIAL_SUFFIX = ".partial"  # a checkpoint directory still being written (convert.py); never loaded
 
 # safetensors dtype names <-> torch dtypes.
 DTYPE_BY_NAME: dict[str, torch.dtype] = {
@@ -67,8 +68,58 @@ class TensorEntry:
         return math.prod(self.shape)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads keeps the last of two equal keys silently; a header names each key once.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is a Python extension, not JSON")
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (true / false are not numbers here, 4.0 is not an integer)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_json(path: Path, raw: bytes) -> dict[str, object]:
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path}: header does not start with '{{' (not safetensors, or a wrong header length)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: header names {e.args[0]!r} twice") from None
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    return header
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse and validate one safetensors header without reading tensor data."""
+    """Parse and validate one safetensors header without reading tensor data.
+
+    The rules are the format's (huggingface/safetensors README.md, "Format") as the reference implementation
+    enforces them (`safetensors/src/tensor.rs`: `read_metadata`, `Metadata::validate`):
+    - an 8-byte little-endian length N, at most MAX_HEADER_BYTES and within the file;
+    - N bytes of UTF-8 JSON, trailing whitespace allowed, no NaN / Infinity;
+    - `__metadata__`, if present, maps strings to strings; every other key is a tensor with a known dtype,
+      a shape of non-negative integers and `data_offsets` [begin, end] spanning shape x dtype size bytes;
+    - sorted by begin, the tensors tile the data section exactly: the first begins at 0, each begins where
+      the previous ends, the last ends at the end of the file. So a header length a few bytes off (the JSON
+      still parses: it is padded with spaces) is refused instead of read one byte off.
+    Stricter than safetensors 0.8 in three ways the README asks for or torch needs: the JSON must start with
+    `{`, no key may appear twice ("Duplicate keys are disallowed"; json.loads would keep the last one
+    silently), and dtypes outside DTYPE_BY_NAME are refused.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -76,65 +127,101 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: file too short for a safetensors header ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_HEADER_BYTES:
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header length {n} is over the format's limit ({MAX_HEADER_BYTES})")
+            if n > size - 8:
                 raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    header.pop("__metadata__", None)
+    header = _parse_json(path, raw)
+    metadata = header.pop("__metadata__", None)  # null is accepted, as the reference's Option<HashMap> does
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ is not a map of strings to strings")
     data_size = size - 8 - n
     entries, spans = {}, []
     for key, info in header.items():
-        try:
-            dtype_str, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry") from None
-        if dtype_str not in DTYPE_BY_NAME:
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(offsets, list) or len(offsets) != 2 or not isinstance(shape, list) or "dtype" not in info:
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry")
+        dtype_str, (begin, end) = info["dtype"], offsets
+        if not isinstance(dtype_str, str) or dtype_str not in DTYPE_BY_NAME:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype_str!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+        if not all(_is_count(d) for d in shape) or not (_is_count(begin) and _is_count(end)) or end < begin:
             raise CheckpointError(f"{path}: tensor {key!r} has a malformed shape or offsets")
-        if not 0 <= begin <= end <= data_size:
+        if end > data_size:
             raise CheckpointError(
                 f"{path}: tensor {key!r} bytes [{begin}, {end}) lie outside the data ({data_size} bytes; truncated?)"
             )
-        entry = TensorEntry(path, key, DTYPE_BY_NAME[dtype_str], shape, end - begin, 8 + n + begin)
+        entry = TensorEntry(path, key, DTYPE_BY_NAME[dtype_str], tuple(shape), end - begin, 8 + n + begin)
         if entry.numel * entry.dtype.itemsize != entry.nbytes:
             raise CheckpointError(
-                f"{path}: tensor {key!r} shape {list(shape)} x {dtype_str} needs "
+                f"{path}: tensor {key!r} shape {shape} x {dtype_str} needs "
                 f"{entry.numel * entry.dtype.itemsize} bytes but the header gives {entry.nbytes}"
             )
         entries[key] = entry
         spans.append((begin, end, key))
-    spans.sort()
-    for (_, end0, k0), (begin1, _, k1) in zip(spans, spans[1:]):
-        if begin1 < end0:
-            raise CheckpointError(f"{path}: tensors {k0!r} and {k1!r} overlap")
+    _check_tiling(path, sorted(spans), data_size)
     return entries
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The sorted [begin, end) spans cover [0, data_size) exactly once (reference: `Metadata::validate`)."""
+    at, previous = 0, None
+    for begin, end, key in spans:
+        if begin < at:
+            raise CheckpointError(f"{path}: tensors {previous!r} and {key!r} overlap")
+        if begin > at:
+            after = f"after {previous!r}" if previous else "before the first tensor"
+            raise CheckpointError(f"{path}: {begin - at} unaccounted bytes {after} (wrong offsets or header length)")
+        at, previous = end, key
+    if at != data_size:
+        raise CheckpointError(
+            f"{path}: the tensors end at data byte {at} but the file holds {data_size} data bytes "
+            "(wrong header length, or bytes appended)"
+        )
+
+
+def read_index(model_dir: Path) -> dict[str, str] | None:
+    """The index's weight_map (tensor name -> shard file name), or None for a single-file checkpoint."""
+    index = model_dir / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{index}: names {e.args[0]!r} twice") from None
+    except (OSError, ValueError, RecursionError):
+        raise CheckpointError(f"{index}: not valid JSON") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of names to files)")
+    return weight_map
+
+
+def refuse_partial(model_dir: Path) -> None:
+    """A directory still being written, or left by a writer that was killed, is never a checkpoint."""
+    if model_dir.name.endswith(PARTIAL_SUFFIX):
+        raise CheckpointError(f"{model_dir}: the unfinished output of a `convert`; delete it and convert again")
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The shard files of a checkpoint directory, in index order; refuses pickles and stray paths."""
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory")
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map object)") from None
-        root = model_dir.resolve()
-        files = []
-        for name in names:
-            path = (model_dir / str(name)).resolve()
-            if path.parent != root:
+    refuse_partial(model_dir)
+    weight_map = read_index(model_dir)
+    if weight_map is not None:
+        index, files = model_dir / INDEX_NAME, []
+        for name in dict.fromkeys(weight_map.values()):
+            # A bare file name: the index cannot reach elsewhere. (The file may be a link, as in a Hub cache
+            # snapshot, where every file links to ../../blobs/<sha256>.)
+            if Path(name).name != name or name in ("", ".", ".."):
                 raise CheckpointError(f"{index}: shard {name!r} points outside the model directory")
+            path = model_dir / name
             if not path.is_file():
                 raise CheckpointError(f"{index}: shard {name!r} is missing")
             files.append(path)
@@ -151,13 +238,27 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def read_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
-    """Every tensor of a checkpoint directory, keyed by stored name, headers validated."""
+    """Every tensor of a checkpoint directory, keyed by stored name, headers validated.
+
+    With an index, its weight_map must say where every stored tensor is, and nothing else: an index that
+    disagrees with the shards is a sign of a mixed or corrupted download.
+    """
     entries: dict[str, TensorEntry] = {}
     for path in checkpoint_files(model_dir):
         for key, entry in read_header(path).items():
             if key in entries:
                 raise CheckpointError(f"{path}: tensor {key!r} is also stored in {entries[key].path.name}")
             entries[key] = entry
+    weight_map = read_index(model_dir) or {}
+    index = model_dir / INDEX_NAME
+    for key, name in weight_map.items():
+        if key not in entries:
+            raise CheckpointError(f"{index}: weight_map lists {key!r}, which no shard holds")
+        if entries[key].path != model_dir / name:
+            raise CheckpointError(f"{index}: weight_map puts {key!r} in {name!r}, which does not hold it")
+    if weight_map and len(weight_map) != len(entries):
+        key = next(k for k in entries if k not in weight_map)
+        raise CheckpointError(f"{index}: the weight_map does not list {key!r}, which a shard holds")
     return entries
 
 

@@ -335,8 +335,7 @@ def draw_detections(
         draw.rectangle((x0, ty, x0 + tw, ty + th), fill=color)
         text_color = (0, 0, 0) if sum(color) > 400 else (255, 255, 255)
         draw.text((x0 + 2 - left, ty + 2 - top), det.label, fill=text_color, font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    canvas.save(path, format="PNG")  # into an existing directory: none is created
     return path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -128,6 +130,24 @@ def test_generate_equals_library(which, options, sampling, tiny_pg1_dir, tiny_pg
     assert record["peak_rss"] > 0 and record["load_s"] >= 0 and record["prefill_s"] > 0
 
 
+@pytest.mark.parametrize(
+    "which, prompt, options",
+    [
+        ("pg1", "caption en", []),
+        ("pg2", "detect cat ; dog", []),
+        ("pg1", "ocr", ["--temperature", "3", "--seed", "5"]),  # near-uniform sampling: many byte-fallback runs
+        ("pg2", "answer en what is this?", ["--temperature", "1.5", "--seed", "2"]),
+    ],
+)
+def test_streamed_answer_equals_the_json_output(which, prompt, options, tiny_pg1_dir, tiny_pg2_dir, images):
+    # Long answers: the stream once printed 1,258 characters where --json gave 687 (a byte run re-decoded).
+    model_dir = tiny_pg1_dir if which == "pg1" else tiny_pg2_dir
+    args = ["generate", model_dir, images["a"], prompt, "--max-new-tokens", 300, *options]
+    record = json.loads(ok(run(*args, "--json")).stdout)
+    assert record["tokens"] > 50
+    assert ok(run(*args)).stdout == record["output"] + "\n"
+
+
 def test_sampling_options_change_the_output(tiny_pg1_dir, images):
     # Makes the sampled case above meaningful: the options reach the sampler.
     common = ["generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 12]
@@ -221,8 +241,52 @@ def test_draw_without_vae_names_the_missing_masks(tiny_pg1_dir, images, tmp_path
 def test_draw_on_real_model_output(tiny_pg2_dir, images, tmp_path):
     out = tmp_path / "real.png"
     result = ok(run("generate", tiny_pg2_dir, images["b"], "detect cat", "--draw", out))
-    assert "object(s) drawn on" in result.stderr
+    assert re.search(r"\d+ object(s|\(s\)) drawn", result.stderr), result.stderr
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("how", ["same path", "another spelling", "symbolic link", "hard link"])
+def test_draw_never_overwrites_the_input_image(how, tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    image = shutil.copy(images["a"], tmp_path / "in.png")
+    before = image.read_bytes()
+    target = {
+        "same path": image,
+        "another spelling": tmp_path / "sub" / ".." / "in.png",
+        "symbolic link": tmp_path / "link.png",
+        "hard link": tmp_path / "hard.png",
+    }[how]
+    (tmp_path / "sub").mkdir()
+    if how == "symbolic link":
+        target.symlink_to(image)
+    if how == "hard link":
+        target.hardlink_to(image)
+    line = assert_user_error(run("generate", tiny_pg1_dir, image, "detect cat", "--draw", target))
+    assert "input image" in line and image.read_bytes() == before and loads == []
+
+
+def test_draw_creates_no_directory(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    target = tmp_path / "no" / "such" / "dir" / "out.png"
+    line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "detect cat", "--draw", target))
+    assert "does not exist" in line and not (tmp_path / "no").exists() and loads == []
+
+
+def test_draw_needs_a_detect_or_segment_prompt(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--draw", tmp_path / "x.png"))
+    assert "detect or segment prompt" in line and not (tmp_path / "x.png").exists() and loads == []
+
+
+def test_draw_says_why_nothing_is_drawn(tiny_pg1_dir, images, tmp_path, monkeypatch):
+    _fixed_output(monkeypatch, tiny_pg1_dir, "no cat here")
+    out = tmp_path / "same.png"
+    result = ok(run("generate", tiny_pg1_dir, images["a"], "detect cat", "--draw", out))
+    assert "no <loc> boxes" in result.stderr and "unchanged copy" in result.stderr
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(images["a"]).convert("RGB")))
 
 
 # --- chat -----------------------------------------------------------------------------------------------------------
@@ -543,3 +607,85 @@ def test_help(command):
 
 def test_version():
     assert "lowmem-paligemma" in ok(run("--version")).stdout
+
+
+# --- requests known up front: context and memory ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "profile", "chat"])
+def test_a_request_over_the_context_is_one_error_before_loading(command, tiny_pg1_dir, images, tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(runtime, "load_model", lambda *a, **kw: loads.append(1))
+    args = {
+        "generate": ["generate", tiny_pg1_dir, images["a"], "caption en"],
+        "profile": ["profile", tiny_pg1_dir, images["a"], "caption en", "--out", tmp_path / "p"],
+        "chat": ["chat", tiny_pg1_dir, images["a"]],
+    }[command]
+    line = assert_user_error(run(*args, "--max-new-tokens", 100_000, input="caption en\n"))
+    assert "over the model's context of 8192" in line and "ask for at most" in line
+    assert loads == []
+
+
+def test_chat_refuses_one_long_line_and_goes_on(tiny_pg1_dir, images, monkeypatch):
+    # The pre-flight counts the shortest prompt; a longer line that no longer fits is refused alone.
+    script = "caption en " + "very " * 5000 + "\ncaption en\n"  # over 8,192 tokens, then a short line
+    result = ok(run("chat", tiny_pg1_dir, images["a"], "--max-new-tokens", 8, input=script))
+    assert "over the model's context" in result.stderr and result.stderr.count("Error:") == 1
+    assert result.stderr.count("tokens/s") == 1
+
+
+def test_a_request_that_cannot_fit_names_the_kv_cache(tiny_pg1_dir, images, monkeypatch):
+    from lowmem_paligemma import loader
+
+    weights = sum(e.numel for e in read_checkpoint(tiny_pg1_dir).values()) * 2  # bfloat16
+    spare = loader.DEFAULT_CHUNK_BYTES + loader.RUNTIME_MARGIN_BYTES + 1_000_000
+    monkeypatch.setattr(loader, "available_bytes", lambda device: weights + spare)
+    line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8000))
+    assert "KV cache for 8,0" in line and "--force" in line
+    ok(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8))
+
+
+# --- interrupted work -----------------------------------------------------------------------------------------------
+
+CLI = "from lowmem_paligemma.cli import main; main()"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_ctrl_c_exits_130_without_a_traceback(command, tiny_pg1_dir, images):
+    args = [tiny_pg1_dir, images["a"], *(["caption en"] if command == "generate" else []), "--max-new-tokens", 8000]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI, command, *map(str, args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        if command == "chat":
+            proc.stdin.write(b"caption en\n")  # stdin stays open: chat would wait for the next line
+            proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], 120)[0], "no streamed text within 120 s"
+        assert proc.stdout.read(1)  # the answer is streaming: generation is under way
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert b"Traceback" not in stderr and stderr.decode().rstrip().endswith("interrupted")
+
+
+def test_verify_names_the_corrupted_shard(tiny_pg1_dir, images, tmp_path):
+    import hashlib
+
+    ckpt = shutil.copytree(tiny_pg1_dir, tmp_path / "ckpt")
+    shards = sorted(ckpt.glob("*.safetensors"))
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in shards))
+    args = ["generate", ckpt, images["a"], "caption en", "--max-new-tokens", 4]
+    ok(run(*args, "--verify", sums))
+    raw = bytearray(shards[0].read_bytes())
+    raw[-1] ^= 1  # the last byte of the last tensor: headers stay valid
+    shards[0].write_bytes(bytes(raw))
+    ok(run(*args))  # without --verify the corrupted weights load
+    line = assert_user_error(run(*args, f"--verify={sums}"))
+    assert shards[0].name in line and "checksum" in line and "download it again" in line
+    assert "no checksum to compare with" in assert_user_error(run(*args, "--verify"))  # no Hub records here
+    assert "no such sums file" in assert_user_error(run(*args, "--verify", tmp_path / "nope"))

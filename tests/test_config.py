@@ -126,3 +126,125 @@ def test_tiny_configs_are_small_and_exercise_gemma2():
     cfg = tiny(gemma2=True)
     assert cfg.num_image_tokens == 16 and cfg.image_token_index < cfg.text.vocab_size
     assert cfg.text.sliding_window and cfg.text.query_pre_attn_scalar != cfg.text.head_dim
+
+
+# --- every field the model reads is checked: one ConfigError naming the field and the value -----------------
+
+_SIZES = {
+    "text_config": ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "query_pre_attn_scalar"],
+    "vision_config": ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size", "num_channels"],
+}  # fmt: skip
+_NUMBERS = {
+    "text_config": [
+        "rms_norm_eps",
+        "rope_theta",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "sliding_window",
+    ],
+    "vision_config": ["layer_norm_eps"],
+}
+_BAD = [None, 0, -1, "8", True, 1.5, 10**12, [], {}, float("inf")]
+
+
+def _patched(where: str | None, key: str, value) -> dict:
+    d = json.loads(json.dumps(PG2_HUB))
+    (d[where] if where else d)[key] = value
+    return d
+
+
+def _cases():
+    for where, keys in _SIZES.items():
+        for key in keys:
+            for value in _BAD:
+                yield where, key, value
+    for where, keys in _NUMBERS.items():
+        for key in keys:
+            for value in _BAD:
+                # null switches a soft-cap or the sliding window off (Gemma2Config takes None there).
+                if value is None and key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window"):
+                    continue
+                if isinstance(value, float) and value == 1.5 or value == 10**12 and key != "sliding_window":
+                    continue  # a valid positive number
+                yield where, key, value
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for value in (-1, 257216, "1", True, 1.5, [None]):  # 257216 = vocab_size: outside the vocabulary
+            yield None, key, value
+    yield "text_config", "eos_token_id", [1, 300000]
+    for value in (None, -1, "257152", True, 1.5):
+        yield None, "image_token_index", value
+    for where, key in [("text_config", "model_type"), ("vision_config", "model_type"), (None, "model_type"),
+                       ("text_config", "hidden_activation"), ("vision_config", "hidden_act")]:  # fmt: skip
+        for value in (None, 1, "llama", ["gemma2"]):
+            yield where, key, value
+    yield None, "projection_dim", None
+    yield "text_config", "layer_types", ["sliding_attention"] * 25 + ["local"]
+    yield "text_config", "layer_types", ["full_attention"] * 3
+    yield "text_config", "rope_parameters", {"rope_type": "linear", "factor": 2.0}
+    yield "text_config", "rope_parameters", {"rope_theta": -5.0}
+    yield "text_config", "rope_parameters", "default"
+    yield "text_config", "rope_scaling", {"type": "linear", "factor": 2.0}
+    yield "vision_config", "vision_use_head", True
+
+
+@pytest.mark.parametrize("where, key, value", list(_cases()), ids=repr)
+def test_every_bad_field_is_one_config_error_naming_it(where, key, value):
+    with pytest.raises(ConfigError) as err:
+        from_hf(_patched(where, key, value))
+    message = str(err.value)
+    assert key.split("_")[0] in message and "\n" not in message, message
+    shown = [json.dumps(v) for v in (value if isinstance(value, list) and key.endswith("_id") else [value])]
+    assert any(v in message for v in shown) or key in ("layer_types", "rope_parameters", "rope_scaling"), message
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (("text_config", "num_key_value_heads", 3), "num_attention_heads 8 is not a multiple of num_key_value_heads 3"),
+        (("text_config", "head_dim", 255), "head_dim must be even"),
+        (("vision_config", "num_attention_heads", 7), "hidden_size 1152 is not divisible by num_attention_heads 7"),
+        (("vision_config", "patch_size", 15), "image_size 224 is not a multiple of patch_size 15"),
+        (("vision_config", "num_channels", 1), "num_channels must be 3"),
+        ((None, "text_config", None), "needs text_config and vision_config objects"),
+        ((None, "vision_config", []), "needs text_config and vision_config objects"),
+    ],
+)
+def test_fields_that_must_agree(patch, message):
+    with pytest.raises(ConfigError, match=message):
+        from_hf(_patched(*patch))
+
+
+def test_nulls_that_mean_the_default_or_off():
+    cfg = from_hf(PG2_HUB)
+    for key, field, want in [
+        ("sliding_window", "sliding_window", None),
+        ("attn_logit_softcapping", "attn_logit_softcap", None),
+        ("final_logit_softcapping", "final_logit_softcap", None),
+        ("layer_types", "sliding_layers", cfg.text.sliding_layers),
+        ("rope_parameters", "rope_theta", 10000.0),
+    ]:
+        assert getattr(from_hf(_patched("text_config", key, None)).text, field) == want, key
+    for key, want in [("pad_token_id", 0), ("bos_token_id", 2)]:
+        assert getattr(from_hf(_patched(None, key, None)), key) == want
+    assert from_hf(_patched(None, "eos_token_id", None)).eos_token_ids == (1, 107)  # text_config's list
+    no_eos = _patched(None, "eos_token_id", None)
+    no_eos["text_config"]["eos_token_id"] = None
+    assert from_hf(no_eos).eos_token_ids == (1,)  # GemmaConfig's default
+
+
+def test_context_length_and_image_token_limits():
+    assert from_hf(PG1_HUB).text.max_position_embeddings == 8192  # the Gemma class default; Hub configs omit it
+    assert from_hf(_patched("text_config", "max_position_embeddings", 4096)).text.max_position_embeddings == 4096
+    # An <image> id at or past vocab_size is what transformers accepts (looked up as row 0): keep accepting it.
+    assert from_hf(_patched(None, "image_token_index", 257216)).image_token_index == 257216
+    assert from_hf(_patched(None, "image_token_index", 300000)).image_token_index == 300000
+    tiny_cfg = tiny()
+    assert from_hf(json.loads(json.dumps(tiny_cfg.to_hf()))) == tiny_cfg
+
+
+def test_load_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_patched("text_config", "hidden_size", None)))
+    with pytest.raises(ConfigError, match=r"config.json: text_config.hidden_size must be a positive integer .*null"):
+        load_config(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -189,3 +190,53 @@ def test_memory_stays_bounded_by_chunk_not_by_tensor(tmp_path):
         assert growth["hwm"] < bound, growth
     assert bound < largest / 2
     assert read_checkpoint(tmp_path / "dst").keys() == read_checkpoint(src).keys()
+
+
+_KILLED_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from lowmem_paligemma.convert import convert_checkpoint
+
+    def progress(done, total):
+        if done < total:  # a shard file is open and half written: stop here until killed
+            print("writing", flush=True)
+            time.sleep(600)
+
+    convert_checkpoint(sys.argv[1], sys.argv[2], max_shard_bytes=50_000, progress=progress)
+    """
+)
+
+
+def test_convert_killed_mid_write_leaves_nothing_loadable(tiny_pg1_dir, tmp_path):
+    dst = tmp_path / "dst"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tiny_pg1_dir), str(dst)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"writing\n"
+        child.kill()  # SIGKILL: no cleanup runs
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+    assert not dst.exists()  # nothing that looks like a finished checkpoint
+    (partial,) = tmp_path.glob(".dst.*.partial")
+    assert any(partial.glob("*.safetensors"))  # the killed run really was writing
+    for f in tiny_pg1_dir.iterdir():  # even with every file in place (killed just before the rename)
+        if not (partial / f.name).exists():
+            (partial / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match="unfinished output of a `convert`"):
+        load_model(partial)
+    with pytest.raises(CheckpointError, match="unfinished output of a `convert`"):
+        read_checkpoint(partial)
+    # The next convert succeeds and removes what the killed one left.
+    convert_checkpoint(tiny_pg1_dir, dst, dtype=torch.float32, max_shard_bytes=50_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+    want, got = _params(load_model(tiny_pg1_dir, dtype=torch.float32)), _params(load_model(dst, dtype=torch.float32))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_running_converts_directory_is_left_alone(tiny_pg1_dir, tmp_path):
+    running = tmp_path / f".dst.{os.getpid()}.0123abcd.partial"  # this process: alive
+    gone = tmp_path / ".dst.999999999.0123abcd.partial"  # no such process
+    running.mkdir()
+    gone.mkdir()
+    convert_checkpoint(tiny_pg1_dir, tmp_path / "dst")
+    assert running.is_dir() and not gone.exists()

@@ -1,13 +1,18 @@
 """Generation: greedy equals transformers' generate token for token; cached decode equals a full forward;
 batched rows equal the same prompts run alone."""
 
+import importlib
+
 import pytest
 import torch
 
 from lowmem_paligemma import load_model
+from lowmem_paligemma.errors import ContextLengthError
 from lowmem_paligemma.gemma import KVCache
 from lowmem_paligemma.generate import decode_step, encode_image, generate, generate_batch, left_pad, prefill
 from lowmem_paligemma.processor import Processor, TextStream
+
+generate_module = importlib.import_module("lowmem_paligemma.generate")  # the package exports the function
 
 
 @pytest.fixture(scope="module", params=["pg1", "pg2"])
@@ -105,9 +110,25 @@ def test_generate_validates_arguments(loaded):
     _, model = loaded
     ids, pv = _prompt(model.cfg, 0)
     with pytest.raises(ValueError, match="one prompt"):
-        next(generate(model, ids.repeat(2, 1), pixel_values=pv))
+        generate(model, ids.repeat(2, 1), pixel_values=pv)  # at the call, not at the first token
     with pytest.raises(ValueError, match="max_new_tokens"):
-        next(generate(model, ids, pixel_values=pv, max_new_tokens=0))
+        generate(model, ids, pixel_values=pv, max_new_tokens=0)
+
+
+def test_a_request_over_the_context_is_refused_before_any_allocation(loaded, monkeypatch):
+    _, model = loaded
+    ids, pv = _prompt(model.cfg, 0)
+    context = model.cfg.text.max_position_embeddings
+    assert context == 8192  # Gemma's, which the tiny configs keep
+    allocated = []
+    monkeypatch.setattr(generate_module, "KVCache", lambda *a: allocated.append(a))
+    room = context - ids.shape[1]
+    with pytest.raises(ContextLengthError, match=rf"= {context + 1} positions .* context of {context} .* {room} new"):
+        generate(model, ids, pixel_values=pv, max_new_tokens=room + 1)
+    with pytest.raises(ContextLengthError, match="the prompt alone fills it"):
+        generate(model, torch.ones(1, context, dtype=torch.long), max_new_tokens=1)
+    assert allocated == []
+    assert generate(model, ids, pixel_values=pv, max_new_tokens=room) is not None  # exactly the context: fine
 
 
 # --- batched generation ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """PaliGemma entry points: every writer's key names, readable key errors, transformers' class, model paths."""
 
+import json
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from lowmem_paligemma import (
     CheckpointError,
     InsufficientMemoryError,
+    TokenizerError,
     load_hf_model,
     load_model,
     load_transformers_model,
@@ -112,3 +114,14 @@ def test_load_memory_bytes_is_what_the_preflight_asks(tiny_pg2_dir, monkeypatch,
         load_model(tiny_pg2_dir, dtype=dtype)
     monkeypatch.setattr(loader, "available_bytes", lambda device: need)
     assert load_model(tiny_pg2_dir, dtype=dtype) is not None
+
+
+@pytest.mark.parametrize("field, value", [("image_token_index", 1663), ("bos_token_id", 5)])
+def test_load_hf_model_refuses_a_tokenizer_that_disagrees_with_the_config(tiny_pg1_dir, tmp_path, field, value):
+    # Both are valid ids, so config.json alone cannot tell; the prompt would be built from the wrong ones.
+    d = shutil.copytree(tiny_pg1_dir, tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match=rf"differs from {field} {value} in config.json"):
+        load_hf_model(d)

@@ -9,12 +9,12 @@ from PIL import Image
 from lowmem_paligemma.config import load_config
 from lowmem_paligemma.gemma import KVCache
 from lowmem_paligemma.generate import generate
+from lowmem_paligemma.memory import request_bytes
 from lowmem_paligemma.pretrained import load_memory_bytes, load_model
 from lowmem_paligemma.runtime import (
     Generation,
     LoadOptions,
     SamplingOptions,
-    generation_memory_bytes,
     load_session,
     run_prompt,
     run_prompts,
@@ -86,6 +86,6 @@ def test_session_memory_bytes_adds_the_batch_work_to_the_load(tiny_pg2_dir):
     prompt_tokens = cfg.num_image_tokens + 1 + len("caption en\n")
     session = load_session(tiny_pg2_dir, LoadOptions(dtype="bfloat16"))
     assert prompt_tokens >= session.processor.prompt_inputs("caption en")[0].shape[1]  # the bound holds
-    assert one == load + generation_memory_bytes(cfg, 1, prompt_tokens, 20, torch.bfloat16)
+    assert one == load + request_bytes(cfg, prompt_tokens, 20, torch.bfloat16).total
     cache = KVCache(cfg.text, 8, prompt_tokens + 20, torch.bfloat16, "cpu")
     assert eight - load > cache.k.nbytes + cache.v.nbytes > one - load  # the cache counted, per row

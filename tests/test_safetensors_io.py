@@ -3,6 +3,7 @@ planning and naming, chunked reads, short reads. Malformed files are in test_loa
 
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -105,3 +106,105 @@ def test_names_and_dtype_tables():
     assert st.shard_names(3)[1] == "model-00002-of-00003.safetensors"
     assert all(st.DTYPE_BY_NAME[st.NAME_BY_DTYPE[d]] == d for d in st.NAME_BY_DTYPE)
     assert st.dtype_name(torch.bfloat16) == "bfloat16" and set(st.WEIGHT_DTYPES.values()) <= set(st.NAME_BY_DTYPE)
+
+
+# --- header validation against the reference implementation ---------------------------------------------------
+
+
+def _reference_accepts(path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except SafetensorError:
+        return False
+    return True
+
+
+def _we_accept(path) -> bool:
+    try:
+        st.read_header(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _variants(raw: bytes) -> dict[str, bytes]:
+    """A small file written by safetensors itself, edited the ways a download or a hand edit breaks one."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = raw[8 : 8 + n], raw[8 + n :]
+    parsed = json.loads(header)
+
+    def with_header(h: dict | str, tail: bytes = b"") -> bytes:
+        text = (h if isinstance(h, str) else json.dumps(h)).encode()
+        return struct.pack("<Q", len(text)) + text + data + tail
+
+    def edited(**edits) -> dict:
+        h = json.loads(header)
+        for key, value in edits.items():
+            h["w"][key] = value
+        return h
+
+    out = {f"length {k:+d}": struct.pack("<Q", n + k) + raw[8:] for k in range(-12, 13) if k}
+    out |= {
+        "as written": raw,
+        "trailing tab and newline": with_header(json.dumps(parsed) + "\t\n"),
+        "metadata null": with_header({**parsed, "__metadata__": None}),
+        "unknown field in an entry": with_header(edited(note="x")),
+        "bytes appended": with_header(parsed, b"\0" * 8),
+        "bytes missing": with_header(parsed)[:-4],
+        "metadata value not a string": with_header({**parsed, "__metadata__": {"format": 1}}),
+        "bool in a shape": with_header(edited(shape=[*parsed["w"]["shape"], True])),
+        "float in a shape": with_header(edited(shape=[float(d) for d in parsed["w"]["shape"]])),
+        "negative offset": with_header(edited(data_offsets=[-1, parsed["w"]["data_offsets"][1]])),
+        "offsets reversed": with_header(edited(data_offsets=parsed["w"]["data_offsets"][::-1])),
+        "three offsets": with_header(edited(data_offsets=[*parsed["w"]["data_offsets"], 0])),
+        "shape too big": with_header(edited(shape=[d * 2 for d in parsed["w"]["shape"]])),
+        "NaN": with_header(json.dumps({**parsed, "__metadata__": {"x": float("nan")}})),
+        "not an object": with_header("[]"),
+        "UTF-16": with_header(json.dumps(parsed).encode("utf-16").decode("latin-1")),
+    }
+    return out
+
+
+def test_header_rules_refuse_whatever_safetensors_refuses(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "ref.safetensors"
+    save_file({"w": torch.randn(6, 5), "b": torch.arange(3), "z": torch.zeros(0, 4)}, src, metadata={"format": "pt"})
+    stricter = []
+    for name, blob in _variants(src.read_bytes()).items():
+        path = tmp_path / "x.safetensors"
+        path.write_bytes(blob)
+        ours, reference = _we_accept(path), _reference_accepts(path)
+        assert ours <= reference, name  # never accept what the reference refuses
+        if ours != reference:
+            stricter.append(name)
+        if name.startswith("length"):
+            assert not ours, name  # every wrong header length is caught, none is read a few bytes off
+    assert stricter == []
+    assert _we_accept(src)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda text: " " + text, r"does not start with '\{'"),  # the README: the header begins with {
+        (lambda text: text[:-1] + ', "b": {"dtype": "I64", "shape": [3], "data_offsets": [0, 24]}}', "'b' twice"),
+    ],
+    ids=["leading space", "duplicate key"],
+)
+def test_header_rules_the_readme_asks_for(tmp_path, edit, message):
+    # safetensors 0.8 accepts both (it keeps one of two duplicate keys); the format says neither is valid.
+    from safetensors.torch import save_file
+
+    src = tmp_path / "ref.safetensors"
+    save_file({"b": torch.arange(3)}, src)
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = edit(raw[8 : 8 + n].decode().rstrip()).encode()
+    src.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    with pytest.raises(CheckpointError, match=message):
+        st.read_header(src)

@@ -305,6 +305,10 @@ def test_draw_detections_writes_png(vae, tmp_path):
     mask64 = vae.decode_masks([dets[0].seg])[0]
     masks = [paste_mask(mask64, to_pixels(dets[0], width, height), width, height), None]
 
+    with pytest.raises(FileNotFoundError):  # no directory is created on the way
+        draw_detections(image, dets, tmp_path / "out" / "dets.png", masks=masks)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
     path = draw_detections(image, dets, tmp_path / "out" / "dets.png", masks=masks)
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size == (width, height)

@@ -114,9 +114,18 @@ sampling_options = _grouped(
 
 def _load(
     dtype: str, device: str, quantize: str | None, kernels: str | None, zero_copy: bool, force: bool,
-    max_memory: int | None,
-):  # fmt: skip
-    return LoadOptions(dtype, device, quantize, kernels, zero_copy, preflight=not force, max_memory=max_memory)
+    max_memory: int | None, verify: str | None,
+) -> LoadOptions:  # fmt: skip
+    # --verify alone arrives as "" (its flag_value): the Hub's records; with a value, a sums file.
+    checks: bool | Path = Path(verify) if verify else verify == ""
+    return LoadOptions(dtype, device, quantize, kernels, zero_copy, preflight=not force, max_memory=max_memory,
+                       verify=checks)  # fmt: skip
+
+
+def _check_sums_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and not Path(value).is_file():
+        raise click.BadParameter(f"{value}: no such sums file", ctx, param)
+    return value
 
 
 _L = LoadOptions()
@@ -140,9 +149,14 @@ load_options = _grouped(
         click.option("--max-memory", type=ByteSize(), default=_L.max_memory,
                      help="Keep the process's peak RSS within SIZE (e.g. 3GB): layers that do not fit are read from "
                           "the checkpoint for every token, the next while one computes (cpu; docs/streaming.md)."),
+        click.option("--verify", is_flag=False, flag_value="", default=None, metavar="[SUMS]",
+                     callback=_check_sums_file,
+                     help="Check each shard's sha256 before loading: against the Hub's download records "
+                          "(huggingface-cli download --local-dir, or the Hub cache), or a sha256sum-format SUMS "
+                          "file (--verify=SUMS). Catches corrupted weight bytes, which no header check can."),
     ],
     _load,
-    ["dtype", "device", "quantize", "kernels", "zero_copy", "force", "max_memory"],
+    ["dtype", "device", "quantize", "kernels", "zero_copy", "force", "max_memory", "verify"],
     "load",
 )  # fmt: skip
 

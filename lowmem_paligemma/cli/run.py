@@ -18,12 +18,21 @@ import torch
 from click.core import ParameterSource
 
 from ..batch import BatchJob, list_image_paths, plan_run, run_batch
-from ..errors import ImageError, PromptError
+from ..errors import ContextLengthError, ImageError, PromptError
 from ..plot import plot_timeline
 from ..processor import check_prompt, load_image, to_rgb
 from ..profiler import MemoryProfiler
 from ..ray_batch import connect, run_ray_batch, worker_resources
-from ..runtime import Generation, LoadOptions, SamplingOptions, Session, draw_output, load_session, run_prompt
+from ..runtime import (
+    Generation,
+    LoadOptions,
+    SamplingOptions,
+    Session,
+    check_draw,
+    draw_output,
+    load_session,
+    run_prompt,
+)
 from ..tasks import VQVAEDecoder
 from .options import (
     EXISTING_FILE,
@@ -51,9 +60,15 @@ PROFILE_INTERVAL_S = 0.05  # RSS sampling period; VmHWM catches anything shorter
 
 
 def _load(
-    model_dir: Path, load: LoadOptions, sampling: SamplingOptions, on_phase: Callable[[str], None] | None = None
+    model_dir: Path,
+    load: LoadOptions,
+    on_phase: Callable[[str], None] | None = None,
+    prompt: str = "",
+    sampling: SamplingOptions | None = None,
 ) -> Session:
-    session = load_session(model_dir, load, on_phase, show_progress(), max_new_tokens=sampling.max_new_tokens)
+    """The session; with `sampling`, the request (`prompt`, "" for prompts read later) is part of the pre-flight."""
+    max_new_tokens = None if sampling is None else sampling.max_new_tokens
+    session = load_session(model_dir, load, on_phase, show_progress(), prompt=prompt, max_new_tokens=max_new_tokens)
     click.echo("\n".join([load_line(session), *plan_lines(session)]), err=True)
     return session
 
@@ -67,7 +82,9 @@ def _load(
 @click.option(
     "--draw",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Draw detect / segment output onto IMAGE and save it here as PNG; boxes listed on stderr.",
+    help="Draw the boxes (and masks) of a detect / segment answer onto a copy of IMAGE, saved here as PNG; boxes "
+    "listed on stderr. Needs a detect or segment prompt, an existing directory and a file other than IMAGE "
+    "(an existing one is replaced). An answer without boxes writes the copy unchanged, and says so.",
 )
 @click.option("--vae", type=EXISTING_FILE, help="vae-oid.npz, to decode segmentation masks for --draw.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (output, timings, memory) instead.")
@@ -90,9 +107,11 @@ def generate_command(
     if vae is not None and draw is None:
         raise click.BadParameter("--vae is only used with --draw", param_hint="'--vae'")
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
+        if draw is not None:
+            check_draw(prompt, draw, image)
         img = load_image(image)  # before the (slow) model load, so a bad image fails at once
         decoder = VQVAEDecoder.from_npz(vae) if vae else None
-        session = _load(model_dir, load, sampling)
+        session = _load(model_dir, load, prompt=prompt, sampling=sampling)
         gen = run_prompt(session, session.encode(img), prompt, sampling, on_text=None if as_json else echo_text)
         found = draw_output(to_rgb(img), gen.text, draw, decoder) if draw else None
     peak = prof.peak()
@@ -157,7 +176,11 @@ def run_chat(
         except PromptError as e:
             click.echo(f"Error: {e}", err=True)
             continue
-        gen = run_prompt(session, image_features, line, sampling, on_text=echo_text)
+        try:
+            gen = run_prompt(session, image_features, line, sampling, on_text=echo_text)
+        except ContextLengthError as e:  # refused before the first token: the session goes on
+            click.echo(f"Error: {e}", err=True)
+            continue
         click.echo()
         on_answer(gen)
         answers += 1
@@ -178,7 +201,7 @@ def chat_command(model_dir: Path, image: Path, sampling: SamplingOptions, load: 
     """
     with user_errors(), MemoryProfiler(PROFILE_INTERVAL_S) as prof:
         img = load_image(image)
-        session = _load(model_dir, load, sampling)
+        session = _load(model_dir, load, sampling=sampling)  # the shortest prompt: each line is checked again
         features = session.encode(img)
 
         def report(gen: Generation) -> None:
@@ -206,7 +229,7 @@ def profile_command(
         meta = {"label": f"{model_dir.name}: {load.quantize or load.dtype} on {load.device}", "prompt": prompt}
         with MemoryProfiler(PROFILE_INTERVAL_S, meta) as prof:
             with prof.phase("load"):
-                session = _load(model_dir, load, sampling, on_phase=lambda name: prof.mark(f"load: {name}"))
+                session = _load(model_dir, load, lambda name: prof.mark(f"load: {name}"), prompt, sampling)
             prof.meta["model_bytes"] = session.weight_bytes
             prof.meta["label"] = f"{model_dir.name}: {session.model.quantize or session.dtype} on {load.device}"
             with prof.phase("encode"):
@@ -309,6 +332,6 @@ def batch_command(
                 progress=show_progress(), on_error=on_error,
             )  # fmt: skip
         else:
-            session = _load(model_dir, load, sampling)
+            session = _load(model_dir, load, prompt=prompt, sampling=sampling)
             failed = run_batch(session, plan.todo, job, sampling, out, batch_size, show_progress(), on_error)
     click.echo(f"answered {len(plan.todo) - failed}, {failed} unreadable (error rows); results in {out}", err=True)

@@ -1,0 +1,80 @@
+"""What a request needs beyond the weights, in bytes: the KV cache and the largest activations.
+
+The load pre-flight adds these to the weights (runtime.load_session -> loader.check_memory), so a request
+that cannot fit is refused before the model is allocated. The estimates follow the code, not a rule of
+thumb; each term names the tensor it counts. They are upper bounds where the kernel decides (SDPA may or may
+not materialise its scores). An 896-pixel image is 4,096 image tokens, so its prefill is quadratic in them.
+
+Axes: B batch, L prompt length (image tokens included), T total length (prompt + new tokens), N heads,
+K kv heads, H head dim, D width, I MLP width, V vocab, P image tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GemmaConfig, PaliGemmaConfig
+
+FLOAT32 = 4  # bytes: softmax and sampling run in float32
+
+
+def kv_cache_bytes(text: GemmaConfig, total_len: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """gemma.KVCache: keys and values, each (layers, B, K, T, H) in the model dtype."""
+    return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * total_len * text.head_dim * dtype.itemsize
+
+
+def prefill_bytes(cfg: PaliGemmaConfig, prompt_len: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """The largest temporaries alive at once while the language model reads the prompt, counted generously:
+    the budget planner (residency.py) must not undershoot."""
+    t, L, item = cfg.text, prompt_len, dtype.itemsize
+    n, k, h = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    # Attention scores (B, N, L, L): a float32 softmax and two model-dtype copies on the soft-capped eager path
+    # (Gemma 2); SDPA's math fallback (Gemma 1) is the same size.
+    scores = n * L * L * (FLOAT32 + 2 * item)
+    # paligemma.make_attn_mask: (B, 1, L, L) in the model dtype with its boolean temporaries, one per mask kind.
+    masks = (2 if t.sliding_window else 1) * L * L * (item + 3)
+    mlp = 3 * L * t.intermediate_size * item  # gate, up and gelu(gate) * up: (B, L, I) each
+    qkv = 2 * L * (n + 2 * k) * h * item + 2 * n * L * h * item  # q, k, v, their rotated copies, the GQA expansion
+    norms = 4 * L * t.hidden_size * FLOAT32  # float32 copies of the residual stream in the norms
+    logits = 2 * t.vocab_size * FLOAT32  # the last position's row and its float32 copy for sampling
+    return batch * (scores + masks + mlp + qkv + norms + logits)
+
+
+def vision_bytes(cfg: PaliGemmaConfig, dtype: torch.dtype, batch: int = 1) -> int:
+    """The largest temporaries of the vision tower (runs before the KV cache exists)."""
+    v, P, item = cfg.vision, cfg.num_image_tokens, dtype.itemsize
+    scores = v.num_attention_heads * P * P * (FLOAT32 + 2 * item)  # (B, heads, P, P), as the text scores
+    mlp = 3 * P * v.intermediate_size * item  # fc1, its gelu, fc2's input: (B, P, I)
+    return batch * (scores + mlp + 8 * P * v.hidden_size * FLOAT32)
+
+
+@dataclass(frozen=True)
+class RequestMemory:
+    """Bytes one request needs on top of the weights."""
+
+    positions: int  # prompt + new tokens
+    kv_cache: int
+    prefill: int  # while the prompt is read, beside the KV cache
+    vision: int  # while the image is encoded, before the KV cache is allocated
+
+    @property
+    def total(self) -> int:
+        return max(self.kv_cache + self.prefill, self.vision)
+
+    def parts(self) -> dict[str, int]:
+        """Named parts for the pre-flight's message; they add up to `total`."""
+        return {f"KV cache for {self.positions:,} positions": self.kv_cache, "activations": self.total - self.kv_cache}
+
+
+def request_bytes(
+    cfg: PaliGemmaConfig, prompt_len: int, max_new_tokens: int, dtype: torch.dtype, batch: int = 1
+) -> RequestMemory:
+    total_len = prompt_len + max_new_tokens
+    return RequestMemory(
+        positions=total_len,
+        kv_cache=kv_cache_bytes(cfg.text, total_len, dtype, batch),
+        prefill=prefill_bytes(cfg, prompt_len, dtype, batch),
+        vision=vision_bytes(cfg, dtype, batch),
+    )
