@@ -175,9 +175,7 @@ def test_the_preflight_counts_quantized_bytes_and_suggests_quantizing(tiny_pg2_d
 
     seen = []
     real = loader.check_memory
-    monkeypatch.setattr(
-        loader, "check_memory", lambda need, *rest: seen.append(need) or real(need, *rest)
-    )
+    monkeypatch.setattr(loader, "check_memory", lambda need, *rest: seen.append(need) or real(need, *rest))
     dense = load_model(tiny_pg2_dir, dtype=torch.bfloat16)
     q8 = load_model(tiny_pg2_dir, dtype=torch.bfloat16, quantize="int8")
     size = lambda m: sum(p.nbytes for p in m.parameters())  # noqa: E731
