@@ -17,10 +17,8 @@ Prints the table and writes docs/results/batch.md (or --out).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +31,7 @@ import torch
 from PIL import Image
 
 from bench.common import ROOT, ensure_checkpoint
+from bench.report import header
 
 PROMPT = "caption en"
 NEW_TOKENS = 20
@@ -173,17 +172,13 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     lines = table(rows)
     print("\n".join(lines))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
     command = "python -m bench.batch_throughput" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
-    doc = [
-        "# Batch throughput",
-        "",
-        f"Measured {dt.date.today().isoformat()} with `{command}` on {cpu} ({os.cpu_count()} logical CPUs), "
-        f"torch {torch.__version__}, {args.threads} threads, {args.dtype} weights of `{model_dir.name}`. "
-        f"{IMAGES} random images, prompt `{PROMPT}`, {NEW_TOKENS} new tokens, greedy. bench/batch_throughput.py "
-        "says what each row times; docs/batch.md explains batching and the Ray path.",
-        "",
+    what = (
+        f"{args.threads} threads, {args.dtype} weights of `{model_dir.name}`. {IMAGES} random images, prompt "
+        f"`{PROMPT}`, {NEW_TOKENS} new tokens, greedy. bench/batch_throughput.py says what each row times; "
+        "docs/batch.md explains batching and the Ray path."
+    )
+    doc = header("Batch throughput", command, what) + [
         *lines,
         "",
         "## Targets",

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, ensure_checkpoint
-from bench.load_memory import code_version, mem_available, versions
+from bench.report import code_version, mem_available, versions
 
 NEW_TOKENS = 8
 CACHE_SAMPLE_S = 0.25
