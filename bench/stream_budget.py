@@ -200,7 +200,7 @@ def run_child(
 def resident_fits(path: Path, quantize: str | None) -> bool:
     import torch
 
-    from lowmem_paligemma.loader import model_bytes
+    from lowmem_paligemma.memory import model_bytes
     from lowmem_paligemma.pretrained import build_model
 
     need = model_bytes(build_model(path, quantize), torch.bfloat16) + RESIDENT_MARGIN

@@ -26,23 +26,23 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InsufficientMemoryError
+from . import memory
+from .errors import CheckpointError
 from .pagecache import drop
 from .safetensors_io import WEIGHT_DTYPES, TensorEntry, dtype_name, pread_into, read_checkpoint
-from .units import format_bytes
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # bound on the temporaries alive beyond the model (source-dtype rows)
 READ_WORKERS = 4  # reads in flight: a cold shard streams faster with several (docs/results/kernels.md)
 FILL_BYTES_PER_ELEMENT = 16  # a quantizing fill's temporaries (float32 copy, scaled, rounded, int32 codes)
-RUNTIME_MARGIN_BYTES = 300 << 20  # interpreter, torch, tokenizer and the read chunks, roughly
 
 KeyMap = Callable[[str], "str | None"]
 
@@ -167,54 +167,6 @@ def checkpoint_plan(
     return match_entries(model, read_checkpoint(Path(model_dir)), key_map, tied)
 
 
-# --- the memory pre-flight -------------------------------------------------------------------------------
-
-
-def param_bytes(p: torch.Tensor, dtype: torch.dtype) -> int:
-    """Bytes one parameter takes once loaded in `dtype` (float ones; others keep theirs). Works on meta."""
-    return p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
-
-
-def model_bytes(model: nn.Module, dtype: torch.dtype, exclude: Collection[str] = ()) -> int:
-    """Bytes `model`'s parameters (but those named in `exclude`) take once loaded in `dtype`. Works on meta."""
-    return sum(param_bytes(p, dtype) for name, p in model.named_parameters() if name not in exclude)
-
-
-def available_bytes(device: torch.device | str) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def memory_needed(model: nn.Module, dtype: torch.dtype, chunk_bytes: int = DEFAULT_CHUNK_BYTES, exclude=()) -> int:
-    """Bytes a load of `model` (on meta) needs: its parameters as loaded (quantized ones at their size; those
-    in `exclude` not at all), the read chunks and the runtime margin. The pre-flight's sum, in one place."""
-    return model_bytes(model, dtype, exclude) + chunk_bytes + RUNTIME_MARGIN_BYTES
-
-
-def check_memory(
-    need: int, device: torch.device | str, advice: str = "", reserve: Mapping[str, int] | None = None
-) -> None:
-    """Refuse, before anything large is allocated, a load that needs `need` bytes (weights, chunks, margin) and
-    `reserve` (what the caller needs beside the weights, by part: a request's KV cache and activations,
-    memory.py) when less memory is available now; the message says what takes the room."""
-    reserve = reserve or {}
-    weights, need = need, need + sum(reserve.values())
-    have = available_bytes(device)
-    if need > have:
-        where = torch.device(device).type
-        parts = "".join(f", {name} {format_bytes(n)}" for name, n in reserve.items())
-        breakdown = f" (weights {format_bytes(weights)}{parts})" if reserve else ""
-        advice += ", ask for a shorter request" if reserve else ""
-        raise InsufficientMemoryError(
-            f"loading needs about {format_bytes(need)} of {where} memory{breakdown} but {format_bytes(have)} is "
-            f"available; close other programs{advice}, or skip this check (--force / preflight=False)"
-        )
-
-
 # --- materialise and stream ------------------------------------------------------------------------------
 
 
@@ -250,15 +202,16 @@ class Chunk:
     row_shape: tuple[int, ...] = ()  # the stored tensor's shape after dim 0 (fills)
     start: int = 0  # first row (fills)
     done: int = 0  # bytes of loaded parameters this chunk completes (progress)
+    param: str = ""  # the parameter a copy fills (for `finish`)
 
 
-def copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int) -> list[Chunk]:
+def copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int, param: str = "") -> list[Chunk]:
     flat = dest.view(-1)  # parameters are contiguous after to_empty
     step = max(1, chunk_bytes // entry.dtype.itemsize)  # elements per chunk
     size = entry.dtype.itemsize
     return [
         Chunk(entry.offset + e0 * size, min(step, entry.numel - e0) * size, entry.dtype,
-               dest=flat[e0 : e0 + step], done=min(step, entry.numel - e0) * dest.element_size())
+               dest=flat[e0 : e0 + step], done=min(step, entry.numel - e0) * dest.element_size(), param=param)
         for e0 in range(0, entry.numel, step)
     ]  # fmt: skip
 
@@ -307,7 +260,7 @@ def _by_file(plan: LoadPlan, params: dict[str, torch.Tensor], chunk_bytes: int):
     """Chunks grouped by shard, each shard's in file order."""
     by_file: dict[Path, list[Chunk]] = {}
     for name, entry in plan.copies.items():
-        by_file.setdefault(entry.path, []).extend(copy_chunks(entry, params[name], chunk_bytes))
+        by_file.setdefault(entry.path, []).extend(copy_chunks(entry, params[name], chunk_bytes, name))
     for name, (entry, rf) in plan.fills.items():
         filled = sum(params[p].nbytes for p in plan.filled(name))
         by_file.setdefault(entry.path, []).extend(fill_chunks(entry, rf, filled, chunk_bytes))
@@ -322,6 +275,7 @@ def stream_into(
     progress: bool = False,
     workers: int = READ_WORKERS,
     drop_cache: bool = False,
+    finish: Callable[[str], None] | None = None,
 ) -> None:
     """Fill every planned parameter in place, one shard open at a time, chunks in file order.
 
@@ -330,6 +284,8 @@ def stream_into(
     temporaries. The progress bar (stderr) counts the bytes of the loaded parameters: the model's size.
     `drop_cache` evicts each chunk's file pages from the page cache once read (pagecache.py): the model's
     copy is the one that counts, and on a small machine the cached one would take the same RAM again.
+    `finish(name)` runs on one more thread as soon as the copied parameter `name` is complete, while the
+    reads go on (e.g. reordering a weight into a kernel's layout: hidden behind the disk on a cold load).
     """
     from tqdm import tqdm
 
@@ -339,7 +295,9 @@ def stream_into(
     by_file = _by_file(plan, params, per_thread)
     total = sum(c.done for chunks in by_file.values() for c in chunks)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, leave=False)
-    with torch.no_grad(), bar, ThreadPoolExecutor(workers) as pool:
+    left = Counter(c.param for chunks in by_file.values() for c in chunks if c.param)
+    finishing: list[Future] = []
+    with torch.no_grad(), bar, ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as finisher:
         for i, (path, chunks) in enumerate(by_file.items(), 1):
             if on_phase:
                 on_phase(f"shard {i}/{len(by_file)}")
@@ -349,11 +307,17 @@ def stream_into(
                 raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
             futures = []
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead: the file is read once
+                # Read once: a larger read-ahead; or, when the pages are dropped after use, none at all, since a
+                # read-ahead still in flight when they are dropped would land in the cache afterwards.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if drop_cache else os.POSIX_FADV_SEQUENTIAL)
                 futures = [pool.submit(read_chunk, fd, path, c, local, drop_cache) for c in chunks]
                 for chunk, future in zip(chunks, futures):
                     future.result()  # re-raises the first failure
                     bar.update(chunk.done)
+                    if finish and chunk.param:
+                        left[chunk.param] -= 1
+                        if not left[chunk.param]:
+                            finishing.append(finisher.submit(_finish, finish, chunk.param))
             except OSError as e:
                 raise CheckpointError(f"{path}: read failed ({e.strerror})") from None
             finally:  # on failure: drop what has not started, let running reads finish, then close
@@ -363,6 +327,13 @@ def stream_into(
                 if drop_cache:  # read-ahead may have cached bytes no chunk read (skipped or excluded tensors)
                     drop(fd)
                 os.close(fd)
+        for future in finishing:
+            future.result()  # re-raises a failed finish
+
+
+def _finish(finish: Callable[[str], None], name: str) -> None:
+    with torch.no_grad():  # grad mode is per thread: this is a worker
+        finish(name)
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -425,6 +396,7 @@ def stream_checkpoint(
     on_phase: Callable[[str], None] | None = None,
     exclude: Collection[str] = (),
     drop_cache: bool = False,
+    finish: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Fill any `nn.Module` built on `meta` from a safetensors checkpoint directory, in eval mode.
 
@@ -432,12 +404,12 @@ def stream_checkpoint(
     parameter to skip (see `match_entries`). `tie` re-ties shared parameters after materialisation;
     `repair` rebuilds non-persistent buffers. `preflight` refuses a load that would not fit in the memory
     available now (the parameters, a chunk and `reserve`: bytes by name the caller needs beside the weights,
-    named in the message), with
-    `advice` (", or ...") in its message. Modules with a `row_fills()` method are filled through it
-    (quantized while streaming, see `RowFill`). Errors are raised before any allocation where the headers
-    can tell (keys, shapes, memory), and nothing half-loaded is returned.
+    named in the message), with `advice` (", or ...") in its message. Modules with a `row_fills()` method
+    are filled through it (quantized while streaming, see `RowFill`). Errors are raised before any allocation
+    where the headers can tell (keys, shapes, memory), and nothing half-loaded is returned.
     Parameters named in `exclude` are checked against the checkpoint like the others but stay on meta,
-    unread (residency.py streams them per forward); `drop_cache` evicts what was read from the page cache.
+    unread (residency.py streams them per forward); `drop_cache` evicts what was read from the page cache;
+    `finish(name)` is called as each copied parameter completes (see `stream_into`).
     """
     if dtype not in WEIGHT_DTYPES.values():
         raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -449,7 +421,7 @@ def stream_checkpoint(
         plan = plan.restrict({name for name, _ in model.named_parameters()} - set(exclude))
     if preflight and not zero_copy:
         advice += " or load in a 16-bit dtype" if dtype == torch.float32 else ""
-        check_memory(memory_needed(model, dtype, chunk_bytes, exclude), device, advice, reserve)
+        memory.check_memory(memory.memory_needed(model, dtype, chunk_bytes, exclude), device, advice, reserve)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)
@@ -463,6 +435,6 @@ def stream_checkpoint(
         repair(model)
     if not zero_copy or plan.fills:  # zero-copy: only what is computed while loading is read
         todo = LoadPlan({}, plan.fills) if zero_copy else plan
-        stream_into(model, todo, chunk_bytes, on_phase=phase, progress=progress, drop_cache=drop_cache)
+        stream_into(model, todo, chunk_bytes, on_phase=phase, progress=progress, drop_cache=drop_cache, finish=finish)
     phase("done")
     return model.eval()

@@ -25,6 +25,7 @@ Axes: M rows (batch x tokens), I in features, O out features.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +214,29 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
+def _relayout(module: Linear, choice: KernelChoice) -> None:
+    """Reorder a dense layer's weight into the layout `choice` needs (or back to the plain one)."""
+    packed = LAYOUTS.get(choice.decode) == "onednn"
+    if packed != module.weight.is_mkldnn:
+        w = pack_weight(module.weight) if packed else module.weight.to_dense()
+        module.weight = nn.Parameter(w, requires_grad=False)
+        release_freed_memory()
+
+
+def relayout_as_loaded(model: nn.Module, plan: dict[str, KernelChoice]) -> Callable[[str], None]:
+    """A loader `finish` hook: reorders each dense weight as soon as it is loaded, so the reordering runs
+    beside the remaining reads instead of after them (loader.stream_into). `use_kernels` does the rest."""
+    modules = dict(model.named_modules())
+
+    def finish(param: str) -> None:
+        name, _, leaf = param.rpartition(".")
+        module = modules.get(name)
+        if leaf == "weight" and isinstance(module, Linear) and module.FORMAT in plan:
+            _relayout(module, plan[module.FORMAT])
+
+    return finish
+
+
 def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
     """Give every layer of `model` the kernel choice for its weight format (formats missing from `plan` keep
     theirs), reordering dense weights into the layout the choice needs, one layer at a time. A per-model
@@ -230,8 +254,4 @@ def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
             choice = REFERENCE[fmt]
         module.kernels = choice
         if isinstance(module, Linear) and not streamed:
-            packed = LAYOUTS.get(plan[fmt].decode) == "onednn"
-            if packed != module.weight.is_mkldnn:
-                w = pack_weight(module.weight) if packed else module.weight.to_dense()
-                module.weight = nn.Parameter(w, requires_grad=False)
-                release_freed_memory()
+            _relayout(module, plan[fmt])

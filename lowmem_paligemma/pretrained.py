@@ -26,8 +26,9 @@ from .compressed import stored_mode
 from .config import load_config
 from .errors import CheckpointError, OptionError
 from .kernels import KernelReport, choose_dtype, choose_kernels, layer_shapes
-from .loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, memory_needed, stream_checkpoint
-from .ops import KernelChoice, use_kernels
+from .loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, stream_checkpoint
+from .memory import memory_needed
+from .ops import KernelChoice, relayout_as_loaded, use_kernels
 from .paligemma import PaliGemmaForConditionalGeneration
 from .quant import INT4_GROUP, quantize_model
 from .residency import (
@@ -228,6 +229,7 @@ def load_model(
         model, model_dir, dtype, device, key_map=normalize_key, tied=TIED, zero_copy=zero_copy,
         preflight=preflight, reserve=reserve, progress=progress, chunk_bytes=chunk_bytes, on_phase=on_phase,
         advice=advice, exclude=streamed, drop_cache=max_memory is not None,
+        finish=None if zero_copy else relayout_as_loaded(model, report.plan),
     )  # fmt: skip
     use_kernels(model, report.plan)
     model.kernel_report = report

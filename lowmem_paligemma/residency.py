@@ -28,7 +28,8 @@ from . import memory
 from .config import PaliGemmaConfig
 from .errors import InsufficientMemoryError
 from .gemma import GemmaDecoderLayer
-from .loader import READ_WORKERS, LoadPlan, model_bytes, param_bytes
+from .loader import READ_WORKERS, LoadPlan
+from .memory import model_bytes, param_bytes
 from .ops import KernelChoice
 from .pagecache import DIRECT_ALIGN
 from .profiler import current_rss

@@ -25,8 +25,7 @@ from .config import load_config
 from .errors import OutputError, PromptError
 from .generate import check_length, encode_image, generate, generate_batch
 from .kernels import cache_path, machine_key
-from .loader import model_bytes
-from .memory import request_bytes
+from .memory import model_bytes, request_bytes
 from .paligemma import PaliGemmaForConditionalGeneration
 from .pretrained import build_model, choose_compute, load_memory_bytes, load_model, plan_memory, resolve_model_dir
 from .processor import Processor, TextStream

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from lowmem_paligemma import runtime
+from lowmem_paligemma import memory, runtime
 from lowmem_paligemma.cli import files as cli_files
 from lowmem_paligemma.cli import main
 from lowmem_paligemma.config import PRESETS
@@ -638,8 +638,8 @@ def test_a_request_that_cannot_fit_names_the_kv_cache(tiny_pg1_dir, images, monk
     from lowmem_paligemma import loader
 
     weights = sum(e.numel for e in read_checkpoint(tiny_pg1_dir).values()) * 2  # bfloat16
-    spare = loader.DEFAULT_CHUNK_BYTES + loader.RUNTIME_MARGIN_BYTES + 1_000_000
-    monkeypatch.setattr(loader, "available_bytes", lambda device: weights + spare)
+    spare = loader.DEFAULT_CHUNK_BYTES + memory.RUNTIME_MARGIN_BYTES + 1_000_000
+    monkeypatch.setattr(memory, "available_bytes", lambda device: weights + spare)
     line = assert_user_error(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8000))
     assert "KV cache for 8,0" in line and "--force" in line
     ok(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 8))

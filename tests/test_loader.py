@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowmem_paligemma.loader as loader
-from lowmem_paligemma import CheckpointError, InsufficientMemoryError, load_model
+from lowmem_paligemma import CheckpointError, InsufficientMemoryError, load_model, memory
 from lowmem_paligemma.config import load_config
 from lowmem_paligemma.loader import stream_checkpoint
 from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
@@ -105,7 +105,7 @@ def test_zero_copy_maps_the_file(tmp_path):
 
 
 def test_preflight_refuses_what_does_not_fit(tiny_pg2_dir, monkeypatch):
-    monkeypatch.setattr(loader, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
     with pytest.raises(InsufficientMemoryError, match=r"needs about .* GB .* but 1.0 KB is available.*--force"):
         load_model(tiny_pg2_dir)
     assert load_model(tiny_pg2_dir, preflight=False) is not None
@@ -124,7 +124,7 @@ def test_excluded_parameters_stay_on_meta_unread(tiny_pg2_dir):
     exclude = {k for k in full if k.startswith(layer)}
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(load_config(tiny_pg2_dir))
-    assert loader.model_bytes(model, torch.bfloat16, exclude) == loader.model_bytes(model, torch.bfloat16) - sum(
+    assert memory.model_bytes(model, torch.bfloat16, exclude) == memory.model_bytes(model, torch.bfloat16) - sum(
         full[k].nbytes for k in exclude
     )
     stream_checkpoint(model, tiny_pg2_dir, torch.bfloat16, key_map=normalize_key, exclude=exclude)
@@ -162,3 +162,19 @@ def test_drop_cache_leaves_nothing_of_the_checkpoint_cached(tmp_path):
         model = PaliGemmaForConditionalGeneration(load_config(src))
     stream_checkpoint(model, src, torch.float16, key_map=normalize_key, drop_cache=True)
     assert resident_total(shards) == 0
+
+
+def test_finish_runs_once_per_parameter_after_its_last_byte(tmp_path):
+    src = {"a.weight": torch.randn(64, 32), "a.bias": torch.randn(64), "b.weight": torch.randn(3, 32)}
+    save_file(src, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        toy = nn.Sequential()
+        toy.add_module("a", nn.Linear(32, 64))
+        toy.add_module("b", nn.Linear(32, 3, bias=False))
+    seen = {}
+
+    def finish(name):  # on the finisher thread: the whole parameter is already there
+        seen[name] = toy.get_parameter(name).detach().clone()
+
+    stream_checkpoint(toy, tmp_path, torch.float32, chunk_bytes=256, finish=finish)  # many chunks per weight
+    assert sorted(seen) == sorted(src) and all(torch.equal(seen[k], src[k]) for k in src)

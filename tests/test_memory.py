@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lowmem_paligemma import loader
+from lowmem_paligemma import loader, memory
 from lowmem_paligemma.config import PRESETS, tiny
 from lowmem_paligemma.errors import ContextLengthError, InsufficientMemoryError
 from lowmem_paligemma.gemma import KVCache
@@ -41,8 +41,8 @@ def _tiny_weight_bytes(dtype: torch.dtype) -> int:
 @pytest.fixture
 def little_memory(monkeypatch):
     """Available memory: exactly what the tiny model's weights need, plus 1 MB; loads are recorded."""
-    base = _tiny_weight_bytes(torch.bfloat16) + loader.DEFAULT_CHUNK_BYTES + loader.RUNTIME_MARGIN_BYTES
-    monkeypatch.setattr(loader, "available_bytes", lambda device: base + 1_000_000)
+    base = _tiny_weight_bytes(torch.bfloat16) + loader.DEFAULT_CHUNK_BYTES + memory.RUNTIME_MARGIN_BYTES
+    monkeypatch.setattr(memory, "available_bytes", lambda device: base + 1_000_000)
     allocated = []
     original = loader.materialize
     monkeypatch.setattr(loader, "materialize", lambda *a: allocated.append(1) or original(*a))

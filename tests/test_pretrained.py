@@ -15,6 +15,7 @@ from lowmem_paligemma import (
     load_model,
     load_transformers_model,
     loader,
+    memory,
 )
 from lowmem_paligemma.config import load_config
 from lowmem_paligemma.pretrained import load_memory_bytes
@@ -108,11 +109,11 @@ def test_transformers_class_through_our_stream(tiny_pg2_dir):
 def test_load_memory_bytes_is_what_the_preflight_asks(tiny_pg2_dir, monkeypatch, dtype):
     need = load_memory_bytes(tiny_pg2_dir, dtype)
     weights = sum(p.nbytes for p in load_model(tiny_pg2_dir, dtype=dtype).parameters())
-    assert need == weights + loader.DEFAULT_CHUNK_BYTES + loader.RUNTIME_MARGIN_BYTES
-    monkeypatch.setattr(loader, "available_bytes", lambda device: need - 1)
+    assert need == weights + loader.DEFAULT_CHUNK_BYTES + memory.RUNTIME_MARGIN_BYTES
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
     with pytest.raises(InsufficientMemoryError):
         load_model(tiny_pg2_dir, dtype=dtype)
-    monkeypatch.setattr(loader, "available_bytes", lambda device: need)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need)
     assert load_model(tiny_pg2_dir, dtype=dtype) is not None
 
 

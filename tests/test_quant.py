@@ -8,7 +8,7 @@ weights in bfloat16 does. Random weights are not real weights: real-checkpoint q
 import pytest
 import torch
 
-from lowmem_paligemma import load_model
+from lowmem_paligemma import load_model, memory
 from lowmem_paligemma.config import tiny
 from lowmem_paligemma.generate import generate
 from lowmem_paligemma.quant import (
@@ -170,17 +170,16 @@ def test_int4_where_the_kernel_can_int8_elsewhere(int4_wide_dir, tiny_pg1_dir):
 
 
 def test_the_preflight_counts_quantized_bytes_and_suggests_quantizing(tiny_pg2_dir, monkeypatch):
-    import lowmem_paligemma.loader as loader
     from lowmem_paligemma import InsufficientMemoryError
 
     seen = []
-    real = loader.check_memory
-    monkeypatch.setattr(loader, "check_memory", lambda need, *rest: seen.append(need) or real(need, *rest))
+    real = memory.check_memory
+    monkeypatch.setattr(memory, "check_memory", lambda need, *rest: seen.append(need) or real(need, *rest))
     dense = load_model(tiny_pg2_dir, dtype=torch.bfloat16)
     q8 = load_model(tiny_pg2_dir, dtype=torch.bfloat16, quantize="int8")
     size = lambda m: sum(p.nbytes for p in m.parameters())  # noqa: E731
     assert seen[1] - seen[0] == size(q8) - size(dense)  # the pre-flight saw exactly the quantized sizes
-    monkeypatch.setattr(loader, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
     with pytest.raises(InsufficientMemoryError, match=r"--quantize int8"):
         load_model(tiny_pg2_dir, dtype=torch.bfloat16)
     with pytest.raises(InsufficientMemoryError, match=r"--quantize int4"):
