@@ -289,10 +289,11 @@ def stream_into(
     """
     from tqdm import tqdm
 
-    params = dict(model.named_parameters())
     per_thread = max(1 << 20, chunk_bytes // workers)
     local = threading.local()
-    by_file = _by_file(plan, params, per_thread)
+    # Chunks hold views of the parameters they fill: each is dropped once read, so a weight `finish` replaces
+    # (a reordered copy) frees its old pages at once instead of at the end of the load.
+    by_file = _by_file(plan, dict(model.named_parameters()), per_thread)
     total = sum(c.done for chunks in by_file.values() for c in chunks)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, leave=False)
     left = Counter(c.param for chunks in by_file.values() for c in chunks if c.param)
@@ -311,8 +312,9 @@ def stream_into(
                 # read-ahead still in flight when they are dropped would land in the cache afterwards.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if drop_cache else os.POSIX_FADV_SEQUENTIAL)
                 futures = [pool.submit(read_chunk, fd, path, c, local, drop_cache) for c in chunks]
-                for chunk, future in zip(chunks, futures):
+                for j, future in enumerate(futures):
                     future.result()  # re-raises the first failure
+                    chunk, chunks[j] = chunks[j], None
                     bar.update(chunk.done)
                     if finish and chunk.param:
                         left[chunk.param] -= 1
