@@ -73,7 +73,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 def convert_checkpoint(
     src_dir: str | os.PathLike,
     dst_dir: str | os.PathLike,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int, int], None] | None = None,
@@ -86,6 +86,7 @@ def convert_checkpoint(
     OutputError for a destination that exists and is not empty (or is the source, or does not fit on the disk),
     and ValueError for bad arguments.
     """
+    dtype = WEIGHT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" as load_model takes it
     if dtype not in WEIGHT_DTYPES.values():
         raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
     if quantize is not None and quantize not in QUANT_MODES:

@@ -28,6 +28,14 @@ import torch
 from .errors import CheckpointError
 
 PAGE = mmap.PAGESIZE
+# The page cache holds a file in folios of up to 2 MB on Linux (x86-64 and arm64 with 4 KB pages: the PMD size),
+# and a drop evicts only the folios that lie wholly inside its range. Reads of neighbouring chunks leave folios
+# straddling their boundary that neither chunk's drop covers: a 134 MB bf16 embedding read in 2 MB chunks by
+# 4 threads left most of itself cached until the shard's final drop (the page-cache test in
+# tests/test_streamer_memory.py catches it). `drop` widens its range to this alignment; a neighbour's page it
+# evicts early is one that neighbour has read already, is reading (locked: left alone) or would read from the
+# disk anyway.
+FOLIO_ALIGN = 2 << 20
 DIRECT_ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and addresses: any logical block size divides it
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -85,11 +93,12 @@ def resident_total(paths: Iterable[str | os.PathLike]) -> int | None:
 
 def drop(fd: int, offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to evict the pages holding [offset, offset + length) of the open file from the page cache
-    (length 0: to the end). The range is widened to whole pages: the kernel keeps a page the range only partly
-    covers. Clean pages go at once; dirty ones (a file just written) only after writeback."""
+    (length 0: to the end). The range is widened to FOLIO_ALIGN boundaries: the kernel keeps a page, or a large
+    folio, that the range only partly covers. Clean pages go at once; dirty ones (a file just written) only
+    after writeback."""
     if hasattr(os, "posix_fadvise"):
-        start = offset - offset % PAGE
-        end = 0 if length == 0 else offset + length + (-(offset + length)) % PAGE
+        start = offset - offset % FOLIO_ALIGN
+        end = 0 if length == 0 else offset + length + (-(offset + length)) % FOLIO_ALIGN
         os.posix_fadvise(fd, start, end - start if end else 0, os.POSIX_FADV_DONTNEED)
 
 

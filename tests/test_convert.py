@@ -121,10 +121,14 @@ def test_refuses_a_non_empty_destination_and_the_source_itself(tiny_pg1_dir, tmp
         convert_checkpoint(tiny_pg1_dir, tiny_pg1_dir)
     with pytest.raises(ValueError, match="dtype"):
         convert_checkpoint(tiny_pg1_dir, tmp_path / "int", dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        convert_checkpoint(tiny_pg1_dir, tmp_path / "int", dtype="int8")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert convert_checkpoint(tiny_pg1_dir, empty) == empty  # an existing empty directory is filled
     assert (empty / "model.safetensors").is_file()
+    named = convert_checkpoint(tiny_pg1_dir, tmp_path / "named", dtype="float16")  # a name, as load_model takes
+    assert {e.dtype for e in read_checkpoint(named).values() if e.dtype.is_floating_point} == {torch.float16}
 
 
 def test_corrupt_source_leaves_nothing(tiny_pg1_dir, tmp_path):

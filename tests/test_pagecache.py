@@ -8,6 +8,7 @@ import pytest
 from lowmem_paligemma import CheckpointError
 from lowmem_paligemma.pagecache import (
     DIRECT_ALIGN,
+    FOLIO_ALIGN,
     PAGE,
     align_down,
     align_up,
@@ -19,7 +20,7 @@ from lowmem_paligemma.pagecache import (
     resident_bytes,
 )
 
-SIZE = 64 * PAGE + 123
+SIZE = 2 * FOLIO_ALIGN + 123
 
 
 @pytest.fixture
@@ -41,10 +42,10 @@ def test_mincore_sees_reads_and_drops_without_faulting_pages_in(data_file):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: exactly the pages read
-        os.pread(fd, 10 * PAGE, 5 * PAGE)
+        os.pread(fd, 10 * PAGE, FOLIO_ALIGN - 2 * PAGE)  # 2 pages below a folio boundary, 8 above
         assert resident_bytes(path) == 10 * PAGE
-        drop(fd, 5 * PAGE + 1, 3 * PAGE)  # widened to the pages the range touches: 5..8
-        assert resident_bytes(path) == 6 * PAGE
+        drop(fd, FOLIO_ALIGN + PAGE + 1, 3 * PAGE)  # widened to the folio-aligned block it touches
+        assert resident_bytes(path) == 2 * PAGE
         drop(fd)
         assert resident_bytes(path) == 0
     finally:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lowmem_paligemma.config import tiny
-from lowmem_paligemma.pagecache import drop_file
+from lowmem_paligemma.pagecache import drop_file, resident_bytes
 from lowmem_paligemma.synth import write_checkpoint
 
 EXTRA = 200_000_000
@@ -104,3 +104,61 @@ def test_peak_rss_stays_in_the_budget_and_the_cache_stays_empty(medium_dir, tiny
     assert r["passes"] == {"vision": 1, "decoder": 4}, r  # one pass per forward: the prefill, then 3 tokens
     assert r["bytes_read"] >= r["per_image"] + 4 * r["per_token"] > 3 * checkpoint_bytes, r
     assert r["same_tokens"], r
+
+
+SAMPLED_LOADS = r"""
+import sys, threading, torch
+from pathlib import Path
+from lowmem_paligemma import load_model
+from lowmem_paligemma.pagecache import drop_file, resident_total
+from lowmem_paligemma.profiler import current_rss
+path, extra = Path(sys.argv[1]), int(sys.argv[2])
+shards = sorted(path.glob("*.safetensors"))
+worst = 0
+for _ in range(4):  # the leftover folios depend on how reads interleave: several loads catch it
+    for shard in shards:
+        drop_file(shard)
+    seen, stop = [], threading.Event()
+    def sample():
+        while not stop.is_set():
+            seen.append(resident_total(shards) or 0)
+            stop.wait(0.01)
+    sampler = threading.Thread(target=sample)
+    budget = current_rss()["rss"] + extra
+    sampler.start()
+    model = load_model(path, dtype=torch.bfloat16, max_memory=budget)
+    stop.set()
+    sampler.join()
+    del model
+    worst = max(worst, *seen)
+print(worst)
+"""
+
+
+@pytest.fixture(scope="module")
+def int8_medium_dir(tmp_path_factory):
+    """16 int8 decoder layers and a 134 MB bf16 embedding (quantized at load), in one 588 MB shard."""
+    from lowmem_paligemma.convert import convert_checkpoint
+
+    cfg = tiny(gemma2=True)
+    cfg = replace(cfg, text=replace(cfg.text, vocab_size=65536, hidden_size=1024, intermediate_size=8192,
+                                    num_hidden_layers=16, head_dim=256))  # fmt: skip
+    src, dst = tmp_path_factory.mktemp("int8-src"), tmp_path_factory.mktemp("int8") / "model"
+    write_checkpoint(src, cfg, dtype=torch.bfloat16, max_shard_bytes=200_000_000, tokenizer=False)
+    convert_checkpoint(src, dst, torch.bfloat16, quantize="int8")
+    for f in src.iterdir():
+        f.unlink()
+    return dst
+
+
+def test_a_budgeted_load_keeps_no_more_than_its_reads_in_flight_in_the_page_cache(int8_medium_dir):
+    from lowmem_paligemma.loader import DEFAULT_CHUNK_BYTES
+
+    shard = next(int8_medium_dir.glob("*.safetensors"))
+    if resident_bytes(shard) is None:
+        pytest.skip("no mincore here")
+    out = subprocess.run([sys.executable, "-c", SAMPLED_LOADS, str(int8_medium_dir), str(350_000_000)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    worst = int(out.stdout.strip().splitlines()[-1])
+    # In flight at once: the loader's chunk budget (split over its readers), and a widened drop's edges.
+    assert worst <= DEFAULT_CHUNK_BYTES + 16_000_000, f"{worst / 1e6:.0f} MB of the checkpoint stayed cached"
