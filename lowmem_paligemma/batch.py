@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -268,22 +268,38 @@ def run_batch(
 
     Returns the number of error rows; `progress` draws a bar on stderr, `on_error(message)` hears each one.
     """
+
+    def batches() -> Iterator[list[dict]]:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            yield answer_batch(session, job, sampling, [(p, prepare_image(session.processor, p)) for p in chunk])
+
+    return write_records(results, batches(), len(paths), progress, on_error)
+
+
+def write_records(
+    results: Path,
+    batches: Iterable[list[dict]],
+    total: int,
+    progress: bool = False,
+    on_error: Callable[[str], None] | None = None,
+) -> int:
+    """Append each list of records to `results` as it comes (computed lazily, after the file is opened and
+    any torn last line cut), with a bar over `total` images on stderr. Returns the number of error rows."""
     from tqdm import tqdm
 
     failed = 0
     with (
         open_results(results) as out,
-        tqdm(total=len(paths), desc="images", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not progress)
+        tqdm(total=total, desc="images", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not progress)
         as bar,
     ):  # fmt: skip
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            records = answer_batch(session, job, sampling, [(p, prepare_image(session.processor, p)) for p in chunk])
+        for records in batches:
             out.write(records)
             for record in records:
                 if "error" in record:
                     failed += 1
                     if on_error:
                         on_error(record["error"])
-            bar.update(len(chunk))
+            bar.update(len(records))
     return failed

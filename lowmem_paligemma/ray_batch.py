@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .batch import BatchJob, answer_batch, open_results, prepare_image
+from .batch import BatchJob, answer_batch, prepare_image, write_records
 from .errors import InsufficientMemoryError
 from .runtime import LoadOptions, SamplingOptions, load_session, session_memory_bytes
 from .units import format_bytes
@@ -121,7 +120,6 @@ def run_ray_batch(
     """Answer `paths` on the connected cluster with `workers` actors; append the records to `results` as they
     come back. Returns the number of error rows; `progress` and `on_error` as in batch.run_batch."""
     import ray
-    from tqdm import tqdm
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, on the driver
     dataset = ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_TASK_CPUS)
@@ -133,20 +131,12 @@ def run_ray_batch(
         num_cpus=resources.cpus, num_gpus=resources.gpus, memory=resources.memory,
     )  # fmt: skip
     canonical = {_bare(p): p for p in paths}  # records carry the path as listed, whatever Ray reports
-    failed = 0
-    with (
-        open_results(results) as out,
-        tqdm(total=len(paths), desc="images", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not progress)
-        as bar,
-    ):  # fmt: skip
+
+    def batches() -> Iterator[list[dict]]:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             records = [json.loads(line) for line in batch["record"]]
             for record in records:
                 record["path"] = canonical.get(_bare(record["path"]), record["path"])
-                if "error" in record:
-                    failed += 1
-                    if on_error:
-                        on_error(record["error"])
-            out.write(records)
-            bar.update(len(records))
-    return failed
+            yield records
+
+    return write_records(results, batches(), len(paths), progress, on_error)

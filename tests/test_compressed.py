@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_convert import convert_growth
 
 from lowmem_paligemma import CheckpointError, ConfigError, OptionError, load_model
 from lowmem_paligemma.compressed import FORMATS, MIXED_FORMAT, pack_int4, target, unpack_int4
@@ -229,24 +227,6 @@ def test_convert_refuses_a_prequantized_source(converted, tmp_path):
 
 # --- memory ----------------------------------------------------------------------------------------------------
 
-_MEMORY_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from lowmem_paligemma.convert import convert_checkpoint
-    from lowmem_paligemma.profiler import MemoryProfiler, current_rss, reset_peak
-
-    src, dst, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    base = current_rss()
-    hwm_reset = reset_peak()
-    with MemoryProfiler(interval=0.01) as prof:
-        convert_checkpoint(src, dst, dtype=torch.bfloat16, chunk_bytes=chunk, quantize="int4")
-    peak = prof.peak()
-    print(json.dumps({"anon": peak.anon - base["anon"], "rss": peak.rss - base["rss"],
-                      "hwm": (peak.hwm - base["rss"]) if hwm_reset else None}))
-    """
-)
-
 
 def test_quantizing_convert_keeps_the_plain_convert_memory_bound(tmp_path):
     # One decoder layer with 65536-wide MLPs: three 32 MB bf16 tensors to quantize; quantizing one whole would
@@ -255,13 +235,7 @@ def test_quantizing_convert_keeps_the_plain_convert_memory_bound(tmp_path):
     src = write_checkpoint(tmp_path / "src", cfg, dtype=torch.bfloat16, max_shard_bytes=100 * MB, tokenizer=False)
     largest = max(e.numel for e in read_checkpoint(src).values())
     chunk = 8 << 20
-    run = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, str(src), str(tmp_path / "dst"), str(chunk)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    growth = json.loads(run.stdout)
+    growth = convert_growth(src, tmp_path / "dst", chunk, quantize="int4")
     bound = 3 * chunk + 64 * MB  # tests/test_convert.py's bound for the plain convert
     assert growth["anon"] < bound, growth
     assert growth["rss"] < bound, growth

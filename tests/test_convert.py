@@ -160,16 +160,23 @@ _MEMORY_CHILD = textwrap.dedent(
     from lowmem_paligemma.convert import convert_checkpoint
     from lowmem_paligemma.profiler import MemoryProfiler, current_rss, reset_peak
 
-    src, dst, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    src, dst, chunk, quantize = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] or None
     base = current_rss()
     hwm_reset = reset_peak()
     with MemoryProfiler(interval=0.01) as prof:
-        convert_checkpoint(src, dst, dtype=torch.bfloat16, chunk_bytes=chunk)
+        convert_checkpoint(src, dst, dtype=torch.bfloat16, chunk_bytes=chunk, quantize=quantize)
     peak = prof.peak()
     print(json.dumps({"anon": peak.anon - base["anon"], "rss": peak.rss - base["rss"],
                       "hwm": (peak.hwm - base["rss"]) if hwm_reset else None}))
     """
 )
+
+
+def convert_growth(src: Path, dst: Path, chunk: int, quantize: str | None = None) -> dict:
+    """Peak memory growth (bytes: anon, rss, hwm) of converting `src` to bf16 in a fresh process."""
+    run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(src), str(dst), str(chunk), quantize or ""],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(run.stdout)
 
 
 def test_memory_stays_bounded_by_chunk_not_by_tensor(tmp_path):
@@ -180,13 +187,7 @@ def test_memory_stays_bounded_by_chunk_not_by_tensor(tmp_path):
     largest = max(e.nbytes for e in read_checkpoint(src).values())
     assert largest >= 256 * MB
     chunk = 8 << 20
-    run = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, str(src), str(tmp_path / "dst"), str(chunk)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    growth = json.loads(run.stdout)
+    growth = convert_growth(src, tmp_path / "dst", chunk)
     bound = 3 * chunk + 64 * MB  # source chunk + converted chunk + allocator slack
     assert growth["anon"] < bound, growth
     assert growth["rss"] < bound, growth  # no mmap: file-backed pages would show here

@@ -37,6 +37,13 @@ print(json.dumps({"base": base, "final": final, "peak_anon": peak.anon, "peak_fi
 """
 
 
+def load_growth(path, dtype: str, warm_dir, kernels: str | None = None) -> dict:
+    """The child's memory record (bytes) for loading `path` in `dtype` with CHUNK-sized chunks."""
+    args = [str(path), dtype, str(CHUNK), str(warm_dir), *([kernels] if kernels else [])]
+    out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def medium_dir(tmp_path_factory):
     cfg = tiny(gemma2=False)
@@ -51,11 +58,7 @@ def medium_dir(tmp_path_factory):
 def test_peak_anon_is_model_plus_one_chunk(medium_dir, tiny_pg1_dir, dtype):
     checkpoint_bytes = sum(p.stat().st_size for p in medium_dir.glob("*.safetensors"))
     assert checkpoint_bytes > 300e6
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(medium_dir), dtype, str(CHUNK), str(tiny_pg1_dir)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = load_growth(medium_dir, dtype, tiny_pg1_dir)
     anon_growth = r["peak_anon"] - r["base"]["anon"]
     assert anon_growth <= r["model_bytes"] + CHUNK + SLACK, r
     # pread, no mmap: the shards' pages never become part of the process (the page cache is not RSS).
@@ -82,10 +85,5 @@ def test_reordered_weights_free_their_plain_copies_during_the_load(wide_mlp_dir,
         ops.pack_weight(torch.zeros(64, 64, dtype=torch.bfloat16))
     except RuntimeError:
         pytest.skip("oneDNN cannot reorder bfloat16 weights on this CPU")
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(wide_mlp_dir), "bfloat16", str(CHUNK), str(tiny_pg1_dir),
-         "dense=packed/packed"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = load_growth(wide_mlp_dir, "bfloat16", tiny_pg1_dir, kernels="dense=packed/packed")
     assert r["peak_anon"] - r["base"]["anon"] <= r["model_bytes"] + CHUNK + SLACK, r
