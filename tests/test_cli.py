@@ -281,11 +281,12 @@ def test_draw_needs_a_detect_or_segment_prompt(tiny_pg1_dir, images, tmp_path, m
     assert "detect or segment prompt" in line and not (tmp_path / "x.png").exists() and loads == []
 
 
-def test_draw_says_why_nothing_is_drawn(tiny_pg1_dir, images, tmp_path, monkeypatch):
-    _fixed_output(monkeypatch, tiny_pg1_dir, "no cat here")
+@pytest.mark.parametrize("answer", ["no cat here", "<loc0522><loc0522><loc0522><loc0522><loc0259><loc0561>"])
+def test_draw_says_why_nothing_is_drawn(answer, tiny_pg1_dir, images, tmp_path, monkeypatch):
+    _fixed_output(monkeypatch, tiny_pg1_dir, answer)  # no <loc> at all; locs but no label (a cut-off answer)
     out = tmp_path / "same.png"
     result = ok(run("generate", tiny_pg1_dir, images["a"], "detect cat", "--draw", out))
-    assert "no <loc> boxes" in result.stderr and "unchanged copy" in result.stderr
+    assert "no complete box" in result.stderr and "unchanged copy" in result.stderr
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(images["a"]).convert("RGB")))
 
 

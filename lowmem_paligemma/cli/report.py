@@ -102,7 +102,10 @@ def memory_line(peak: Peak) -> str:
 
 def detections_report(found: list[dict[str, Any]], path: Path, has_vae: bool) -> list[str]:
     if not found:
-        return [f"0 objects drawn: the answer held no <loc> boxes, so {path} is an unchanged copy of the image"]
+        return [
+            f"0 objects drawn: the answer held no complete box (four <loc> tokens, then a label), so {path} is "
+            "an unchanged copy of the image"
+        ]
     lines = [f"{len(found)} object(s) drawn on {path} (boxes x0, y0, x1, y1 in pixels):"]
     for d in found:
         lines.append(f"  {d['label'] or '(no label)'}: {tuple(d['box'])}" + (" + mask" if d["mask"] else ""))
