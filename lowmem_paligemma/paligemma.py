@@ -140,7 +140,5 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         window = self.cfg.text.sliding_window
         full = make_attn_mask(token_type_ids, attention_mask, start, None, x.dtype)
         sliding = make_attn_mask(token_type_ids, attention_mask, start, window, x.dtype) if window else None
-        hidden = self.language_model.model(x, positions, (full, sliding), cache, start)
-        if last_only:
-            hidden = hidden[:, -1:]
+        hidden = self.language_model.model(x, positions, (full, sliding), cache, start, last_only)
         return self.language_model.logits(hidden)

@@ -30,6 +30,10 @@ from .units import format_bytes
 # Reading image bytes takes no CPU worth reserving; with 1 CPU per read task, actors holding every CPU
 # would leave the reads unschedulable and the job would wait forever.
 READ_TASK_CPUS = 0
+# Read tasks in flight per worker. 0-CPU tasks are otherwise all started at once, each in a worker process
+# of its own (about 1.5 CPU-s to start one, taken from the actors loading their models); a worker answers
+# a batch in seconds and its batch is read in milliseconds, so one read at a time per worker keeps up.
+READS_PER_WORKER = 1
 
 
 class BatchWorker:
@@ -122,7 +126,9 @@ def run_ray_batch(
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, on the driver
-    dataset = ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_TASK_CPUS)
+    dataset = ray.data.read_binary_files(
+        paths, include_paths=True, num_cpus=READ_TASK_CPUS, concurrency=READS_PER_WORKER * workers
+    )
     dataset = dataset.map_batches(
         BatchWorker,
         fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "load": load, "job": job,

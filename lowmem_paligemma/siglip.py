@@ -63,7 +63,8 @@ class SiglipMLP(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_pytorch_tanh (docs/model.md, "Forward pass")
+        # gelu_pytorch_tanh (docs/model.md, "Forward pass"), in place on fc1's fresh output
+        return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
 
 
 class SiglipEncoderLayer(nn.Module):

@@ -48,7 +48,14 @@ def _answers(records: list[dict]) -> dict[str, dict]:
     return {r["path"]: {k: v for k, v in r.items() if k not in ("seconds", "batch")} for r in records}
 
 
-def test_ray_gives_the_local_lines_skips_recorded_and_records_a_corrupt_image(cluster, tiny_pg1_dir, tmp_path):
+def test_ray_gives_the_local_lines_skips_recorded_and_records_a_corrupt_image(
+    cluster, tiny_pg1_dir, tmp_path, monkeypatch
+):
+    reads = []  # the read's arguments: one read task in flight per worker (ray_batch.READS_PER_WORKER)
+    read_binary_files = cluster.data.read_binary_files
+    monkeypatch.setattr(
+        cluster.data, "read_binary_files", lambda *a, **kw: reads.append(kw) or read_binary_files(*a, **kw)
+    )
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, size in enumerate([(40, 30), (24, 24), (64, 16), (30, 50)]):
@@ -67,6 +74,7 @@ def test_ray_gives_the_local_lines_skips_recorded_and_records_a_corrupt_image(cl
     stderr = _run("batch", tiny_pg1_dir, folder, *common, "--out", distributed, "--ray", "--workers", 1,
                   "--worker-cpus", 1)  # fmt: skip
     assert "2 already answered" in stderr and "Ray: 1 worker(s), each 1 CPU(s)" in stderr
+    assert [(r["concurrency"], r["num_cpus"]) for r in reads] == [(1, 0)]
     assert distributed.read_text().startswith(earlier)
     got = _records(distributed)
     assert len(got) == 5 and _answers(got) == _answers(want)  # same lines, order aside, each image once
