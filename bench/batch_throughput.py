@@ -118,9 +118,9 @@ def phases(model_dir: Path, images: Path, dtype: str) -> list[dict]:
 def phase_lines(rows: list[dict]) -> list[str]:
     """The phases per image, and what batching could reach if a batched decode step cost batch 1's."""
     one, big = rows[0], rows[-1]
-    lines = [f"| batch | encode, s / image | prefill, s / image | decode step, ms | decode, s / image ({NEW_TOKENS - 1} steps) "
-             "| s / image |", "|---|---|---|---|---|---|"]  # fmt: skip
     steps = NEW_TOKENS - 1
+    lines = ["| batch | encode, s / image | prefill, s / image | decode step, ms | "
+             f"decode, s / image ({steps} steps) | s / image |", "|---|---|---|---|---|---|"]  # fmt: skip
     per_image = {}
     for r in rows:
         b = r["batch"]
