@@ -110,8 +110,8 @@ class GemmaAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and t == 1:
             # One query per head: the G heads that share a kv head become G query rows of it, (B, K, G, H)
-            # against (B, K, S, H), instead of a copy of the cache per head (batch 8, 280 keys: 0.3 ms against
-            # 4.1 ms per layer, bench/batch_throughput.py's decode). The mask (B, 1, 1, S) broadcasts.
+            # against (B, K, S, H), instead of a copy of the cache per head, which made a batch-8 decode step cost
+            # far more than a batch-1 step (docs/performance.md, "Batches and Ray"). The mask (B, 1, 1, S) broadcasts.
             q = q.reshape(b, self.num_kv_heads, groups, self.head_dim)
         elif groups > 1:  # query head n reads kv head n // groups
             k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)

@@ -42,8 +42,8 @@ def prefill_bytes(cfg: PaliGemmaConfig, prompt_len: int, dtype: torch.dtype, bat
     scores = n * L * L * (FLOAT32 + 2 * item)
     # paligemma.make_attn_mask: (B, 1, L, L) in the model dtype with its boolean temporaries, one per mask kind.
     masks = (2 if t.sliding_window else 1) * L * L * (item + 3)
-    # gate and up, (B, L, I) each (gemma.GemmaMLP takes the gelu and the product in place), and one more (B, L, I):
-    # the generous side, as docs/batch.md's per-worker figures were computed with it.
+    # gate and up, (B, L, I) each (gemma.GemmaMLP takes the gelu and the product in place), and one more (B, L, I)
+    # of margin: this estimate errs high on purpose (docstring).
     mlp = 3 * L * t.intermediate_size * item
     qkv = 2 * L * (n + 2 * k) * h * item + 2 * n * L * h * item  # q, k, v, their rotated copies, the GQA expansion
     norms = 4 * L * t.hidden_size * FLOAT32  # float32 copies of the residual stream in the norms
@@ -55,7 +55,7 @@ def vision_bytes(cfg: PaliGemmaConfig, dtype: torch.dtype, batch: int = 1) -> in
     """The largest temporaries of the vision tower (runs before the KV cache exists)."""
     v, P, item = cfg.vision, cfg.num_image_tokens, dtype.itemsize
     scores = v.num_attention_heads * P * P * (FLOAT32 + 2 * item)  # (B, heads, P, P), as the text scores
-    mlp = 3 * P * v.intermediate_size * item  # fc1's output (its gelu in place) and two more (B, P, I): generous
+    mlp = 3 * P * v.intermediate_size * item  # fc1's output (its gelu in place) and two more (B, P, I) of margin
     return batch * (scores + mlp + 8 * P * v.hidden_size * FLOAT32)
 
 

@@ -31,7 +31,7 @@ from .units import format_bytes
 # would leave the reads unschedulable and the job would wait forever.
 READ_TASK_CPUS = 0
 # Read tasks in flight per worker. 0-CPU tasks are otherwise all started at once, each in a worker process
-# of its own (about 1.5 CPU-s to start one, taken from the actors loading their models); a worker answers
+# of its own (each start takes CPU from the actors loading their models); a worker answers
 # a batch in seconds and its batch is read in milliseconds, so one read at a time per worker keeps up.
 READS_PER_WORKER = 1
 

@@ -44,14 +44,19 @@ def load_growth(path, dtype: str, warm_dir, kernels: str | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _scaled_checkpoint(tmp_path_factory, name: str, dtype: torch.dtype, vocab: int, mlp: int):
+    """Tiny PaliGemma 1 with a 1024-wide, 2-layer decoder of the given vocabulary and MLP width; 200 MB shards."""
+    cfg = tiny(gemma2=False)
+    cfg = replace(cfg, text=replace(cfg.text, vocab_size=vocab, hidden_size=1024, intermediate_size=mlp,
+                                    num_hidden_layers=2, head_dim=256))  # fmt: skip
+    path = tmp_path_factory.mktemp(name)
+    write_checkpoint(path, cfg, dtype=dtype, max_shard_bytes=200_000_000, tokenizer=False)
+    return path
+
+
 @pytest.fixture(scope="module")
 def medium_dir(tmp_path_factory):
-    cfg = tiny(gemma2=False)
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=65536, hidden_size=1024, intermediate_size=2048,
-                                    num_hidden_layers=2, head_dim=256))  # fmt: skip
-    path = tmp_path_factory.mktemp("medium")
-    write_checkpoint(path, cfg, dtype=torch.float32, max_shard_bytes=200_000_000, tokenizer=False)
-    return path
+    return _scaled_checkpoint(tmp_path_factory, "medium", torch.float32, vocab=65536, mlp=2048)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -70,12 +75,7 @@ def test_peak_anon_is_model_plus_one_chunk(medium_dir, tiny_pg1_dir, dtype):
 def wide_mlp_dir(tmp_path_factory):
     """Decoder weights of 33 MB each in bfloat16 (201 MB in all): reordering them into oneDNN's layout while
     the old copies stayed alive until the end of the load would add that much to the peak."""
-    cfg = tiny(gemma2=False)
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=8192, hidden_size=1024, intermediate_size=16384,
-                                    num_hidden_layers=2, head_dim=256))  # fmt: skip
-    path = tmp_path_factory.mktemp("wide")
-    write_checkpoint(path, cfg, dtype=torch.bfloat16, max_shard_bytes=200_000_000, tokenizer=False)
-    return path
+    return _scaled_checkpoint(tmp_path_factory, "wide", torch.bfloat16, vocab=8192, mlp=16384)
 
 
 def test_reordered_weights_free_their_plain_copies_during_the_load(wide_mlp_dir, tiny_pg1_dir):
