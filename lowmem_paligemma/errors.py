@@ -51,3 +51,7 @@ class InsufficientMemoryError(LowmemError):
 
 class ContextLengthError(LowmemError, ValueError):
     """A request longer than the model's context: prompt + max_new_tokens over max_position_embeddings."""
+
+
+class ClusterError(LowmemError):
+    """The Ray cluster named by --ray-address cannot be joined (nothing answers there, or it refuses us)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .batch import BatchJob, answer_batch, prepare_image, write_records
-from .errors import InsufficientMemoryError
+from .errors import ClusterError, InsufficientMemoryError
 from .runtime import LoadOptions, SamplingOptions, load_session, session_memory_bytes
 from .units import format_bytes
 
@@ -58,13 +59,40 @@ def _bare(path: str) -> str:
     return path.split("://", 1)[1] if "://" in path else path
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A host:port address (with or without a scheme) must accept a TCP connection: Ray itself would retry a
+    dead address for minutes before failing."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port; Ray judges it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(
+            f"nothing answers at {address} ({e.strerror or e}): is the Ray cluster running? "
+            "(`ray start --head` on its head node; docs/batch.md)"
+        ) from None
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ("auto", "ray://host:10001", "host:6379"); None: the one `ray start` left
     on this machine, else a new local one. A process already connected keeps its connection."""
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address not in (None, "auto"):
+        _check_reachable(address)
+    try:
         ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        # Ray >= 2.5x: `ray start` turns on token authentication when ~/.ray/auth_token exists, and a driver
+        # given an explicit address sends the token only when told to (RAY_AUTH_MODE=token).
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClusterError(
+            f"{first}. If the cluster uses token authentication, set RAY_AUTH_MODE=token here, with its token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN (docs/batch.md)"
+        ) from None
 
 
 @dataclass(frozen=True)

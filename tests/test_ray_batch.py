@@ -109,3 +109,41 @@ def test_ray_is_needed_only_with_ray(tiny_pg1_dir, tmp_path, monkeypatch):
     shutil.copy(Path(__file__), tmp_path / "x.png")
     result = CliRunner().invoke(main, ["batch", str(tiny_pg1_dir), str(tmp_path), "x", "--out", "r", "--ray"])
     assert result.exit_code == 1 and "pip install 'lowmem_paligemma[ray]'" in result.stderr
+
+
+def test_an_address_where_nothing_answers_is_one_error_line_at_once(tiny_pg1_dir, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' (make test installs it)")
+    import socket
+    import time
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh CLI process, whatever ran before here
+
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shutil.copy(Path(__file__), tmp_path / "x.png")
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(main, ["batch", str(tiny_pg1_dir), str(tmp_path), "x", "--out", str(tmp_path / "r"),
+                                       "--ray", "--ray-address", f"127.0.0.1:{port}"])  # fmt: skip
+    assert time.perf_counter() - t0 < 60  # Ray alone retries a dead address for minutes
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: nothing answers at 127.0.0.1:{port} (Connection refused): is the Ray cluster "
+                      "running? (`ray start --head` on its head node; docs/batch.md)"]  # fmt: skip
+
+
+def test_a_refused_connection_names_token_authentication(monkeypatch):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' (make test installs it)")
+    from lowmem_paligemma.errors import ClusterError
+    from lowmem_paligemma.ray_batch import connect
+
+    def refuse(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379\nmore detail")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr("lowmem_paligemma.ray_batch._check_reachable", lambda address: None)
+    with pytest.raises(
+        ClusterError, match=r"^Failed to connect to Ray cluster at 10\.0\.0\.1:6379\. .*RAY_AUTH_MODE=token"
+    ):
+        connect("10.0.0.1:6379")
