@@ -1,6 +1,6 @@
 """Full-size synthetic checkpoints for the benchmarks: written once (in a child process) and reused.
 
-They have the Hub's exact layout and sizes, with random weights (`lowmem_paligemma.synth`). The Hub's
+They have the Hub's exact layout and sizes, with random weights (`lowmem_paligemma.pretrained.synth`). The Hub's
 PaliGemma-3B main branch is float32 in 3 shards of <= 5 GB; its bfloat16 revision and PaliGemma 2 are bfloat16
 (docs/model.md, "Checkpoint layout"). Set LOWMEM_CHECKPOINTS to keep them somewhere else than ./checkpoints.
 """
@@ -22,9 +22,9 @@ MAX_SHARD_BYTES = 5_000_000_000
 
 
 def _write(path: str, preset: str, kind: str) -> None:
-    from lowmem_paligemma.config import PRESETS
-    from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES
-    from lowmem_paligemma.synth import write_checkpoint
+    from lowmem_paligemma.checkpoint.safetensors_io import WEIGHT_DTYPES
+    from lowmem_paligemma.model.config import PRESETS
+    from lowmem_paligemma.pretrained.synth import write_checkpoint
 
     write_checkpoint(path, PRESETS[preset], dtype=WEIGHT_DTYPES[DTYPES[kind]], max_shard_bytes=MAX_SHARD_BYTES)
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from bench.common import ensure_checkpoint
 from bench.report import gb
-from lowmem_paligemma.profiler import MemoryProfiler, current_rss
-from lowmem_paligemma.runtime import LoadOptions, SamplingOptions, load_session, run_prompt
+from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss
+from lowmem_paligemma.runtime.session import LoadOptions, SamplingOptions, load_session, run_prompt
 
 
 def main() -> None:

@@ -64,8 +64,8 @@ def child(name: str, path: Path, out: Path) -> None:
     protect_the_machine()
     import torch
 
-    from lowmem_paligemma.config import load_config
-    from lowmem_paligemma.profiler import MemoryProfiler, current_rss
+    from lowmem_paligemma.model.config import load_config
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss
 
     impl, dtype_name, quantize, kernels, _, _ = RUNS[name]
     set_threads(THREADS)

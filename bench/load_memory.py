@@ -69,7 +69,7 @@ class Run:
 
 def naive_estimate(path: Path) -> int:
     """fp32 model (anon, random init) + every shard mapped by load_file (file-backed), both resident at once."""
-    from lowmem_paligemma.safetensors_io import read_checkpoint
+    from lowmem_paligemma.checkpoint.safetensors_io import read_checkpoint
 
     entries = read_checkpoint(path).values()
     return sum(e.numel for e in entries) * 4 + sum(e.nbytes for e in entries)
@@ -124,8 +124,8 @@ def row(r: Run, shards: dict[str, int]) -> list[str]:
 
 
 def write_plots(runs: list[Run], out_dir: Path, plot_dir: Path) -> list[Path]:
-    from lowmem_paligemma.plot import plot_comparison, plot_timeline
-    from lowmem_paligemma.profiler import Timeline
+    from lowmem_paligemma.profiling.plot import plot_comparison, plot_timeline
+    from lowmem_paligemma.profiling.profiler import Timeline
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     for old in plot_dir.glob("*.png"):  # a PNG from an earlier run would outlive its row
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     cmd = command("bench.load_memory", argv)
     paths = {k: args.checkpoint_dir / k if args.checkpoint_dir else ensure_checkpoint(k) for k in kinds}
-    from lowmem_paligemma.safetensors_io import checkpoint_files
+    from lowmem_paligemma.checkpoint.safetensors_io import checkpoint_files
 
     shards = {k: len(checkpoint_files(path)) for k, path in paths.items()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                                                     "--dtype", run.dtype], out, log)  # fmt: skip
         run.status, run.note = child.status, child.note
         if child.status == "ok":
-            from lowmem_paligemma.profiler import Timeline
+            from lowmem_paligemma.profiling.profiler import Timeline
 
             run.summary = summarize(Timeline.from_json(out)) | {"cached": cached, "loadavg": load}
             print(f"  {run.summary['load_s']:.1f} s, peak {gb(run.summary['peak_rss'])} GB", file=sys.stderr)

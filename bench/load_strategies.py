@@ -35,9 +35,9 @@ SETTLED, TOUCH = "settled", "touch every weight page"  # phase marks the parent 
 def load_state_dict(path: Path, dtype: Any, mark) -> Any:
     from safetensors.torch import load_file
 
-    from lowmem_paligemma.config import load_config
-    from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-    from lowmem_paligemma.safetensors_io import checkpoint_files
+    from lowmem_paligemma.checkpoint.safetensors_io import checkpoint_files
+    from lowmem_paligemma.model.config import load_config
+    from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
 
     mark("build float32 (random init)")
     model = PaliGemmaForConditionalGeneration(load_config(path))
@@ -56,9 +56,9 @@ def to_empty_half(path: Path, dtype: Any, mark) -> Any:
     import torch
     from safetensors import safe_open
 
-    from lowmem_paligemma.config import load_config
-    from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-    from lowmem_paligemma.safetensors_io import checkpoint_files
+    from lowmem_paligemma.checkpoint.safetensors_io import checkpoint_files
+    from lowmem_paligemma.model.config import load_config
+    from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
 
     mark("meta build")
     with torch.device("meta"):
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     protect_the_machine()
     import torch
 
-    from lowmem_paligemma.profiler import MemoryProfiler
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler
 
     load, preimports = STRATEGIES[args.strategy]
     # Import time is not load time: the modules each loader uses come in first. transformers imports its model

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lowmem_paligemma.safetensors_io import checkpoint_files
+from lowmem_paligemma.checkpoint.safetensors_io import checkpoint_files
 
 
 def set_page_cache(path: Path, cache: str) -> None:

@@ -49,7 +49,7 @@ def child_quality(path: Path, mode: str, out: Path) -> None:
     import torch
 
     from lowmem_paligemma import load_model
-    from lowmem_paligemma.config import load_config
+    from lowmem_paligemma.model.config import load_config
 
     cfg = load_config(path)
     ids, types, pixels = _inputs(cfg, TEXT)
@@ -64,8 +64,8 @@ def child_big(path: Path, mode: str, tokens: int, out: Path) -> None:
     import torch
 
     from lowmem_paligemma import generate, load_model
-    from lowmem_paligemma.config import load_config
-    from lowmem_paligemma.profiler import MemoryProfiler, current_rss
+    from lowmem_paligemma.model.config import load_config
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss
 
     cfg = load_config(path)
     ids, _, pixels = _inputs(cfg, 4)

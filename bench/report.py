@@ -35,7 +35,7 @@ def machine() -> str:
     import torch
 
     from lowmem_paligemma.machine import cpu
-    from lowmem_paligemma.profiler import total_ram_bytes
+    from lowmem_paligemma.profiling.profiler import total_ram_bytes
 
     swap = _meminfo("SwapTotal")
     ram = (total_ram_bytes() or 0) / 1e9

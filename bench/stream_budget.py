@@ -73,10 +73,10 @@ def child(
     import torch
 
     from lowmem_paligemma import load_model
-    from lowmem_paligemma.config import load_config
-    from lowmem_paligemma.generate import generate
-    from lowmem_paligemma.pagecache import resident_total
-    from lowmem_paligemma.profiler import MemoryProfiler, reset_peak
+    from lowmem_paligemma.checkpoint.pagecache import resident_total
+    from lowmem_paligemma.model.config import load_config
+    from lowmem_paligemma.model.generate import generate
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler, reset_peak
 
     cfg = load_config(path)
     ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [cfg.bos_token_id, 100, 200, 108]])
@@ -148,7 +148,7 @@ def child(
 def disk_read_rate(path: Path, nbytes: int = READ_RATE_BYTES, workers: int = 4, piece: int = 16 << 20) -> float:
     """Cold sequential read rate (bytes/s) of the checkpoint's largest shard, read as the streamer reads:
     O_DIRECT (or buffered with the pages dropped), `workers` pieces in flight."""
-    from lowmem_paligemma.pagecache import align_down, aligned_empty, drop_file, open_direct, read_direct
+    from lowmem_paligemma.checkpoint.pagecache import align_down, aligned_empty, drop_file, open_direct, read_direct
 
     shard = max(_shards(path), key=lambda p: p.stat().st_size)
     size = align_down(min(nbytes, shard.stat().st_size))
@@ -181,7 +181,7 @@ def disk_read_rate(path: Path, nbytes: int = READ_RATE_BYTES, workers: int = 4, 
 def run_child(
     path: Path, budget: int | None, quantize: str | None, new_tokens: int, out: Path, prefetch=True, direct=True
 ):
-    from lowmem_paligemma.pagecache import drop_file
+    from lowmem_paligemma.checkpoint.pagecache import drop_file
 
     for shard in _shards(path):
         drop_file(shard)  # a cold start: what the last run read must not help this one
@@ -200,8 +200,8 @@ def run_child(
 def resident_fits(path: Path, quantize: str | None) -> bool:
     import torch
 
-    from lowmem_paligemma.memory import model_bytes
-    from lowmem_paligemma.pretrained import build_model
+    from lowmem_paligemma.budget.memory import model_bytes
+    from lowmem_paligemma.pretrained.load import build_model
 
     need = model_bytes(build_model(path, quantize), torch.bfloat16) + RESIDENT_MARGIN
     return mem_available() > need
@@ -249,7 +249,7 @@ def write_report(
     report: Path, rows: list[list[str]], rate: float, records: dict[str, Any], args: str, new_tokens: int
 ) -> None:
     from lowmem_paligemma.machine import cpu
-    from lowmem_paligemma.profiler import total_ram_bytes
+    from lowmem_paligemma.profiling.profiler import total_ram_bytes
 
     lines = [
         "# Streaming under a memory budget: measurements",

@@ -9,7 +9,7 @@ Importing the package is cheap: transformers (for the tokenizer) is imported onl
 docs/architecture.md maps the modules.
 """
 
-from .config import PRESETS, PaliGemmaConfig
+from .checkpoint.loader import stream_checkpoint
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -22,13 +22,13 @@ from .errors import (
     TokenizerError,
     VAEWeightsError,
 )
-from .generate import encode_image, generate, generate_batch
-from .loader import stream_checkpoint
-from .paligemma import PaliGemmaForConditionalGeneration
-from .pretrained import load_hf_model, load_model, load_transformers_model
-from .processor import Processor, TextStream
-from .profiler import MemoryProfiler
-from .runtime import LoadOptions, SamplingOptions, Session, load_session, run_prompt, run_prompts
+from .model.config import PRESETS, PaliGemmaConfig
+from .model.generate import encode_image, generate, generate_batch
+from .model.paligemma import PaliGemmaForConditionalGeneration
+from .model.processor import Processor, TextStream
+from .pretrained.load import load_hf_model, load_model, load_transformers_model
+from .profiling.profiler import MemoryProfiler
+from .runtime.session import LoadOptions, SamplingOptions, Session, load_session, run_prompt, run_prompts
 
 __all__ = [
     # loading

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_paligemma.kernels import ENV_CACHE, ENV_KERNELS
-from lowmem_paligemma.synth import tiny_checkpoint
+from lowmem_paligemma.formats.chooser import ENV_CACHE, ENV_KERNELS
+from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 
 # Kernel measurements of the test run go to a directory of their own, never the user's ~/.cache; and the
 # suite runs the reference kernels, so results do not depend on what was measured fastest on this machine.

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lowmem_paligemma import config, pretrained, processor
-from lowmem_paligemma.config import from_hf
+from lowmem_paligemma.checkpoint.safetensors_io import INDEX_NAME
 from lowmem_paligemma.errors import ImageError, LowmemError
-from lowmem_paligemma.processor import Processor, load_image
-from lowmem_paligemma.safetensors_io import INDEX_NAME
-from lowmem_paligemma.synth import tiny_checkpoint
+from lowmem_paligemma.model import config, processor
+from lowmem_paligemma.model.config import from_hf
+from lowmem_paligemma.model.processor import Processor, load_image
+from lowmem_paligemma.pretrained import load as pretrained
+from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 
 VERDICTS = ("refused", "identical", "as configured", "wrong")
 ODD_VALUES = [None, 0, -1, 1, 2, "x", "", True, False, 1.5, -0.5, 10**12, 2**64, [], {}, [1], {"a": 1}, float("inf")]

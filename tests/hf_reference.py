@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_paligemma.config import PaliGemmaConfig
+from lowmem_paligemma.model.config import PaliGemmaConfig
 
 
 def hf_config(cfg: PaliGemmaConfig):

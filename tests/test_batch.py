@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowmem_paligemma.batch import (
+from lowmem_paligemma.runtime.batch import (
     IMAGE_SUFFIXES,
     BatchJob,
     answer_batch,
@@ -21,7 +21,7 @@ from lowmem_paligemma.batch import (
     prepare_image,
     read_records,
 )
-from lowmem_paligemma.runtime import LoadOptions, SamplingOptions, load_session, run_prompt
+from lowmem_paligemma.runtime.session import LoadOptions, SamplingOptions, load_session, run_prompt
 
 JOB = BatchJob.of("models/tiny", "caption en", SamplingOptions(max_new_tokens=6), LoadOptions(dtype="float32"))
 

@@ -19,19 +19,20 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from lowmem_paligemma import memory, runtime
+from lowmem_paligemma.budget import memory
+from lowmem_paligemma.checkpoint.safetensors_io import read_checkpoint
 from lowmem_paligemma.cli import files as cli_files
 from lowmem_paligemma.cli import main
-from lowmem_paligemma.config import PRESETS
-from lowmem_paligemma.generate import generate
-from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-from lowmem_paligemma.pretrained import load_model
-from lowmem_paligemma.processor import Processor
-from lowmem_paligemma.profiler import Timeline
-from lowmem_paligemma.runtime import DEFAULT_DTYPE
-from lowmem_paligemma.safetensors_io import read_checkpoint
-from lowmem_paligemma.synth import tiny_checkpoint
-from lowmem_paligemma.tasks import write_synthetic_vae_npz
+from lowmem_paligemma.model.config import PRESETS
+from lowmem_paligemma.model.generate import generate
+from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.model.processor import Processor
+from lowmem_paligemma.model.tasks import write_synthetic_vae_npz
+from lowmem_paligemma.pretrained.load import load_model
+from lowmem_paligemma.pretrained.synth import tiny_checkpoint
+from lowmem_paligemma.profiling.profiler import Timeline
+from lowmem_paligemma.runtime import session as runtime
+from lowmem_paligemma.runtime.session import DEFAULT_DTYPE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -636,7 +637,7 @@ def test_chat_refuses_one_long_line_and_goes_on(tiny_pg1_dir, images, monkeypatc
 
 
 def test_a_request_that_cannot_fit_names_the_kv_cache(tiny_pg1_dir, images, monkeypatch):
-    from lowmem_paligemma import loader
+    from lowmem_paligemma.checkpoint import loader
 
     weights = sum(e.numel for e in read_checkpoint(tiny_pg1_dir).values()) * 2  # bfloat16
     spare = loader.DEFAULT_CHUNK_BYTES + memory.RUNTIME_MARGIN_BYTES + 1_000_000

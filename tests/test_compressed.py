@@ -14,14 +14,14 @@ from safetensors.torch import load_file, save_file
 from test_convert import convert_growth
 
 from lowmem_paligemma import CheckpointError, ConfigError, OptionError, load_model
-from lowmem_paligemma.compressed import FORMATS, MIXED_FORMAT, pack_int4, target, unpack_int4
-from lowmem_paligemma.config import load_config, tiny
-from lowmem_paligemma.convert import convert_checkpoint
-from lowmem_paligemma.loader import FILL_BYTES_PER_ELEMENT
-from lowmem_paligemma.pretrained import transformers_key
-from lowmem_paligemma.quant import INT4_GROUP, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, dequantize
-from lowmem_paligemma.safetensors_io import read_checkpoint
-from lowmem_paligemma.synth import write_checkpoint
+from lowmem_paligemma.checkpoint.loader import FILL_BYTES_PER_ELEMENT
+from lowmem_paligemma.checkpoint.safetensors_io import read_checkpoint
+from lowmem_paligemma.formats.compressed import FORMATS, MIXED_FORMAT, pack_int4, target, unpack_int4
+from lowmem_paligemma.formats.quant import INT4_GROUP, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, dequantize
+from lowmem_paligemma.model.config import load_config, tiny
+from lowmem_paligemma.pretrained.convert import convert_checkpoint
+from lowmem_paligemma.pretrained.load import transformers_key
+from lowmem_paligemma.pretrained.synth import write_checkpoint
 
 MB = 10**6
 DTYPE = torch.bfloat16

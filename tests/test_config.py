@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lowmem_paligemma.config import PRESETS, ConfigError, from_hf, load_config, tiny
-from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-from lowmem_paligemma.pretrained import LM_HEAD, normalize_key
+from lowmem_paligemma.model.config import PRESETS, ConfigError, from_hf, load_config, tiny
+from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.pretrained.load import LM_HEAD, normalize_key
 
 # google/paligemma-3b-pt-224 and google/paligemma2-3b-pt-224 config.json as the Hub ships them
 # (docs/model.md, "Config traps").

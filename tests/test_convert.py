@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowmem_paligemma import CheckpointError, load_model
-from lowmem_paligemma.config import tiny
-from lowmem_paligemma.convert import convert_checkpoint
-from lowmem_paligemma.safetensors_io import read_checkpoint
-from lowmem_paligemma.synth import write_checkpoint, write_key_variant
+from lowmem_paligemma.checkpoint.safetensors_io import read_checkpoint
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.pretrained.convert import convert_checkpoint
+from lowmem_paligemma.pretrained.synth import write_checkpoint, write_key_variant
 
 MB = 10**6
 
@@ -157,8 +157,8 @@ _MEMORY_CHILD = textwrap.dedent(
     """
     import json, sys
     import torch
-    from lowmem_paligemma.convert import convert_checkpoint
-    from lowmem_paligemma.profiler import MemoryProfiler, current_rss, reset_peak
+    from lowmem_paligemma.pretrained.convert import convert_checkpoint
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss, reset_peak
 
     src, dst, chunk, quantize = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] or None
     base = current_rss()
@@ -200,7 +200,7 @@ def test_memory_stays_bounded_by_chunk_not_by_tensor(tmp_path):
 _KILLED_CHILD = textwrap.dedent(
     """
     import sys, time
-    from lowmem_paligemma.convert import convert_checkpoint
+    from lowmem_paligemma.pretrained.convert import convert_checkpoint
 
     def progress(done, total):
         if done < total:  # a shard file is open and half written: stop here until killed

@@ -39,7 +39,7 @@ def test_mutated_images_decode_or_are_image_errors(tiny_pg1_dir: Path, tmp_path:
 
 def test_the_fuzzer_finds_what_it_looks_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A loader that reads a wrong header length a byte off (the bug the fuzzer first found) must be caught.
-    from lowmem_paligemma import safetensors_io
+    from lowmem_paligemma.checkpoint import safetensors_io
 
     fuzzer = CheckpointFuzzer(tmp_path, gemma2=False)
     monkeypatch.setattr(safetensors_io, "_check_tiling", lambda path, spans, data_size: None)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowmem_paligemma.config import tiny
-from lowmem_paligemma.gemma import KVCache, rope_tables
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.model.gemma import KVCache, rope_tables
 
 
 def test_rope_tables_equal_transformers_rotary():

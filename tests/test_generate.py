@@ -8,11 +8,11 @@ import torch
 
 from lowmem_paligemma import load_model
 from lowmem_paligemma.errors import ContextLengthError
-from lowmem_paligemma.gemma import KVCache
-from lowmem_paligemma.generate import decode_step, encode_image, generate, generate_batch, left_pad, prefill
-from lowmem_paligemma.processor import Processor, TextStream
+from lowmem_paligemma.model.gemma import KVCache
+from lowmem_paligemma.model.generate import decode_step, encode_image, generate, generate_batch, left_pad, prefill
+from lowmem_paligemma.model.processor import Processor, TextStream
 
-generate_module = importlib.import_module("lowmem_paligemma.generate")  # the package exports the function
+generate_module = importlib.import_module("lowmem_paligemma.model.generate")  # the package exports the function
 
 
 @pytest.fixture(scope="module", params=["pg1", "pg2"])

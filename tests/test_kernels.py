@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from lowmem_paligemma import kernels, load_model
-from lowmem_paligemma.ops import REFERENCE, KernelChoice, Linear
-from lowmem_paligemma.quant import Int8Linear, quantize_model
+from lowmem_paligemma import load_model
+from lowmem_paligemma.formats import chooser as kernels
+from lowmem_paligemma.formats.ops import REFERENCE, KernelChoice, Linear
+from lowmem_paligemma.formats.quant import Int8Linear, quantize_model
 
 
 @pytest.fixture
@@ -100,8 +101,8 @@ def test_load_model_applies_the_plan(cache, tiny_pg1_dir):
 
 
 def test_layer_shapes_skip_the_embedding():
-    from lowmem_paligemma.config import tiny
-    from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
+    from lowmem_paligemma.model.config import tiny
+    from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
 
     with torch.device("meta"):
         model = quantize_model(PaliGemmaForConditionalGeneration(tiny()), "int8")
@@ -120,7 +121,7 @@ def test_packed_weights_compute_what_the_reference_does(tiny_pg2_dir):
     cfg = ref.cfg
     ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 41, 108]])
     pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size) * 2 - 1
-    from lowmem_paligemma.generate import generate
+    from lowmem_paligemma.model.generate import generate
 
     want = list(generate(ref, ids, pixel_values=pixels, max_new_tokens=10, eos_token_ids=[]))
     assert list(generate(packed, ids, pixel_values=pixels, max_new_tokens=10, eos_token_ids=[])) == want

@@ -7,14 +7,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lowmem_paligemma.loader as loader
-from lowmem_paligemma import CheckpointError, InsufficientMemoryError, load_model, memory
-from lowmem_paligemma.config import load_config
-from lowmem_paligemma.loader import stream_checkpoint
-from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-from lowmem_paligemma.pretrained import normalize_key
-from lowmem_paligemma.safetensors_io import read_checkpoint
-from lowmem_paligemma.synth import tiny_checkpoint
+import lowmem_paligemma.checkpoint.loader as loader
+from lowmem_paligemma import CheckpointError, InsufficientMemoryError, load_model
+from lowmem_paligemma.budget import memory
+from lowmem_paligemma.checkpoint.loader import stream_checkpoint
+from lowmem_paligemma.checkpoint.safetensors_io import read_checkpoint
+from lowmem_paligemma.model.config import load_config
+from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.pretrained.load import normalize_key
+from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 
 
 def _params(model):
@@ -134,7 +135,7 @@ def test_excluded_parameters_stay_on_meta_unread(tiny_pg2_dir):
 
 
 def test_restricted_plan_holds_the_parameters_named(tiny_pg2_dir):
-    from lowmem_paligemma.pretrained import build_model
+    from lowmem_paligemma.pretrained.load import build_model
 
     model = build_model(tiny_pg2_dir, "int8")
     plan = loader.checkpoint_plan(model, tiny_pg2_dir, normalize_key)
@@ -146,7 +147,7 @@ def test_restricted_plan_holds_the_parameters_named(tiny_pg2_dir):
 
 
 def test_drop_cache_leaves_nothing_of_the_checkpoint_cached(tmp_path):
-    from lowmem_paligemma.pagecache import drop_file, resident_total
+    from lowmem_paligemma.checkpoint.pagecache import drop_file, resident_total
 
     src = tiny_checkpoint(tmp_path / "c", dtype=torch.bfloat16)
     shards = list(src.glob("*.safetensors"))

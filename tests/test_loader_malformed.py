@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import lowmem_paligemma.loader as loader
+import lowmem_paligemma.checkpoint.loader as loader
 from lowmem_paligemma import CheckpointError, LowmemError, load_model
 
 

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lowmem_paligemma.config import tiny
-from lowmem_paligemma.synth import write_checkpoint
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.pretrained.synth import write_checkpoint
 
 CHUNK = 16 << 20
 SLACK = 48 << 20  # allocator rounding, the KV-free eval model's small extras, sampler noise
@@ -21,7 +21,7 @@ SLACK = 48 << 20  # allocator rounding, the KV-free eval model's small extras, s
 CHILD = r"""
 import json, sys, torch
 from lowmem_paligemma import load_model
-from lowmem_paligemma.profiler import MemoryProfiler, current_rss
+from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss
 path, dtype, chunk = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
 kernels = sys.argv[5] if len(sys.argv) > 5 else None
 load_model(sys.argv[4], dtype=dtype, kernels=kernels)  # warm-up on a tiny checkpoint: every module and .so mapped
@@ -79,7 +79,7 @@ def wide_mlp_dir(tmp_path_factory):
 
 
 def test_reordered_weights_free_their_plain_copies_during_the_load(wide_mlp_dir, tiny_pg1_dir):
-    from lowmem_paligemma import ops
+    from lowmem_paligemma.formats import ops
 
     try:
         ops.pack_weight(torch.zeros(64, 64, dtype=torch.bfloat16))

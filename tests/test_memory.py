@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from lowmem_paligemma import loader, memory
-from lowmem_paligemma.config import PRESETS, tiny
+from lowmem_paligemma.budget import memory
+from lowmem_paligemma.budget.memory import kv_cache_bytes, request_bytes
+from lowmem_paligemma.checkpoint import loader
 from lowmem_paligemma.errors import ContextLengthError, InsufficientMemoryError
-from lowmem_paligemma.gemma import KVCache
-from lowmem_paligemma.memory import kv_cache_bytes, request_bytes
-from lowmem_paligemma.runtime import LoadOptions, load_session
-from lowmem_paligemma.synth import param_shapes
+from lowmem_paligemma.model.config import PRESETS, tiny
+from lowmem_paligemma.model.gemma import KVCache
+from lowmem_paligemma.pretrained.synth import param_shapes
+from lowmem_paligemma.runtime.session import LoadOptions, load_session
 
 
 @pytest.mark.parametrize("gemma2", [False, True])

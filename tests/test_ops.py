@@ -4,8 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowmem_paligemma import quant
-from lowmem_paligemma.ops import CANDIDATES, DECODE_ROWS, KernelChoice, Linear, Scratch, dense_linear, int8_linear
+from lowmem_paligemma.formats import quant
+from lowmem_paligemma.formats.ops import (
+    CANDIDATES,
+    DECODE_ROWS,
+    KernelChoice,
+    Linear,
+    Scratch,
+    dense_linear,
+    int8_linear,
+)
 
 # bf16 products round each output to 8 bits of mantissa after accumulating in float32.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -86,7 +94,7 @@ def test_streamed_layers_keep_the_plain_layout():
     without each pass: it takes the reference kernels where the choice needs a layout, and stays on meta."""
     from torch import nn
 
-    from lowmem_paligemma.ops import REFERENCE, pack_weight, use_kernels
+    from lowmem_paligemma.formats.ops import REFERENCE, pack_weight, use_kernels
 
     try:
         pack_weight(torch.zeros(16, 16))

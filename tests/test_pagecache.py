@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lowmem_paligemma import CheckpointError
-from lowmem_paligemma.pagecache import (
+from lowmem_paligemma.checkpoint.pagecache import (
     DIRECT_ALIGN,
     FOLIO_ALIGN,
     PAGE,

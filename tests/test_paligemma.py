@@ -5,8 +5,8 @@ import torch
 from hf_reference import hf_load, write_hf_checkpoint
 
 from lowmem_paligemma import load_model
-from lowmem_paligemma.config import tiny
-from lowmem_paligemma.paligemma import make_attn_mask
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.model.paligemma import make_attn_mask
 
 
 @pytest.fixture(scope="module", params=["gemma", "gemma2"])

@@ -14,12 +14,12 @@ from lowmem_paligemma import (
     load_hf_model,
     load_model,
     load_transformers_model,
-    loader,
-    memory,
 )
-from lowmem_paligemma.config import load_config
-from lowmem_paligemma.pretrained import load_memory_bytes
-from lowmem_paligemma.synth import write_key_variant
+from lowmem_paligemma.budget import memory
+from lowmem_paligemma.checkpoint import loader
+from lowmem_paligemma.model.config import load_config
+from lowmem_paligemma.pretrained.load import load_memory_bytes
+from lowmem_paligemma.pretrained.synth import write_key_variant
 
 
 def _params(model):

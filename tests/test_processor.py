@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lowmem_paligemma import synth
-from lowmem_paligemma.config import PRESETS, tiny
-from lowmem_paligemma.processor import (
+from lowmem_paligemma.model.config import PRESETS, tiny
+from lowmem_paligemma.model.processor import (
     ImageError,
     Processor,
     TextStream,
@@ -24,6 +23,7 @@ from lowmem_paligemma.processor import (
     load_tokenizer,
     preprocess_image,
 )
+from lowmem_paligemma.pretrained import synth
 
 
 def hf_processor(model_dir: Path):

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from lowmem_paligemma import profiler
-from lowmem_paligemma.plot import _spread, plot_comparison, plot_timeline
-from lowmem_paligemma.profiler import (
+from lowmem_paligemma.profiling import profiler
+from lowmem_paligemma.profiling.plot import _spread, plot_comparison, plot_timeline
+from lowmem_paligemma.profiling.profiler import (
     Mark,
     MemoryProfiler,
     Sample,

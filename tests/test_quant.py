@@ -8,10 +8,9 @@ weights in bfloat16 does. Random weights are not real weights: real-checkpoint q
 import pytest
 import torch
 
-from lowmem_paligemma import load_model, memory
-from lowmem_paligemma.config import tiny
-from lowmem_paligemma.generate import generate
-from lowmem_paligemma.quant import (
+from lowmem_paligemma import load_model
+from lowmem_paligemma.budget import memory
+from lowmem_paligemma.formats.quant import (
     INT4_GROUP,
     Int4Embedding,
     Int4Linear,
@@ -21,7 +20,9 @@ from lowmem_paligemma.quant import (
     quantize_int4,
     quantize_int8,
 )
-from lowmem_paligemma.synth import write_checkpoint
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.model.generate import generate
+from lowmem_paligemma.pretrained.synth import write_checkpoint
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

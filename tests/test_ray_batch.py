@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from lowmem_paligemma.batch import BatchJob
 from lowmem_paligemma.cli import main
 from lowmem_paligemma.errors import InsufficientMemoryError
-from lowmem_paligemma.runtime import LoadOptions, SamplingOptions, session_memory_bytes
+from lowmem_paligemma.runtime.batch import BatchJob
+from lowmem_paligemma.runtime.session import LoadOptions, SamplingOptions, session_memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_ray_gives_the_local_lines_skips_recorded_and_records_a_corrupt_image(
 
 
 def test_worker_resources_come_from_the_loader_estimate(cluster, tiny_pg2_dir):
-    from lowmem_paligemma.ray_batch import worker_resources
+    from lowmem_paligemma.runtime.ray_batch import worker_resources
 
     load, sampling = LoadOptions(dtype="bfloat16"), SamplingOptions(max_new_tokens=20)
     job = BatchJob.of(tiny_pg2_dir, "caption en", sampling, load)
@@ -135,14 +135,14 @@ def test_an_address_where_nothing_answers_is_one_error_line_at_once(tiny_pg1_dir
 def test_a_refused_connection_names_token_authentication(monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]' (make test installs it)")
     from lowmem_paligemma.errors import ClusterError
-    from lowmem_paligemma.ray_batch import connect
+    from lowmem_paligemma.runtime.ray_batch import connect
 
     def refuse(**kwargs):
         raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379\nmore detail")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr("lowmem_paligemma.ray_batch._check_reachable", lambda address: None)
+    monkeypatch.setattr("lowmem_paligemma.runtime.ray_batch._check_reachable", lambda address: None)
     with pytest.raises(
         ClusterError, match=r"^Failed to connect to Ray cluster at 10\.0\.0\.1:6379\. .*RAY_AUTH_MODE=token"
     ):

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from lowmem_paligemma import InsufficientMemoryError
-from lowmem_paligemma.config import PRESETS, tiny
-from lowmem_paligemma.loader import checkpoint_plan
-from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-from lowmem_paligemma.pretrained import TIED, build_model, normalize_key
-from lowmem_paligemma.quant import quantize_model
-from lowmem_paligemma.residency import PROCESS as PROCESS_PART
-from lowmem_paligemma.residency import (
+from lowmem_paligemma.budget.residency import PROCESS as PROCESS_PART
+from lowmem_paligemma.budget.residency import (
     RUN_SLACK_BYTES,
     plan_residency,
     request_bytes,
@@ -20,7 +15,12 @@ from lowmem_paligemma.residency import (
     spread,
     streamable_units,
 )
-from lowmem_paligemma.synth import tiny_checkpoint
+from lowmem_paligemma.checkpoint.loader import checkpoint_plan
+from lowmem_paligemma.formats.quant import quantize_model
+from lowmem_paligemma.model.config import PRESETS, tiny
+from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.pretrained.load import TIED, build_model, normalize_key
+from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 from lowmem_paligemma.units import GB, format_bytes
 
 PROCESS = 400_000_000  # what a Python process with torch and a full-size tokenizer holds before loading
@@ -141,7 +141,7 @@ def test_stored_sizes_and_conversion_come_from_the_checkpoint(tmp_path, tiny_pg1
 
 def test_int8_dequantization_buffer_is_counted_where_a_kernel_uses_it():
     model = _meta("paligemma2-10b-224", "int8")
-    from lowmem_paligemma.ops import KernelChoice
+    from lowmem_paligemma.formats.ops import KernelChoice
 
     largest = 14336 * 3584 * 2  # the MLP's 16-bit copy
     assert scratch_bytes(model, {"int8": KernelChoice("int8pack", "dequant")}, torch.bfloat16) == largest

@@ -6,12 +6,13 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from lowmem_paligemma.config import load_config
-from lowmem_paligemma.gemma import KVCache
-from lowmem_paligemma.generate import generate
-from lowmem_paligemma.memory import request_bytes
-from lowmem_paligemma.pretrained import load_memory_bytes, load_model
-from lowmem_paligemma.runtime import (
+from lowmem_paligemma.budget.memory import request_bytes
+from lowmem_paligemma.checkpoint.safetensors_io import WEIGHT_DTYPES
+from lowmem_paligemma.model.config import load_config
+from lowmem_paligemma.model.gemma import KVCache
+from lowmem_paligemma.model.generate import generate
+from lowmem_paligemma.pretrained.load import load_memory_bytes, load_model
+from lowmem_paligemma.runtime.session import (
     Generation,
     LoadOptions,
     SamplingOptions,
@@ -20,7 +21,6 @@ from lowmem_paligemma.runtime import (
     run_prompts,
     session_memory_bytes,
 )
-from lowmem_paligemma.safetensors_io import WEIGHT_DTYPES
 
 
 def test_tokens_per_second_ignores_the_prefill_token():

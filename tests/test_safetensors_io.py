@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem_paligemma import safetensors_io as st
+from lowmem_paligemma.checkpoint import safetensors_io as st
 from lowmem_paligemma.errors import CheckpointError
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lowmem_paligemma.sampling import (
+from lowmem_paligemma.model.sampling import (
     apply_temperature,
     greedy,
     sample_next_token,

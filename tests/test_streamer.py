@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from lowmem_paligemma import CheckpointError, load_model
-from lowmem_paligemma.generate import generate
-from lowmem_paligemma.loader import checkpoint_plan
-from lowmem_paligemma.pagecache import drop_file, resident_total
-from lowmem_paligemma.pretrained import TIED, build_model, normalize_key
-from lowmem_paligemma.residency import plan_residency
-from lowmem_paligemma.synth import tiny_checkpoint
+from lowmem_paligemma.budget.residency import plan_residency
+from lowmem_paligemma.checkpoint.loader import checkpoint_plan
+from lowmem_paligemma.checkpoint.pagecache import drop_file, resident_total
+from lowmem_paligemma.model.generate import generate
+from lowmem_paligemma.pretrained.load import TIED, build_model, normalize_key
+from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 
 DTYPE = torch.bfloat16
 NEW_TOKENS = 6
@@ -146,9 +146,9 @@ def test_every_dtype(tiny_pg2_dir, dtype):
 
 
 def test_int4_quantized_as_read(tmp_path):
-    from lowmem_paligemma.config import tiny
-    from lowmem_paligemma.quant import Int4Linear
-    from lowmem_paligemma.synth import write_checkpoint
+    from lowmem_paligemma.formats.quant import Int4Linear
+    from lowmem_paligemma.model.config import tiny
+    from lowmem_paligemma.pretrained.synth import write_checkpoint
 
     cfg = tiny(gemma2=True, hidden_size=128, intermediate_size=256, head_dim=32)  # wide enough for int4 groups
     model_dir = write_checkpoint(tmp_path / "int4", cfg, max_shard_bytes=200_000)
@@ -207,7 +207,7 @@ def test_a_forward_that_raises_frees_its_buffer(stored_as_computed):
     want = _tokens(load_model(model_dir, dtype=DTYPE))
     model = load_model(model_dir, dtype=DTYPE, max_memory=_plan(model_dir, None, 0))
     ids, types, pixels = _prompt(model)
-    from lowmem_paligemma.gemma import KVCache
+    from lowmem_paligemma.model.gemma import KVCache
 
     with torch.inference_mode(), pytest.raises(ValueError, match="KV cache holds"):
         model(ids, pixels, types, cache=KVCache(model.cfg.text, 1, 4, DTYPE, "cpu"))  # too short: layer 0 raises

@@ -15,9 +15,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lowmem_paligemma.config import tiny
-from lowmem_paligemma.pagecache import drop_file, resident_bytes
-from lowmem_paligemma.synth import write_checkpoint
+from lowmem_paligemma.checkpoint.pagecache import drop_file, resident_bytes
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.pretrained.synth import write_checkpoint
 
 EXTRA = 200_000_000
 TOO_LITTLE = 20_000_000
@@ -25,9 +25,9 @@ TOO_LITTLE = 20_000_000
 CHILD = r"""
 import json, sys, torch
 from lowmem_paligemma import InsufficientMemoryError, load_model
-from lowmem_paligemma.generate import generate
-from lowmem_paligemma.pagecache import resident_total
-from lowmem_paligemma.profiler import MemoryProfiler, current_rss, reset_peak
+from lowmem_paligemma.model.generate import generate
+from lowmem_paligemma.checkpoint.pagecache import resident_total
+from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss, reset_peak
 from pathlib import Path
 path, warm_dir, extra, too_little = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 quantize = sys.argv[5] or None
@@ -110,8 +110,8 @@ SAMPLED_LOADS = r"""
 import sys, threading, torch
 from pathlib import Path
 from lowmem_paligemma import load_model
-from lowmem_paligemma.pagecache import drop_file, resident_total
-from lowmem_paligemma.profiler import current_rss
+from lowmem_paligemma.checkpoint.pagecache import drop_file, resident_total
+from lowmem_paligemma.profiling.profiler import current_rss
 path, extra = Path(sys.argv[1]), int(sys.argv[2])
 shards = sorted(path.glob("*.safetensors"))
 worst = start = 0
@@ -139,7 +139,7 @@ print(start, worst)
 @pytest.fixture(scope="module")
 def int8_medium_dir(tmp_path_factory):
     """16 int8 decoder layers and a 134 MB bf16 embedding (quantized at load), in one 588 MB shard."""
-    from lowmem_paligemma.convert import convert_checkpoint
+    from lowmem_paligemma.pretrained.convert import convert_checkpoint
 
     cfg = tiny(gemma2=True)
     cfg = replace(cfg, text=replace(cfg.text, vocab_size=65536, hidden_size=1024, intermediate_size=8192,
@@ -159,7 +159,7 @@ def int8_medium_dir(tmp_path_factory):
 
 
 def test_a_budgeted_load_keeps_no_more_than_its_reads_in_flight_in_the_page_cache(int8_medium_dir):
-    from lowmem_paligemma.loader import DEFAULT_CHUNK_BYTES
+    from lowmem_paligemma.checkpoint.loader import DEFAULT_CHUNK_BYTES
 
     shard = next(int8_medium_dir.glob("*.safetensors"))
     if resident_bytes(shard) is None:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lowmem_paligemma import synth
-from lowmem_paligemma.config import PRESETS, TINY_BASE_VOCAB, TINY_IMAGE_TOKEN, load_config, tiny
-from lowmem_paligemma.paligemma import PaliGemmaForConditionalGeneration
-from lowmem_paligemma.safetensors_io import DEFAULT_MAX_SHARD_BYTES, shard_plan
+from lowmem_paligemma.checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, shard_plan
+from lowmem_paligemma.model.config import PRESETS, TINY_BASE_VOCAB, TINY_IMAGE_TOKEN, load_config, tiny
+from lowmem_paligemma.model.paligemma import PaliGemmaForConditionalGeneration
+from lowmem_paligemma.pretrained import synth
 
 EMBED = "language_model.model.embed_tokens.weight"
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lowmem_paligemma.tasks import (
+from lowmem_paligemma.model.tasks import (
     Detection,
     VAEWeightsError,
     VQVAEDecoder,

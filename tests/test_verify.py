@@ -16,8 +16,8 @@ import torch
 from huggingface_hub._local_folder import write_download_metadata
 
 from lowmem_paligemma import CheckpointError, load_model
-from lowmem_paligemma.safetensors_io import read_checkpoint
-from lowmem_paligemma.verify import verify_checkpoint
+from lowmem_paligemma.checkpoint.safetensors_io import read_checkpoint
+from lowmem_paligemma.checkpoint.verify import verify_checkpoint
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 import torch
 
-from ..config import PRESETS
-from ..convert import convert_checkpoint
-from ..quant import QUANT_MODES
-from ..safetensors_io import WEIGHT_DTYPES, dtype_name
-from ..synth import tiny_checkpoint, write_checkpoint
+from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
+from ..formats.quant import QUANT_MODES
+from ..model.config import PRESETS
+from ..pretrained.convert import convert_checkpoint
+from ..pretrained.synth import tiny_checkpoint, write_checkpoint
 from ..units import format_size
 from .options import MODEL_DIR, NEW_DIR, ByteSize, library_default
 from .report import byte_progress, user_errors

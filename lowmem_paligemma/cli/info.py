@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 import torch
 
-from ..kernels import cache_path, machine_key
+from ..formats.chooser import cache_path, machine_key
 from ..machine import cpu
-from ..runtime import LoadOptions, describe_load
+from ..runtime.session import LoadOptions, describe_load
 from ..units import format_bytes
 from .options import MODEL_DIR, load_options
 from .report import user_errors

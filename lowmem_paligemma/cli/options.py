@@ -16,12 +16,12 @@ from typing import Any
 import click
 import torch
 
+from ..checkpoint.safetensors_io import WEIGHT_DTYPES
 from ..errors import OptionError, PromptError
-from ..kernels import parse_spec
-from ..processor import check_prompt
-from ..quant import QUANT_MODES
-from ..runtime import LoadOptions, SamplingOptions
-from ..safetensors_io import WEIGHT_DTYPES
+from ..formats.chooser import parse_spec
+from ..formats.quant import QUANT_MODES
+from ..model.processor import check_prompt
+from ..runtime.session import LoadOptions, SamplingOptions
 from ..units import parse_size
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from ..errors import LowmemError
-from ..profiler import Peak, Timeline
-from ..runtime import Generation, Session
+from ..profiling.profiler import Peak, Timeline
+from ..runtime.session import Generation, Session
 from ..units import format_bytes
 
 PROFILE_PHASES = ("load", "encode", "prefill", "decode")  # the marks `profile` writes, in order

@@ -17,13 +17,14 @@ import click
 import torch
 from click.core import ParameterSource
 
-from ..batch import BatchJob, list_image_paths, plan_run, run_batch
 from ..errors import ContextLengthError, ImageError, PromptError
-from ..plot import plot_timeline
-from ..processor import check_prompt, load_image, to_rgb
-from ..profiler import MemoryProfiler
-from ..ray_batch import connect, run_ray_batch, worker_resources
-from ..runtime import (
+from ..model.processor import check_prompt, load_image, to_rgb
+from ..model.tasks import VQVAEDecoder
+from ..profiling.plot import plot_timeline
+from ..profiling.profiler import MemoryProfiler
+from ..runtime.batch import BatchJob, list_image_paths, plan_run, run_batch
+from ..runtime.ray_batch import connect, run_ray_batch, worker_resources
+from ..runtime.session import (
     Generation,
     LoadOptions,
     SamplingOptions,
@@ -33,7 +34,6 @@ from ..runtime import (
     load_session,
     run_prompt,
 )
-from ..tasks import VQVAEDecoder
 from .options import (
     EXISTING_FILE,
     MODEL_DIR,

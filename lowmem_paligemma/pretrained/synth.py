@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .config import PaliGemmaConfig, tiny
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, WEIGHT_DTYPES, TensorSpec, dtype_name, write_sharded
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, WEIGHT_DTYPES, TensorSpec, dtype_name, write_sharded
+from ..model.config import PaliGemmaConfig, tiny
 
 # --- tokenizer --------------------------------------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ _EMBED_RMS = 0.03  # RMS of E * sqrt(D), the token's share of the residual strea
 
 def param_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
     """Hub key -> shape, in module order, from our model built on the meta device (no memory)."""
-    from .paligemma import PaliGemmaForConditionalGeneration
+    from ..model.paligemma import PaliGemmaForConditionalGeneration
 
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(cfg)

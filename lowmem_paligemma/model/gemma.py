@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.ops import Embedding, Linear
 from .config import GemmaConfig
-from .ops import Embedding, Linear
 
 
 class RMSNorm(nn.Module):

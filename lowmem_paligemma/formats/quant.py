@@ -30,11 +30,11 @@ import functools
 import torch
 from torch import nn
 
+from ..checkpoint.loader import RowFill
+from ..checkpoint.safetensors_io import DTYPE_BY_NAME
+from ..errors import CheckpointError, OptionError
 from .compressed import INT4_PER_INT32, unpack_int4
-from .errors import CheckpointError, OptionError
-from .loader import RowFill
 from .ops import REFERENCE, Embedding, KernelChoice, Linear, Scratch, int4_linear, int8_linear
-from .safetensors_io import DTYPE_BY_NAME
 
 QUANT_MODES = ("int8", "int4")
 INT4_GROUP = 128  # compressed-tensors' and gpt-fast's default; every PaliGemma decoder width is a multiple

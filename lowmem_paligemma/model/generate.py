@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from ..errors import ContextLengthError
 from .config import GemmaConfig
-from .errors import ContextLengthError
 from .gemma import KVCache
 from .paligemma import PaliGemmaForConditionalGeneration
 from .sampling import sample_next_token

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .safetensors_io import checkpoint_files, read_index
 
 HUB_METADATA_DIR = Path(".cache") / "huggingface" / "download"

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .errors import ImageError
-from .generate import encode_image
-from .processor import Processor, decode_image, load_image
-from .runtime import LoadOptions, SamplingOptions, Session, run_prompts
+from ..errors import ImageError
+from ..model.generate import encode_image
+from ..model.processor import Processor, decode_image, load_image
+from .session import LoadOptions, SamplingOptions, Session, run_prompts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # LoadOptions fields that change how a model runs but not what it answers; every other field (dtype, and any

@@ -29,8 +29,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from .config import read_config_json
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..model.config import read_config_json
 
 QUANT_METHOD = "compressed-tensors"
 FORMATS = {"int8": "naive-quantized", "int4": "pack-quantized"}  # our mode -> compressed-tensors' format

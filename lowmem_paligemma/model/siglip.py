@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.ops import Embedding, Linear
 from .config import SiglipConfig
-from .ops import Embedding, Linear
 
 
 class SiglipEmbeddings(nn.Module):

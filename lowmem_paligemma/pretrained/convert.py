@@ -38,21 +38,8 @@ from typing import Any
 
 import torch
 
-from .compressed import pack_int4, quantization_config, stored_mode, stored_tensors
-from .errors import CheckpointError, OutputError
-from .loader import DEFAULT_CHUNK_BYTES, FILL_BYTES_PER_ELEMENT
-from .pretrained import build_model, normalize_key
-from .quant import (
-    INT4_GROUP,
-    QUANT_MODES,
-    Int4Embedding,
-    Int4Linear,
-    Int8Embedding,
-    Int8Linear,
-    quantize_int4,
-    quantize_int8,
-)
-from .safetensors_io import (
+from ..checkpoint.loader import DEFAULT_CHUNK_BYTES, FILL_BYTES_PER_ELEMENT
+from ..checkpoint.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
     PARTIAL_SUFFIX,
@@ -64,7 +51,20 @@ from .safetensors_io import (
     read_rows,
     write_sharded,
 )
-from .units import format_bytes
+from ..errors import CheckpointError, OutputError
+from ..formats.compressed import pack_int4, quantization_config, stored_mode, stored_tensors
+from ..formats.quant import (
+    INT4_GROUP,
+    QUANT_MODES,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    quantize_int4,
+    quantize_int8,
+)
+from ..units import format_bytes
+from .load import build_model, normalize_key
 
 # Other weight formats are never copied: a stale pickle next to the converted shards would be a second model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import GemmaConfig, PaliGemmaConfig
-from .errors import InsufficientMemoryError
-from .units import format_bytes
+from ..errors import InsufficientMemoryError
+from ..model.config import GemmaConfig, PaliGemmaConfig
+from ..units import format_bytes
 
 FLOAT32 = 4  # bytes: softmax and sampling run in float32
 RUNTIME_MARGIN_BYTES = 300 << 20  # interpreter, torch, tokenizer and the read chunks, roughly

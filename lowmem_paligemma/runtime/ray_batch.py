@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ClusterError, InsufficientMemoryError
+from ..units import format_bytes
 from .batch import BatchJob, answer_batch, prepare_image, write_records
-from .errors import ClusterError, InsufficientMemoryError
-from .runtime import LoadOptions, SamplingOptions, load_session, session_memory_bytes
-from .units import format_bytes
+from .session import LoadOptions, SamplingOptions, load_session, session_memory_bytes
 
 # Reading image bytes takes no CPU worth reserving; with 1 CPU per read task, actors holding every CPU
 # would leave the reads unschedulable and the job would wait forever.

@@ -24,18 +24,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoint.loader import READ_WORKERS, LoadPlan
+from ..checkpoint.pagecache import DIRECT_ALIGN
+from ..errors import InsufficientMemoryError
+from ..formats.ops import KernelChoice
+from ..model.config import PaliGemmaConfig
+from ..model.gemma import GemmaDecoderLayer
+from ..model.siglip import SiglipEncoderLayer
+from ..profiling.profiler import current_rss
+from ..units import format_bytes
 from . import memory
-from .config import PaliGemmaConfig
-from .errors import InsufficientMemoryError
-from .gemma import GemmaDecoderLayer
-from .loader import READ_WORKERS, LoadPlan
 from .memory import model_bytes, param_bytes
-from .ops import KernelChoice
-from .pagecache import DIRECT_ALIGN
-from .profiler import current_rss
-from .siglip import SiglipEncoderLayer
 from .streamer import STAGING_BYTES, layer_layout
-from .units import format_bytes
 
 RUN_SLACK_BYTES = 64 << 20  # allocator rounding, oneDNN's primitive caches, sampling: measured in tests
 DEFAULT_NEW_TOKENS = 32  # the request planned for when the caller does not say (runtime.SamplingOptions' default)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..formats.ops import Linear
 from .config import PaliGemmaConfig
 from .gemma import GemmaForCausalLM, KVCache
-from .ops import Linear
 from .siglip import SiglipVisionModel
 
 

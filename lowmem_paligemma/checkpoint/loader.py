@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import memory
-from .errors import CheckpointError
+from ..budget import memory
+from ..errors import CheckpointError
 from .pagecache import drop
 from .safetensors_io import WEIGHT_DTYPES, TensorEntry, dtype_name, pread_into, read_checkpoint
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 PAGE = mmap.PAGESIZE
 # The page cache holds a file in folios of up to 2 MB on Linux (x86-64 and arm64 with 4 KB pages: the PMD size),

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .units import GB, format_bytes
+from ..units import GB, format_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from lowmem_paligemma.profiler import Timeline
+    from lowmem_paligemma.profiling.profiler import Timeline
 
 _FIGSIZE = (12.0, 6.0)  # inches
 _DPI = 120

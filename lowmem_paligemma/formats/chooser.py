@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
+from ..errors import OptionError
+from ..machine import cpu
 from . import ops
-from .errors import OptionError
-from .machine import cpu
 from .ops import CANDIDATES, REFERENCE, KernelChoice
-from .safetensors_io import WEIGHT_DTYPES, dtype_name
 
 ENV_KERNELS = "LOWMEM_PALIGEMMA_KERNELS"
 ENV_CACHE = "LOWMEM_PALIGEMMA_CACHE"  # a directory; default $XDG_CACHE_HOME/lowmem_paligemma or ~/.cache/...

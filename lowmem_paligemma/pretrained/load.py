@@ -22,16 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compressed import stored_mode
-from .config import load_config
-from .errors import CheckpointError, OptionError
-from .kernels import KernelReport, choose_dtype, choose_kernels, layer_shapes
-from .loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, stream_checkpoint
-from .memory import memory_needed
-from .ops import KernelChoice, relayout_as_loaded, use_kernels
-from .paligemma import PaliGemmaForConditionalGeneration
-from .quant import INT4_GROUP, quantize_model
-from .residency import (
+from ..budget.memory import memory_needed
+from ..budget.residency import (
     DEFAULT_NEW_TOKENS,
     REQUEST,
     ResidencyPlan,
@@ -41,9 +33,17 @@ from .residency import (
     scratch_bytes,
     streamable_units,
 )
-from .safetensors_io import WEIGHT_DTYPES, refuse_partial
-from .streamer import LayerStreamer
-from .verify import verify_checkpoint
+from ..budget.streamer import LayerStreamer
+from ..checkpoint.loader import DEFAULT_CHUNK_BYTES, LoadPlan, checkpoint_plan, stream_checkpoint
+from ..checkpoint.safetensors_io import WEIGHT_DTYPES, refuse_partial
+from ..checkpoint.verify import verify_checkpoint
+from ..errors import CheckpointError, OptionError
+from ..formats.chooser import KernelReport, choose_dtype, choose_kernels, layer_shapes
+from ..formats.compressed import stored_mode
+from ..formats.ops import KernelChoice, relayout_as_loaded, use_kernels
+from ..formats.quant import INT4_GROUP, quantize_model
+from ..model.config import load_config
+from ..model.paligemma import PaliGemmaForConditionalGeneration
 
 LM_HEAD = "lm_head.weight"  # stored only by some writers; equals the embedding (tied)
 EMBEDDING = "language_model.model.embed_tokens.weight"
@@ -264,7 +264,7 @@ def load_hf_model(
     config.json is validated first, then the tokenizer must agree with it on the prompt's ids (AutoTokenizer
     reads config.json too), all before the weights load.
     """
-    from .processor import check_tokenizer, load_tokenizer
+    from ..model.processor import check_tokenizer, load_tokenizer
 
     model_dir = resolve_model_dir(model_path)
     cfg = load_config(model_dir)

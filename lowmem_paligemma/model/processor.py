@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import ImageError, PromptError, TokenizerError
 from .config import PaliGemmaConfig, load_config
-from .errors import ImageError, PromptError, TokenizerError
 
 IMAGE_TOKEN = "<image>"
 

@@ -21,18 +21,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import load_config
-from .errors import OutputError, PromptError
-from .generate import check_length, encode_image, generate, generate_batch
-from .kernels import cache_path, machine_key
-from .memory import model_bytes, request_bytes
-from .paligemma import PaliGemmaForConditionalGeneration
-from .pretrained import build_model, choose_compute, load_memory_bytes, load_model, plan_memory, resolve_model_dir
-from .processor import Processor, TextStream
-from .residency import DEFAULT_NEW_TOKENS
-from .safetensors_io import WEIGHT_DTYPES, dtype_name
-from .streamer import LayerStreamer
-from .tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
+from ..budget.memory import model_bytes, request_bytes
+from ..budget.residency import DEFAULT_NEW_TOKENS
+from ..budget.streamer import LayerStreamer
+from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
+from ..errors import OutputError, PromptError
+from ..formats.chooser import cache_path, machine_key
+from ..model.config import load_config
+from ..model.generate import check_length, encode_image, generate, generate_batch
+from ..model.paligemma import PaliGemmaForConditionalGeneration
+from ..model.processor import Processor, TextStream
+from ..model.tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
+from ..pretrained.load import build_model, choose_compute, load_memory_bytes, load_model, plan_memory, resolve_model_dir
 
 # The 16-bit dtype measured fastest on this machine for a request (kernels.choose_dtype): bfloat16 and float16
 # take the same memory, and which computes faster differs from CPU to CPU.

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from .errors import VAEWeightsError
+from ..errors import VAEWeightsError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Gemma's context: GemmaConfig / Gemma2Config `max_position_embeddings` default, which no PaliGemma config.json
 # overrides (docs/model.md, "Configurations"). Prompt (image tokens included) + generated tokens must fit.

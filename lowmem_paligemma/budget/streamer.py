@@ -36,11 +36,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import CheckpointError
-from .loader import READ_WORKERS, Chunk, LoadPlan, RowFill, apply_chunk, copy_chunks, fill_chunks
-from .pagecache import DIRECT_ALIGN, align_down, align_up, aligned_empty, drop, open_direct, read_direct
-from .safetensors_io import TensorEntry, pread_into
-from .units import GB
+from ..checkpoint.loader import READ_WORKERS, Chunk, LoadPlan, RowFill, apply_chunk, copy_chunks, fill_chunks
+from ..checkpoint.pagecache import DIRECT_ALIGN, align_down, align_up, aligned_empty, drop, open_direct, read_direct
+from ..checkpoint.safetensors_io import TensorEntry, pread_into
+from ..errors import CheckpointError
+from ..units import GB
 
 if TYPE_CHECKING:
     from .residency import ResidencyPlan
