@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 test: install
 	$(VENV)/bin/pytest -q
 
+# ruff, then the layering (imports only go down) and every name docs/architecture.md gives, checked against the code.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q tests/test_layers.py tests/test_docs.py
 
 format: install
 	$(VENV)/bin/ruff check --fix .

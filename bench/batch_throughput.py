@@ -61,8 +61,8 @@ def _env(threads: int) -> dict[str, str]:
 
 def in_process(model_dir: Path, images: Path, dtype: str, work: Path) -> list[dict]:
     """Images per minute at each batch size with the model loaded once; the lines of each run for comparison."""
+    from lowmem_paligemma import LoadOptions, SamplingOptions, load_session
     from lowmem_paligemma.runtime.batch import BatchJob, list_image_paths, read_records, run_batch
-    from lowmem_paligemma.runtime.session import LoadOptions, SamplingOptions, load_session
 
     load, sampling = LoadOptions(dtype=dtype), SamplingOptions(max_new_tokens=NEW_TOKENS)
     session = load_session(model_dir, load)
@@ -83,10 +83,10 @@ def in_process(model_dir: Path, images: Path, dtype: str, work: Path) -> list[di
 
 def phases(model_dir: Path, images: Path, dtype: str) -> list[dict]:
     """Seconds to encode the images, to prefill, and per decode step, at batch 1 and the largest batch."""
+    from lowmem_paligemma import LoadOptions, load_session
     from lowmem_paligemma.model.gemma import KVCache
     from lowmem_paligemma.model.generate import decode_step, encode_image, left_pad, prefill
     from lowmem_paligemma.runtime.batch import list_image_paths, prepare_image
-    from lowmem_paligemma.runtime.session import LoadOptions, load_session
 
     session = load_session(model_dir, LoadOptions(dtype=dtype))
     model, processor = session.model, session.processor

@@ -12,8 +12,8 @@ from PIL import Image
 
 from bench.common import ensure_checkpoint
 from bench.report import gb
+from lowmem_paligemma import LoadOptions, SamplingOptions, load_session, run_prompt
 from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss
-from lowmem_paligemma.runtime.session import LoadOptions, SamplingOptions, load_session, run_prompt
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     print(f"load time  : {session.load_s:.1f} s")
     print(f"peak RSS   : {gb(peak.hwm or peak.rss)} GB (anon {gb(peak.anon)}, file {gb(peak.file)})")
     print(f"final RSS  : {gb(final['rss'])} GB (anon {gb(final['anon'])}, file {gb(final['file'])})")
-    print("kernels    : " + "; ".join(session.model.kernel_report.lines()))
+    print("kernels    : " + "; ".join(session.loaded.kernels.lines()))
     image = Image.radial_gradient("L").convert("RGB").resize((640, 480))
     print("generate   : 'caption en' ->", end="", flush=True)
     gen = run_prompt(session, session.encode(image), "caption en", SamplingOptions(max_new_tokens=12),

@@ -75,8 +75,8 @@ def child(name: str, path: Path, out: Path) -> None:
     if impl == "ours":
         from lowmem_paligemma import generate, load_model
 
-        model = load_model(path, dtype=dtype, quantize=quantize, kernels=kernels)
-        plan = model.kernel_report.lines()
+        loaded = load_model(path, dtype=dtype, quantize=quantize, kernels=kernels)
+        model, plan = loaded.model, loaded.kernels.lines()
 
         def run(n: int) -> list[int]:
             return list(generate(model, ids, pixel_values=pixels, max_new_tokens=n, eos_token_ids=[]))

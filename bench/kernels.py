@@ -3,9 +3,9 @@
     python -m bench.kernels
 
 - DRAM read rate: the ceiling of a decode step, which streams every weight once;
-- every candidate kernel of every weight format (lowmem_paligemma/ops.py) on PaliGemma-3B's MLP shape
+- every candidate kernel of every weight format (lowmem_paligemma/formats/dense.py) on PaliGemma-3B's MLP shape
   (16384 x 2048), one row (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them
-  (lowmem_paligemma/kernels.py), reported as GB/s of weights read and GFLOP/s;
+  (lowmem_paligemma/formats/chooser.py), reported as GB/s of weights read and GFLOP/s;
 - cold disk reads of a checkpoint shard with 1 and 4 reads in flight (the loader keeps 4).
 Writes docs/results/kernels.md.
 """
@@ -51,7 +51,8 @@ def main() -> None:
     import torch
 
     from bench.generate_speed import dram_read_rate
-    from lowmem_paligemma import kernels
+    from lowmem_paligemma.formats import chooser as kernels
+    from lowmem_paligemma.formats import registry
 
     set_threads(THREADS)
     cmd = command("bench.kernels", [])
@@ -61,7 +62,7 @@ def main() -> None:
     o, i = SHAPE
     for fmt, dtype, bytes_per_weight in (("dense", torch.bfloat16, 2), ("dense", torch.float16, 2),
                                          ("int8", torch.bfloat16, 1), ("int4", torch.bfloat16, 0.5)):  # fmt: skip
-        for key, s in sorted(kernels._measure(fmt, SHAPE, dtype).items()):
+        for key, s in sorted(kernels._measure(registry.get(fmt), SHAPE, dtype).seconds.items()):
             phase, name = key.split()
             rate = (f"{o * i * bytes_per_weight / s / 1e9:.1f} GB/s" if phase == "decode"
                     else f"{2 * kernels.PREFILL_ROWS * o * i / s / 1e9:.0f} GFLOP/s")  # fmt: skip

@@ -94,7 +94,7 @@ def transformers(path: Path, dtype: Any, mark) -> Any:
 def ours(path: Path, dtype: Any, mark, **options) -> Any:
     from lowmem_paligemma import load_model
 
-    return load_model(path, dtype=dtype, on_phase=mark, **options)
+    return load_model(path, dtype=dtype, on_phase=mark, **options).model
 
 
 def ours_hf_class(path: Path, dtype: Any, mark) -> Any:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
+from lowmem_paligemma.checkpoint.pagecache import drop_file, resident_total
 from lowmem_paligemma.checkpoint.safetensors_io import checkpoint_files
 
 
@@ -15,11 +14,7 @@ def set_page_cache(path: Path, cache: str) -> None:
     """cold: drop the shards' clean pages (posix_fadvise DONTNEED, no root needed); warm: read each shard once."""
     for shard in checkpoint_files(path):
         if cache == "cold":
-            fd = os.open(shard, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            drop_file(shard)
         else:
             buf = bytearray(1 << 20)
             with open(shard, "rb", buffering=0) as f:
@@ -42,15 +37,8 @@ def disk_read_speed(path: Path, nbytes: int = 2_000_000_000) -> float:
 
 
 def cached_fraction(path: Path) -> float | None:
-    """Share of the checkpoint's bytes in the page cache now (util-linux `fincore`; None without it)."""
-    if shutil.which("fincore") is None:
-        return None
-    files = [str(s) for s in checkpoint_files(path)]
-    out = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", *files], capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
-    res = size = 0
-    for line in out.stdout.splitlines():
-        r, s = line.split()
-        res, size = res + int(r), size + int(s)
-    return res / size if size else None
+    """Share of the checkpoint's bytes in the page cache now (mincore, checkpoint/pagecache.py; None without it)."""
+    files = checkpoint_files(path)
+    size = sum(f.stat().st_size for f in files)
+    cached = resident_total(files)
+    return None if cached is None or not size else cached / size

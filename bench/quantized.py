@@ -53,7 +53,7 @@ def child_quality(path: Path, mode: str, out: Path) -> None:
 
     cfg = load_config(path)
     ids, types, pixels = _inputs(cfg, TEXT)
-    model = load_model(path, dtype=torch.bfloat16, quantize=None if mode == "bf16" else mode)
+    model = load_model(path, dtype=torch.bfloat16, quantize=None if mode == "bf16" else mode).model
     with torch.inference_mode():
         logits = model(ids, pixels, token_type_ids=types)[0, -TEXT:].float()
     torch.save(logits, str(out) + ".pt")
@@ -71,7 +71,8 @@ def child_big(path: Path, mode: str, tokens: int, out: Path) -> None:
     ids, _, pixels = _inputs(cfg, 4)
     with MemoryProfiler(interval=0.05) as prof:
         t0 = time.perf_counter()
-        model = load_model(path, dtype=torch.bfloat16, quantize=mode)
+        loaded = load_model(path, dtype=torch.bfloat16, quantize=mode)
+        model = loaded.model
         load_s = time.perf_counter() - t0
         loaded = current_rss()
         t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def child_big(path: Path, mode: str, tokens: int, out: Path) -> None:
         "load_s": load_s, "loaded_rss": loaded["rss"], "peak_rss": peak.hwm or peak.rss, "peak_anon": peak.anon,
         "peak_file": peak.file, "weight_bytes": sum(p.nbytes for p in model.parameters()),
         "prefill_s": t1 - t0, "decode_tps": len(rest) / (t2 - t1), "tokens": [first, *rest],
-        "kernels": model.kernel_report.lines(),
+        "kernels": loaded.kernels.lines(),
     }))  # fmt: skip
 
 

@@ -73,6 +73,7 @@ def child(
     import torch
 
     from lowmem_paligemma import load_model
+    from lowmem_paligemma.budget.memory import request_bytes
     from lowmem_paligemma.checkpoint.pagecache import resident_total
     from lowmem_paligemma.model.config import load_config
     from lowmem_paligemma.model.generate import generate
@@ -97,10 +98,11 @@ def child(
     sampler.start()
     with MemoryProfiler(interval=0.05) as prof:
         t0 = time.perf_counter()
-        model = load_model(path, dtype=torch.bfloat16, quantize=quantize, max_memory=budget, max_new_tokens=new_tokens,
-                           prefetch=prefetch, direct_io=None if direct else False)  # fmt: skip
+        request = request_bytes(cfg, ids.shape[1], new_tokens, torch.bfloat16)
+        loaded = load_model(path, dtype=torch.bfloat16, quantize=quantize, max_memory=budget, prefetch=prefetch,
+                            request=request, direct_io=None if direct else False)  # fmt: skip
+        model, streamer, plan = loaded.model, loaded.streamer, loaded.residency
         load_s = time.perf_counter() - t0
-        streamer = getattr(model, "streamer", None)
         rate = streamer.read_rate() if streamer else None
         stamps = [time.perf_counter()]
         tokens = []
@@ -112,7 +114,6 @@ def child(
     cached.append((cached[-1][0] if cached else 0.0, resident_total(shards) or 0))
     peak = prof.peak()
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
-    plan = getattr(model, "residency", None)
     record: dict[str, Any] = {
         "tokens": tokens,
         "load_s": load_s,
@@ -200,10 +201,10 @@ def run_child(
 def resident_fits(path: Path, quantize: str | None) -> bool:
     import torch
 
-    from lowmem_paligemma.budget.memory import model_bytes
-    from lowmem_paligemma.pretrained.load import build_model
+    from lowmem_paligemma.checkpoint.preflight import model_bytes
+    from lowmem_paligemma.pretrained.build import build_model
 
-    need = model_bytes(build_model(path, quantize), torch.bfloat16) + RESIDENT_MARGIN
+    need = model_bytes(build_model(path, quantize)[0], torch.bfloat16) + RESIDENT_MARGIN
     return mem_available() > need
 
 

@@ -6,13 +6,17 @@
     model, tokenizer = load_hf_model("paligemma-3b-pt-224", dtype=torch.bfloat16)
 
 Importing the package is cheap: transformers (for the tokenizer) is imported only when one is loaded.
-docs/architecture.md maps the modules.
+docs/architecture.md maps the packages: model/ (what PaliGemma is), checkpoint/ (files to parameters),
+formats/ (weight formats and their kernels), budget/ (what fits), pretrained/ (PaliGemma's checkpoints),
+runtime/ (what front ends call), profiling/, cli/.
 """
 
 from .checkpoint.loader import stream_checkpoint
 from .errors import (
     CheckpointError,
+    ClusterError,
     ConfigError,
+    ContextLengthError,
     ImageError,
     InsufficientMemoryError,
     LowmemError,
@@ -25,14 +29,20 @@ from .errors import (
 from .model.config import PRESETS, PaliGemmaConfig
 from .model.generate import encode_image, generate, generate_batch
 from .model.paligemma import PaliGemmaForConditionalGeneration
-from .model.processor import Processor, TextStream
-from .pretrained.load import load_hf_model, load_model, load_transformers_model
+from .model.processor import Processor
+from .model.sampling import SamplingOptions
+from .model.text_stream import TextStream
+from .pretrained.load import LoadedModel, load_hf_model, load_model
+from .pretrained.options import LoadOptions
+from .pretrained.transformers_model import load_transformers_model
 from .profiling.profiler import MemoryProfiler
-from .runtime.session import LoadOptions, SamplingOptions, Session, load_session, run_prompt, run_prompts
+from .runtime.session import Session, load_session, run_prompt, run_prompts
 
 __all__ = [
     # loading
     "load_model",
+    "LoadedModel",
+    "LoadOptions",
     "load_hf_model",
     "stream_checkpoint",
     "load_transformers_model",
@@ -42,7 +52,6 @@ __all__ = [
     "generate_batch",
     "encode_image",
     "TextStream",
-    "LoadOptions",
     "SamplingOptions",
     "Session",
     "load_session",
@@ -58,6 +67,7 @@ __all__ = [
     "LowmemError",
     "CheckpointError",
     "ConfigError",
+    "ContextLengthError",
     "TokenizerError",
     "ImageError",
     "PromptError",
@@ -65,4 +75,5 @@ __all__ = [
     "OutputError",
     "OptionError",
     "InsufficientMemoryError",
+    "ClusterError",
 ]

@@ -12,8 +12,9 @@ from lowmem_paligemma.formats.chooser import ENV_CACHE, ENV_KERNELS
 from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 
 # Kernel measurements of the test run go to a directory of their own, never the user's ~/.cache; and the
-# suite runs the reference kernels, so results do not depend on what was measured fastest on this machine.
-# tests/test_kernels.py and tests/test_ops.py exercise every candidate and the chooser itself.
+# suite runs the reference kernels (and the reference dtype for "auto"), so results do not depend on what was
+# measured fastest on this machine. tests/formats/test_chooser.py and tests/formats/test_kernel_candidates.py
+# exercise every candidate and the chooser itself.
 os.environ.setdefault(ENV_CACHE, tempfile.mkdtemp(prefix="lowmem-kernels-"))
 os.environ.setdefault(ENV_KERNELS, "reference")
 

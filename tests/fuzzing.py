@@ -12,7 +12,7 @@ An image case mutates the bytes of a small PNG / JPEG / WebP / GIF / BMP and cal
 Mutations of tensor *data* bytes are not made: a valid header over changed weights is a valid checkpoint of
 another model, which only checksums can tell apart (docs/reliability.md, verify.py).
 
-tests/test_fuzz.py runs a few hundred cases in `make test`; `make fuzz` runs thousands through
+tests/checkpoint/test_fuzz.py runs a few hundred cases in `make test`; `make fuzz` runs thousands through
 `python tests/fuzzing.py` and writes docs/results/fuzz.md.
 """
 
@@ -248,7 +248,7 @@ class CheckpointFuzzer:
             return pretrained.load_hf_model(model_dir, dtype=torch.float32)[0]
         # The same checks without reloading the tokenizer, whose files are never mutated (saves 30 ms a case).
         processor.check_tokenizer(self.tokenizer, config.load_config(model_dir), model_dir)
-        return pretrained.load_model(model_dir, dtype=torch.float32)
+        return pretrained.load_model(model_dir, dtype=torch.float32).model
 
     def logits(self, model: Any) -> torch.Tensor:
         """One forward pass on a fixed prompt laid out by the loaded model's own config."""

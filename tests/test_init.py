@@ -15,9 +15,14 @@ def test_every_exported_name_is_there():
         assert name in lowmem_paligemma.__all__, name
 
 
-def test_errors_share_one_base():
-    errors = [getattr(lowmem_paligemma, n) for n in lowmem_paligemma.__all__ if n.endswith("Error")]
-    assert len(errors) >= 8 and all(issubclass(e, lowmem_paligemma.LowmemError) for e in errors)
+def test_errors_share_one_base_and_every_one_is_exported():
+    from lowmem_paligemma import errors as module
+
+    defined = {n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Exception)
+               and v.__module__ == module.__name__}  # fmt: skip
+    exported = {n for n in lowmem_paligemma.__all__ if n.endswith("Error")}
+    assert defined == exported, defined ^ exported  # a new error class is part of the API, or it is not an error
+    assert len(defined) >= 10 and all(issubclass(getattr(module, n), lowmem_paligemma.LowmemError) for n in defined)
 
 
 def test_import_does_not_pull_in_transformers():

@@ -1,9 +1,9 @@
-"""What a load and a request need, in bytes, and the pre-flight that refuses what will not fit.
+"""What a request needs beside the weights, in bytes: the KV cache and the largest activations.
 
-A load needs its parameters as loaded (quantized ones at their size), the read chunks and a margin
-(`memory_needed`); a request needs the KV cache and the largest activations (`request_bytes`). The load
-pre-flight (`check_memory`, called by loader.stream_checkpoint) adds the request to the weights, so a
-request that cannot fit is refused before the model is allocated. The estimates follow the code, not a rule of
+`request_bytes` is the one estimate of a request: the caller makes it once (runtime/session.py) and hands it to
+the load pre-flight (checkpoint/preflight.py, which adds it to the weights, so a request that cannot fit is
+refused before the model is allocated), to the residency plan under a memory budget (residency.py) and to the
+server's admission of a request (runtime/server). The estimates follow the code, not a rule of
 thumb; each term names the tensor it counts. They are upper bounds where the kernel decides (SDPA may or may
 not materialise its scores). An 896-pixel image is 4,096 image tokens, so its prefill is quadratic in them.
 
@@ -13,18 +13,13 @@ K kv heads, H head dim, D width, I MLP width, V vocab, P image tokens.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..errors import InsufficientMemoryError
 from ..model.config import GemmaConfig, PaliGemmaConfig
-from ..units import format_bytes
 
 FLOAT32 = 4  # bytes: softmax and sampling run in float32
-RUNTIME_MARGIN_BYTES = 300 << 20  # interpreter, torch, tokenizer and the read chunks, roughly
 
 
 def kv_cache_bytes(text: GemmaConfig, total_len: int, dtype: torch.dtype, batch: int = 1) -> int:
@@ -87,51 +82,3 @@ def request_bytes(
         prefill=prefill_bytes(cfg, prompt_len, dtype, batch),
         vision=vision_bytes(cfg, dtype, batch),
     )
-
-
-# --- the load pre-flight ----------------------------------------------------------------------------------
-
-
-def param_bytes(p: torch.Tensor, dtype: torch.dtype) -> int:
-    """Bytes one parameter takes once loaded in `dtype` (float ones; others keep theirs). Works on meta."""
-    return p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
-
-
-def model_bytes(model: nn.Module, dtype: torch.dtype, exclude: Collection[str] = ()) -> int:
-    """Bytes `model`'s parameters (but those named in `exclude`) take once loaded in `dtype`. Works on meta."""
-    return sum(param_bytes(p, dtype) for name, p in model.named_parameters() if name not in exclude)
-
-
-def available_bytes(device: torch.device | str) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def memory_needed(model: nn.Module, dtype: torch.dtype, chunk_bytes: int, exclude: Collection[str] = ()) -> int:
-    """Bytes a load of `model` (on meta) needs: its parameters as loaded (quantized ones at their size; those
-    in `exclude` not at all), the read chunks and the runtime margin. The pre-flight's sum, in one place."""
-    return model_bytes(model, dtype, exclude) + chunk_bytes + RUNTIME_MARGIN_BYTES
-
-
-def check_memory(
-    need: int, device: torch.device | str, advice: str = "", reserve: Mapping[str, int] | None = None
-) -> None:
-    """Refuse, before anything large is allocated, a load that needs `need` bytes (weights, chunks, margin) and
-    `reserve` (what the caller needs beside the weights, by part: a request's KV cache and activations,
-    memory.py) when less memory is available now; the message says what takes the room."""
-    reserve = reserve or {}
-    weights, need = need, need + sum(reserve.values())
-    have = available_bytes(device)
-    if need > have:
-        where = torch.device(device).type
-        parts = "".join(f", {name} {format_bytes(n)}" for name, n in reserve.items())
-        breakdown = f" (weights {format_bytes(weights)}{parts})" if reserve else ""
-        advice += ", ask for a shorter request" if reserve else ""
-        raise InsufficientMemoryError(
-            f"loading needs about {format_bytes(need)} of {where} memory{breakdown} but {format_bytes(have)} is "
-            f"available; close other programs{advice}, or skip this check (--force / preflight=False)"
-        )

@@ -4,8 +4,8 @@ A memory budget (`--max-memory`, `max_memory=`) is the peak RSS the whole proces
 on the meta model, from parameter shapes and checkpoint headers, before anything is allocated:
 - always held: the weights outside the layers (the tied embedding / logits table, the projector, norms, the
   patch and position embeddings), the request (KV cache for prompt + new tokens and the prefill's
-  activations, `request_bytes`), this process as it is now (interpreter, torch, tokenizer: its RSS is
-  measured), an int8 dequantization buffer where a kernel uses one, and a little allocator slack;
+  activations, memory.request_bytes), this process as it is now (interpreter, torch, tokenizer: its RSS is
+  measured), a dequantization buffer where a kernel uses one (`scratch_bytes`), and a little allocator slack;
 - streamed: layers (Gemma decoder layers, SigLIP encoder layers) that do not fit. They are read into a pool
   of `buffers` layer-sized buffers, the next one read while the current one computes (streamer.py);
 - the rest of the budget keeps layers resident. A decoder layer is read once per generated token, a vision
@@ -24,40 +24,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import defaults
 from ..checkpoint.loader import READ_WORKERS, LoadPlan
 from ..checkpoint.pagecache import DIRECT_ALIGN
+from ..checkpoint.preflight import model_bytes, param_bytes
 from ..errors import InsufficientMemoryError
-from ..formats.ops import KernelChoice
-from ..model.config import PaliGemmaConfig
+from ..formats import registry
+from ..formats.base import KernelChoice
 from ..model.gemma import GemmaDecoderLayer
 from ..model.siglip import SiglipEncoderLayer
 from ..profiling.profiler import current_rss
 from ..units import format_bytes
-from . import memory
-from .memory import model_bytes, param_bytes
-from .streamer import STAGING_BYTES, layer_layout
+from .layout import layer_layout
 
 RUN_SLACK_BYTES = 64 << 20  # allocator rounding, oneDNN's primitive caches, sampling: measured in tests
-DEFAULT_NEW_TOKENS = 32  # the request planned for when the caller does not say (runtime.SamplingOptions' default)
-TEXT_TOKENS = 64  # prompt text tokens planned for besides the image tokens when the caller does not say
 STREAM_BUFFERS = 2  # one layer computing, the next one being read
 # What a plan always holds besides the slack and a dequantization buffer (ResidencyPlan.parts' keys).
 OUTSIDE, REQUEST, PROCESS = "weights outside the layers", "request (KV cache, activations)", "process now"
 GROUPS = {GemmaDecoderLayer: "decoder", SiglipEncoderLayer: "vision"}  # the layers that can be streamed
-
-
-# --- the request ---------------------------------------------------------------------------------------------
-
-
-def request_bytes(
-    cfg: PaliGemmaConfig, prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype, batch: int = 1
-) -> int:
-    """Memory one request needs beyond the weights (memory.py: the KV cache and the largest activations)."""
-    return memory.request_bytes(cfg, prompt_tokens, max_new_tokens, dtype, batch).total
-
-
-def default_prompt_tokens(cfg: PaliGemmaConfig) -> int:
-    return cfg.num_image_tokens + TEXT_TOKENS
 
 
 # --- the units: layers that can be streamed ------------------------------------------------------------------
@@ -98,7 +82,9 @@ def streamable_units(model: nn.Module, dtype: torch.dtype, load_plan: LoadPlan |
             stored, buffer = layout.stored, layout.nbytes
             staged = [e for e, _ in layout.copies] + [e for e, _ in layout.fills]
             if staged:  # each reader's staging holds a chunk of at most its share, or the largest tensor
-                per_reader = min(STAGING_BYTES // READ_WORKERS, max(e.nbytes for e in staged) + 2 * DIRECT_ALIGN)
+                per_reader = min(
+                    defaults.STAGING_BYTES // READ_WORKERS, max(e.nbytes for e in staged) + 2 * DIRECT_ALIGN
+                )
                 staging = 2 * READ_WORKERS * per_reader  # and the conversion's temporaries as much again
         units.append(Unit(name, group, nbytes, buffer, stored, staging))
     return sorted(units, key=lambda u: u.group != "vision")  # stable: layer order within each group
@@ -209,10 +195,10 @@ def plan_residency(
     scratch: int = 0,
 ) -> ResidencyPlan:
     """The residency plan for `model` (on meta) in `budget` bytes of peak RSS, in `dtype`, for a request needing
-    `request` bytes (`request_bytes`). `load_plan`: the checkpoint matched to the model (stored sizes, dtype
-    conversion); `process_bytes`: this process's RSS now (None: measured); `scratch`: a dequantization buffer
-    the kernels use (`scratch_bytes`). Two buffers where the budget holds them (one layer computing, the next
-    being read), else one. Raises InsufficientMemoryError below the minimum, naming it."""
+    `request` bytes (memory.request_bytes(...).total). `load_plan`: the checkpoint matched to the model (stored
+    sizes, dtype conversion); `process_bytes`: this process's RSS now (None: measured); `scratch`: a
+    dequantization buffer the kernels use (`scratch_bytes`). Two buffers where the budget holds them (one layer
+    computing, the next being read), else one. Raises InsufficientMemoryError below the minimum, naming it."""
     if process_bytes is None:
         process_bytes = current_rss()["rss"]
     units = streamable_units(model, dtype, load_plan)
@@ -220,7 +206,7 @@ def plan_residency(
     parts = {OUTSIDE: model_bytes(model, dtype, exclude=in_units), REQUEST: request, PROCESS: process_bytes,
              "slack": RUN_SLACK_BYTES}  # fmt: skip
     if scratch:
-        parts["int8 dequantization buffer"] = scratch
+        parts["dequantization buffer"] = scratch
     fixed = sum(parts.values())
     in_flight = max((u.buffer_bytes for u in units), default=0)
     in_flight += max((u.staging_bytes for u in units), default=0)
@@ -252,10 +238,12 @@ def plan_residency(
 
 
 def scratch_bytes(model: nn.Module, kernel_plan: dict[str, KernelChoice], dtype: torch.dtype) -> int:
-    """The shared int8 dequantization buffer (ops.Scratch) at its largest: a 16-bit copy of the largest int8
-    linear layer, when the int8 kernels chosen in `kernel_plan` dequantize (embeddings never do)."""
-    choice = kernel_plan.get("int8")
-    if choice is None or "dequant" not in (choice.decode, choice.prefill):
-        return 0
-    int8 = [m for m in model.modules() if getattr(m, "FORMAT", None) == "int8" and not hasattr(m, "lookup")]
-    return max((m.weight.numel() for m in int8), default=0) * dtype.itemsize
+    """The shared buffers the chosen kernels need beside the weights (formats.base.Scratch: int8's dequantization
+    into 16 bits), as each format in `kernel_plan` sizes them for its layers."""
+    layers: dict[str, list[nn.Module]] = {}
+    for module in model.modules():
+        if (fmt := registry.of(module)) is not None:
+            layers.setdefault(fmt.name, []).append(module)
+    return sum(
+        registry.get(name).scratch_bytes(layers.get(name, []), choice, dtype) for name, choice in kernel_plan.items()
+    )

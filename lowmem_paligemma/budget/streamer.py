@@ -30,26 +30,22 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..checkpoint.loader import READ_WORKERS, Chunk, LoadPlan, RowFill, apply_chunk, copy_chunks, fill_chunks
-from ..checkpoint.pagecache import DIRECT_ALIGN, align_down, align_up, aligned_empty, drop, open_direct, read_direct
-from ..checkpoint.safetensors_io import TensorEntry, pread_into
+from .. import defaults
+from ..checkpoint.loader import READ_WORKERS, Chunk, LoadPlan, apply_chunk, copy_chunks, fill_chunks
+from ..checkpoint.pagecache import align_down, align_up, aligned_empty, drop, open_direct, read_direct
+from ..checkpoint.safetensors_io import pread_into
 from ..errors import CheckpointError
 from ..units import GB
-
-if TYPE_CHECKING:
-    from .residency import ResidencyPlan
+from .layout import Layout, layer_layout
+from .residency import ResidencyPlan
 
 PIECE_BYTES = 16 << 20  # the largest read of tensors stored as computed (a multiple of DIRECT_ALIGN)
 MIN_PIECE_BYTES = 1 << 20  # the smallest, when a span is cut into one piece per reader
-# The readers' staging buffers together, for layers converted or quantized as they are read; the quantizing
-# fills' temporaries are bounded by the same amount (loader.fill_chunks).
-STAGING_BYTES = 32 << 20
 FREE, READING, READY, BOUND = "free", "reading", "ready", "bound"
 
 
@@ -66,78 +62,6 @@ class StreamStats:
     @property
     def read_rate(self) -> float | None:
         return self.first_read[0] / self.first_read[1] if self.first_read and self.first_read[1] > 0 else None
-
-
-@dataclass(frozen=True)
-class _Place:
-    name: str  # full parameter name
-    start: int  # byte offset of its first byte in a buffer
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return self.dtype.itemsize * torch.Size(self.shape).numel()
-
-
-@dataclass(frozen=True)
-class _Span:
-    """File bytes [first, end) (aligned) of one shard, holding tensors up to `data_end`, read to buffer offset `at`."""
-
-    path: Path
-    first: int
-    end: int
-    data_end: int
-    at: int
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one layer's parameters sit in a buffer, and how each is read."""
-
-    places: tuple[_Place, ...]
-    spans: tuple[_Span, ...]  # read as stored, straight into the buffer
-    copies: tuple[tuple[TensorEntry, str], ...]  # converted to the parameter's dtype through the staging buffer
-    fills: tuple[tuple[TensorEntry, RowFill], ...]  # quantized as read, through the staging buffer
-    nbytes: int  # the buffer it needs
-    stored: int  # checkpoint bytes read
-
-
-def layer_layout(params: dict[str, torch.Tensor], part: LoadPlan) -> Layout:
-    """One layer's buffer layout (`params` on meta in their final dtype, `part` the checkpoint's tensors for
-    them). Tensors stored as computed keep the file's layout: each run of them lying together in one shard is a
-    span whose aligned blocks are read with O_DIRECT straight into the buffer, the spare bytes before and after
-    inside the span's own region. The others get aligned places of their own, filled through staging."""
-    pos, places, spans, copies = 0, [], [], []
-    run: list[tuple[TensorEntry, str]] = []
-
-    def close_run() -> None:
-        nonlocal pos
-        if run:
-            first, data_end = align_down(run[0][0].offset), run[-1][0].offset + run[-1][0].nbytes
-            end = align_up(data_end)
-            spans.append(_Span(run[0][0].path, first, end, data_end, pos))
-            places.extend(_Place(n, pos + e.offset - first, params[n].dtype, tuple(params[n].shape)) for e, n in run)
-            pos += end - first
-            run.clear()
-
-    for name, entry in sorted(part.copies.items(), key=lambda kv: (str(kv[1].path), kv[1].offset)):
-        p = params[name]
-        if entry.dtype != p.dtype or entry.offset % p.element_size():  # a view needs its dtype's alignment
-            copies.append((entry, name))
-            continue
-        if run:
-            last = run[-1][0]
-            if entry.path != last.path or entry.offset > last.offset + last.nbytes + DIRECT_ALIGN:
-                close_run()
-        run.append((entry, name))
-    close_run()
-    staged = [name for _, name in copies] + [full for name in part.fills for full in part.filled(name)]
-    for name in staged:
-        places.append(_Place(name, pos, params[name].dtype, tuple(params[name].shape)))
-        pos += align_up(places[-1].nbytes)
-    stored = sum(e.nbytes for e in part.copies.values()) + sum(e.nbytes for e, _ in part.fills.values())
-    return Layout(tuple(places), tuple(spans), tuple(copies), tuple(part.fills.values()), pos, stored)
 
 
 @dataclass
@@ -191,7 +115,7 @@ class LayerStreamer:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="layer-read")
         self._workers = workers
-        self._chunk_bytes = STAGING_BYTES // workers
+        self._chunk_bytes = defaults.STAGING_BYTES // workers
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None

@@ -1,6 +1,6 @@
 """Stream a safetensors checkpoint into any `nn.Module` built on `meta`, at the memory floor.
 
-Knows nothing of PaliGemma (pretrained.py has the entry points). How a tensor travels
+Knows nothing of PaliGemma (pretrained/load.py has the entry points). How a tensor travels
 (docs/architecture.md has the picture):
 1. Every shard header is read and checked before anything is allocated (safetensors_io.py).
 2. Stored keys are mapped to parameter names by the caller's `key_map` and matched 1:1 against the
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..budget import memory
+from .. import defaults
 from ..errors import CheckpointError
+from . import preflight as memory_check
 from .pagecache import drop
 from .safetensors_io import WEIGHT_DTYPES, TensorEntry, dtype_name, pread_into, read_checkpoint
 
-DEFAULT_CHUNK_BYTES = 64 << 20  # bound on the temporaries alive beyond the model (source-dtype rows)
 READ_WORKERS = 4  # reads in flight: a cold shard streams faster with several (docs/results/kernels.md)
 FILL_BYTES_PER_ELEMENT = 16  # a quantizing fill's temporaries (float32 copy, scaled, rounded, int32 codes)
 
@@ -270,7 +270,7 @@ def _by_file(plan: LoadPlan, params: dict[str, torch.Tensor], chunk_bytes: int):
 def stream_into(
     model: nn.Module,
     plan: LoadPlan,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = defaults.CHUNK_BYTES,
     on_phase: Callable[[str], None] | None = None,
     progress: bool = False,
     workers: int = READ_WORKERS,
@@ -393,7 +393,7 @@ def stream_checkpoint(
     preflight: bool = True,
     reserve: Mapping[str, int] | None = None,
     progress: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = defaults.CHUNK_BYTES,
     advice: str = "",
     on_phase: Callable[[str], None] | None = None,
     exclude: Collection[str] = (),
@@ -423,7 +423,8 @@ def stream_checkpoint(
         plan = plan.restrict({name for name, _ in model.named_parameters()} - set(exclude))
     if preflight and not zero_copy:
         advice += " or load in a 16-bit dtype" if dtype == torch.float32 else ""
-        memory.check_memory(memory.memory_needed(model, dtype, chunk_bytes, exclude), device, advice, reserve)
+        need = memory_check.memory_needed(model, dtype, chunk_bytes, exclude)
+        memory_check.check_memory(need, device, advice, reserve)
     if zero_copy:
         phase("map")
         map_into(model, plan, dtype)

@@ -32,7 +32,7 @@ PAGE = mmap.PAGESIZE
 # and a drop evicts only the folios that lie wholly inside its range. Reads of neighbouring chunks leave folios
 # straddling their boundary that neither chunk's drop covers: a 134 MB bf16 embedding read in 2 MB chunks by
 # 4 threads left most of itself cached until the shard's final drop (the page-cache test in
-# tests/test_streamer_memory.py catches it). `drop` widens its range to this alignment; a neighbour's page it
+# tests/budget/test_streamer_memory.py catches it). `drop` widens its range to this alignment; a neighbour's page it
 # evicts early is one that neighbour has read already, is reading (locked: left alone) or would read from the
 # disk anyway.
 FOLIO_ALIGN = 2 << 20

@@ -42,6 +42,7 @@ DTYPE_BY_NAME: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 NAME_BY_DTYPE: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPE_BY_NAME.items()}
+FLOAT_DTYPES = tuple(d for d in DTYPE_BY_NAME.values() if d.is_floating_point)  # what a quantizing fill reads
 # The float dtypes a model can be loaded, converted or written in, by the names options use.
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .safetensors_io import checkpoint_files, read_index
+from .safetensors_io import checkpoint_files
 
 HUB_METADATA_DIR = Path(".cache") / "huggingface" / "download"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -79,11 +79,8 @@ def verify_checkpoint(model_dir: str | os.PathLike, sums: str | os.PathLike | No
     naming it.
     """
     model_dir = Path(model_dir)
-    checkpoint_files(model_dir)  # the layout first: missing shards, pickles, paths outside the directory
-    weight_map = read_index(model_dir)
-    names = list(dict.fromkeys(weight_map.values())) if weight_map else sorted(
-        p.name for p in model_dir.glob("*.safetensors")
-    )  # fmt: skip
+    # The layout is checked first (missing shards, pickles, paths outside the directory); index order.
+    names = [p.name for p in checkpoint_files(model_dir)]
     known = read_sums(Path(sums)) if sums is not None else {}
     source = str(sums) if sums is not None else "the Hub's download records"
     shards = []

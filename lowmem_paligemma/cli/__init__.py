@@ -1,6 +1,6 @@
 """`lowmem-paligemma`: generate, chat, profile, batch, synth and convert from the command line.
 
-- options.py: option groups and validation (each group arrives as one runtime.py dataclass);
+- options.py: option groups (each group arrives as one validated LoadOptions / SamplingOptions);
 - report.py: what goes to stderr (load / speed / memory lines, progress bars, the one-line `Error:`);
 - run.py: the commands that run the model; files.py: the commands that write checkpoints; info.py: the machine
   and what a load would choose on it.

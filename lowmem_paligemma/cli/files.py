@@ -10,12 +10,11 @@ import click
 import torch
 
 from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
-from ..formats.quant import QUANT_MODES
 from ..model.config import PRESETS
 from ..pretrained.convert import convert_checkpoint
 from ..pretrained.synth import tiny_checkpoint, write_checkpoint
 from ..units import format_size
-from .options import MODEL_DIR, NEW_DIR, ByteSize, library_default
+from .options import MODEL_DIR, NEW_DIR, ByteSize, library_default, validated
 from .report import byte_progress, user_errors
 
 
@@ -95,7 +94,7 @@ def synth_command(
 )
 @click.option(
     "--quantize",
-    type=click.Choice(QUANT_MODES),
+    metavar="FORMAT",
     help="Store the towers' linear layers quantized, as a load with --quantize would (int4 where its shape rules "
     "hold, int8 elsewhere), in compressed-tensors' layout: transformers loads it too (docs/quantization.md).",
 )
@@ -105,5 +104,6 @@ def convert_command(src: Path, dst: Path, dtype: str, max_shard_size: int, quant
     Config, tokenizer and processor files come along; e.g. the Hub's float32 weights become half the size.
     """
     with user_errors(), byte_progress("converting") as progress:
-        path = convert_checkpoint(src, dst, WEIGHT_DTYPES[dtype], max_shard_size, progress=progress, quantize=quantize)
+        path = validated(convert_checkpoint, src_dir=src, dst_dir=dst, dtype=WEIGHT_DTYPES[dtype],
+                         max_shard_bytes=max_shard_size, progress=progress, quantize=quantize)  # fmt: skip
     click.echo(path)

@@ -10,7 +10,8 @@ import torch
 
 from ..formats.chooser import cache_path, machine_key
 from ..machine import cpu
-from ..runtime.session import LoadOptions, describe_load
+from ..pretrained.options import LoadOptions
+from ..runtime.session import describe_load
 from ..units import format_bytes
 from .options import MODEL_DIR, load_options
 from .report import user_errors
@@ -20,14 +21,18 @@ from .report import user_errors
 @click.argument("model_dir", type=MODEL_DIR, required=False)
 @load_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
-def info_command(model_dir: Path | None, load: LoadOptions, as_json: bool) -> None:
+@click.option("--retune", is_flag=True, help="Time the kernels again now, whatever the kernel cache holds (MODEL_DIR).")
+def info_command(model_dir: Path | None, load: LoadOptions, as_json: bool, retune: bool) -> None:
     """Show the machine (CPU model and flags, torch, threads) and, for MODEL_DIR, the dtype and kernels a load
-    would use here, with the timings they were chosen by (measured now, or from the kernel cache)."""
+    would use here, with the timings they were chosen by (measured now, or from the kernel cache; a timing taken
+    while other programs ran is used but not cached)."""
+    if retune and model_dir is None:
+        raise click.BadParameter("needs MODEL_DIR: the kernels are timed on its layer shapes", param_hint="'--retune'")
     with user_errors():
         out = {"cpu": cpu().describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "machine": machine_key(), "kernel_cache": str(cache_path())}  # fmt: skip
         if model_dir is not None:
-            out |= describe_load(model_dir, load)
+            out |= describe_load(model_dir, load, retune)
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return

@@ -59,25 +59,26 @@ def echo_text(piece: str) -> None:
 
 
 def load_line(session: Session) -> str:
-    o = session.options
-    quantize = session.model.quantize  # the option, or how the checkpoint is stored
+    quantize = session.loaded.quantize  # the option, or how the checkpoint is stored
     what = session.dtype + (f", {quantize}" if quantize else "")
-    return f"loaded {format_bytes(session.weight_bytes)} of weights ({what} on {o.device}) in {session.load_s:.2f} s"
+    return (
+        f"loaded {format_bytes(session.weight_bytes)} of weights ({what} on {session.device}) in {session.load_s:.2f} s"
+    )
 
 
 def plan_lines(session: Session) -> list[str]:
     """Under a memory budget: the residency plan, with the disk rate of the first layer read (residency.py)."""
-    plan = getattr(session.model, "residency", None)
-    if plan is None:
+    loaded = session.loaded
+    if loaded.residency is None:
         return []
-    return plan.describe(session.streamer.read_rate() if session.streamer else None)
+    return loaded.residency.describe(loaded.streamer.read_rate() if loaded.streamer else None)
 
 
 def stream_line(session: Session) -> str | None:
     """What streaming cost so far: bytes read, the reader's rate, how long the model waited for it."""
-    if session.streamer is None:
+    if session.loaded.streamer is None:
         return None
-    s = session.streamer.stats
+    s = session.loaded.streamer.stats
     rate = f" ({format_bytes(s.bytes_read / s.read_s)}/s)" if s.read_s > 0 else ""
     return (
         f"streamed {s.layers_read} layer reads, {format_bytes(s.bytes_read)} in {s.read_s:.2f} s{rate}; "

@@ -1,4 +1,4 @@
-"""The commands that run the model: generate, chat, profile, batch. Each is a few lines over runtime.py.
+"""The commands that run the model: generate, chat, profile, batch. Each is a few lines over runtime/session.py.
 
 Results go to stdout (streamed tokens, JSON, paths written); diagnostics go to stderr (cli/report.py).
 """
@@ -19,21 +19,15 @@ from click.core import ParameterSource
 
 from ..errors import ContextLengthError, ImageError, PromptError
 from ..model.processor import check_prompt, load_image, to_rgb
+from ..model.sampling import SamplingOptions
 from ..model.tasks import VQVAEDecoder
+from ..pretrained.options import LoadOptions
 from ..profiling.plot import plot_timeline
 from ..profiling.profiler import MemoryProfiler
 from ..runtime.batch import BatchJob, list_image_paths, plan_run, run_batch
+from ..runtime.draw import check_draw, draw_output
 from ..runtime.ray_batch import connect, run_ray_batch, worker_resources
-from ..runtime.session import (
-    Generation,
-    LoadOptions,
-    SamplingOptions,
-    Session,
-    check_draw,
-    draw_output,
-    load_session,
-    run_prompt,
-)
+from ..runtime.session import Generation, Session, load_session, run_prompt
 from .options import (
     EXISTING_FILE,
     MODEL_DIR,
@@ -117,11 +111,11 @@ def generate_command(
     peak = prof.peak()
     if as_json:
         record = {"image": str(image), "prompt": prompt, **gen.to_json(), "load_s": round(session.load_s, 4)}
-        model = session.model
-        record |= {"dtype": session.dtype, "quantize": model.quantize, "kernels": model.kernel_report.to_json()}
+        loaded = session.loaded
+        record |= {"dtype": session.dtype, "quantize": loaded.quantize, "kernels": loaded.kernels.to_json()}
         record |= {"peak_rss": peak.hwm or peak.rss} | ({"detections": found} if found is not None else {})
-        if session.streamer is not None:
-            record["streaming"] = {"max_memory": load.max_memory, **asdict(session.streamer.stats)}
+        if session.loaded.streamer is not None:
+            record["streaming"] = {"max_memory": load.max_memory, **asdict(session.loaded.streamer.stats)}
         click.echo(json.dumps(record, ensure_ascii=False))
     else:
         click.echo()  # end the streamed answer
@@ -226,12 +220,12 @@ def profile_command(
     """
     with user_errors():
         img = load_image(image)
-        meta = {"label": f"{model_dir.name}: {load.quantize or load.dtype} on {load.device}", "prompt": prompt}
+        meta = {"label": f"{model_dir.name}: {load.quantize or load.dtype}", "prompt": prompt}
         with MemoryProfiler(PROFILE_INTERVAL_S, meta) as prof:
             with prof.phase("load"):
                 session = _load(model_dir, load, lambda name: prof.mark(f"load: {name}"), prompt, sampling)
             prof.meta["model_bytes"] = session.weight_bytes
-            prof.meta["label"] = f"{model_dir.name}: {session.model.quantize or session.dtype} on {load.device}"
+            prof.meta["label"] = f"{model_dir.name}: {session.loaded.quantize or session.dtype} on {session.device}"
             with prof.phase("encode"):
                 features = session.encode(img)
             gen = run_prompt(session, features, prompt, sampling, phase=prof.phase)

@@ -1,25 +1,39 @@
-"""Kernels (and the CPU compute dtype) chosen by measuring them on the running machine, and remembered.
+"""Kernels (and the 16-bit CPU compute dtype) chosen by timing them on the running machine, and remembered.
 
 The machines this runs on differ: bf16 `torch.mv` was 1.3x faster than `F.linear` on an AMX Xeon and 2x
 slower on an AVX512-BF16 EPYC; float16 GEMMs were 5x slower than bfloat16 on one and fp16 products the
-fastest decode on the other. So at first use the runtime times each weight format's candidate kernels
-(ops.CANDIDATES) on the model's own largest layer shape, for a decode step (1 row) and a prefill (256 rows),
-in a second or two, keeps the fastest, and caches the choice in a JSON file keyed by the CPU model and
-flags, the torch version, the thread count, the format, dtype and shape. A cache entry is only trusted if
-it has exactly the expected form; a corrupt or foreign file is ignored and rewritten.
+fastest decode on the other. So at first use the runtime times each weight format's candidate kernels (the
+format's `decode_kernels` / `prefill_kernels`, registry.py) on the model's own largest layer shape, for a decode
+step (1 row) and a prefill (PREFILL_ROWS rows), in a second or two, keeps the fastest, and caches the choice in a
+JSON file keyed by the CPU model and flags, the torch version, the thread count, the format, dtype and shape.
+
+A busy machine must not decide for ever (a laptop is a busy machine; a cache once recorded an 11.9 ms decode
+that takes 2.8 ms on a quiet machine, and five kernels at the same 12 ms: a scheduler quantum, not a kernel):
+- candidates are timed in ROUNDS interleaved rounds, so a slow spell hits all of them alike, and each is
+  rated by its fastest run (interference only ever adds time);
+- a measurement is *noisy* when a candidate's runs spread by more than SPREAD_LIMIT (median over fastest), or
+  when other processes used more than BUSY_LIMIT of the machine's CPU time while it ran (/proc/stat through
+  psutil, minus this process's own);
+- a noisy measurement decides this load only where its winner beats the reference by more than noise could
+  explain (DECISIVE); otherwise the reference is used, so a busy machine neither flip-flops between choices from
+  one run to the next nor keeps a bad one. It is never cached: the next load times again. `info --retune`
+  (`retune=True`) times anew whatever the cache holds.
+A cache entry is only trusted if it has exactly the expected form; a corrupt or foreign file is ignored and
+rewritten.
 
 Overrides, for ablations and for a user who knows better: `LOWMEM_PALIGEMMA_KERNELS` or the `kernels`
 load option, e.g. "dense=linear/linear,int8=int8pack/dequant" (format=decode/prefill), or "reference" for
-the reference kernels everywhere. `lowmem-paligemma info` shows what was chosen and the timings behind it.
+the reference kernels everywhere and nothing measured (an "auto" dtype is then the reference one, bfloat16).
+`lowmem-paligemma info` shows what was chosen and the timings behind it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,26 +45,33 @@ from torch import nn
 from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
 from ..errors import OptionError
 from ..machine import cpu
-from . import ops
-from .ops import CANDIDATES, REFERENCE, KernelChoice
+from . import registry
+from .base import KernelChoice, WeightFormat
 
 ENV_KERNELS = "LOWMEM_PALIGEMMA_KERNELS"
 ENV_CACHE = "LOWMEM_PALIGEMMA_CACHE"  # a directory; default $XDG_CACHE_HOME/lowmem_paligemma or ~/.cache/...
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: fastest-of-rounds timings, noisy measurements never cached (older entries are re-timed)
 PREFILL_ROWS = 256  # about a 224-px prompt (256 image tokens + text)
 DECODE_TOKENS = 32  # the decode share of a request when the dtype is chosen: 32 tokens after the prefill
-TIME_PER_CANDIDATE_S = 0.25  # timing stops after this (at least 2 runs after a warm-up)
+ROUNDS = 5  # interleaved timing rounds per candidate (after one warm-up call each)
+MIN_SAMPLE_S = 0.002  # one timed sample repeats the call until it lasts this long (timer resolution, jitter)
+SPREAD_LIMIT = 1.25  # a candidate whose median run is this much slower than its fastest: the timing is noisy
+BUSY_LIMIT = 0.15  # other processes' share of the machine's CPU time during a measurement above which it is noisy
+DECISIVE = 1.5  # a noisy measurement's winner is used only if the reference takes this much longer, else the reference
+REFERENCE_DTYPE = "bfloat16"  # the 16-bit dtype when nothing is measured: float16's range is too narrow for some
+
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
 class Measured:
-    """One choice: which kernel for a format and phase, or which dtype, and the medians behind it."""
+    """One choice: which kernels for a format, or which dtype, and the timings behind it."""
 
-    what: str  # "int8 decode", "dense prefill", "dtype", ...
+    what: str  # "int8 kernels (decode/prefill)", "dtype", ...
     key: str  # the cache key
     choice: str
-    seconds: dict[str, float]  # candidate -> median seconds (empty: one candidate, nothing to measure)
-    source: str  # "measured" | "cache" | "override" | "reference" | "the only candidate"
+    seconds: dict[str, float]  # candidate -> fastest seconds (empty: one candidate, nothing to measure)
+    source: str  # "measured" | "measured, noisy: not cached" | "cache" | "override" | "reference" | ...
 
 
 @dataclass
@@ -96,7 +117,11 @@ def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return doc["entries"]
 
 
-def _valid(fmt: str, entry: Any) -> bool:
+def _phases(fmt: WeightFormat) -> dict[str, tuple[str, ...]]:
+    return {"decode": fmt.decode_kernels, "prefill": fmt.prefill_kernels}
+
+
+def _valid(fmt: WeightFormat, entry: Any) -> bool:
     """A cache entry of exactly the expected form, naming kernels that exist."""
     if (
         not isinstance(entry, dict)
@@ -105,12 +130,12 @@ def _valid(fmt: str, entry: Any) -> bool:
     ):
         return False
     decode, _, prefill = entry["choice"].partition("/")
-    allowed = {f"{phase} {name}" for phase, names in CANDIDATES[fmt].items() for name in names}
+    allowed = {f"{phase} {name}" for phase, names in _phases(fmt).items() for name in names}
     return (
-        decode in CANDIDATES[fmt]["decode"]
-        and prefill in CANDIDATES[fmt]["prefill"]
-        and ops.valid_choice(decode, prefill)
-        and all(k in allowed and isinstance(v, (int, float)) for k, v in entry["seconds"].items())
+        decode in fmt.decode_kernels
+        and prefill in fmt.prefill_kernels
+        and fmt.valid_choice(decode, prefill)
+        and all(k in allowed and isinstance(v, (int, float)) and v > 0 for k, v in entry["seconds"].items())
     )
 
 
@@ -127,77 +152,99 @@ def _write_cache(path: Path, entries: dict[str, dict[str, Any]]) -> None:
 # --- timing --------------------------------------------------------------------------------------------------
 
 
-def _median_seconds(fn) -> float:
-    fn()  # warm-up: first-call allocations, oneDNN primitive creation
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < 5 and (len(samples) < 2 or time.perf_counter() - start < TIME_PER_CANDIDATE_S):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+@dataclass(frozen=True)
+class Timing:
+    seconds: dict[str, float]  # candidate -> fastest sample
+    spread: dict[str, float]  # candidate -> median sample / fastest sample
+    others_busy: float  # other processes' share of the machine's CPU time while timing (0..1)
+
+    @property
+    def noisy(self) -> bool:
+        return self.others_busy > BUSY_LIMIT or any(s > SPREAD_LIMIT for s in self.spread.values())
+
+    def why_noisy(self) -> str:
+        worst = max(self.spread, key=self.spread.get, default=None)
+        parts = []
+        if worst is not None and self.spread[worst] > SPREAD_LIMIT:
+            parts.append(f"{worst} runs spread {self.spread[worst]:.2f}x")
+        if self.others_busy > BUSY_LIMIT:
+            parts.append(f"other processes used {self.others_busy:.0%} of the CPU")
+        return ", ".join(parts)
 
 
-def _bench_layer(fmt: str, shape: tuple[int, int], dtype: torch.dtype):
-    """A random layer of `fmt` and `shape` (out, in): (call(x, kernel_name), in_features)."""
-    from . import quant
+class _BusyMeter:
+    """Other processes' share of the machine's CPU time over a span: system-wide busy time minus this process's."""
 
-    o, i = shape
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(o, i, generator=g)
-    if fmt == "dense":
-        w = w.to(dtype)
-        packed = ops.pack_weight(w) if "packed" in _available(fmt, dtype) else None
-        return lambda x, name: ops.dense_linear(x, packed if name == "packed" else w, None, KernelChoice(name, name))
-    if fmt == "int8":
-        q, scale = quant.quantize_int8(w, dtype)
-        scratch = ops.Scratch()
-        return lambda x, name: ops.int8_linear(x, q, scale, None, KernelChoice(name, name), scratch)
-    layer = quant.Int4Linear(i, o, bias=False)
-    layer.to(dtype)
-    layer._fill(w, 0)
-    return lambda x, name: layer(x)
+    def __init__(self) -> None:
+        import psutil
 
+        self._psutil, self._me = psutil, psutil.Process()
+        self._start = self._read()
 
-@functools.cache
-def _available(fmt: str, dtype: torch.dtype) -> tuple[str, ...]:
-    """The format's candidate kernels this machine can run (oneDNN packs float16 only with AVX512-FP16)."""
-    names = {*CANDIDATES[fmt]["decode"], *CANDIDATES[fmt]["prefill"]}
-    if "packed" in names:
-        try:
-            ops.pack_weight(torch.zeros(16, 16, dtype=dtype))
-        except (RuntimeError, AttributeError):
-            names.discard("packed")
-    return tuple(sorted(names))
+    def _read(self) -> tuple[float, float, float]:
+        t = self._psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        mine = sum(self._me.cpu_times()[:2])  # user + system of every thread of this process
+        return time.monotonic(), busy, mine
+
+    def share(self) -> float:
+        (t0, busy0, mine0), (t1, busy1, mine1) = self._start, self._read()
+        capacity = (t1 - t0) * (os.cpu_count() or 1)
+        return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / capacity if capacity > 0 else 0.0
 
 
-def _measure(fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, float]:
-    """Median seconds of each available candidate: {"decode linear": s, "prefill packed": s, ...}."""
-    call = _bench_layer(fmt, shape, dtype)
-    seconds = {}
+def time_candidates(calls: dict[str, Callable[[], object]], clock: Clock = time.perf_counter) -> Timing:
+    """Each call timed in ROUNDS interleaved rounds after a warm-up; `clock` is injectable for tests."""
+    for call in calls.values():
+        call()  # first-call allocations, oneDNN primitive creation
+    meter = _BusyMeter()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, call in calls.items():
+            n, t0 = 0, clock()
+            while True:  # repeat short calls: one sample lasts at least MIN_SAMPLE_S
+                call()
+                n += 1
+                elapsed = clock() - t0
+                if elapsed >= MIN_SAMPLE_S:
+                    break
+            samples[name].append(elapsed / n)
+    fastest = {name: min(s) for name, s in samples.items()}
+    spread = {name: statistics.median(s) / fastest[name] if fastest[name] > 0 else 1.0 for name, s in samples.items()}
+    return Timing(fastest, spread, meter.share())
+
+
+def _measure(fmt: WeightFormat, shape: tuple[int, int], dtype: torch.dtype) -> Timing:
+    """Every available candidate of both phases: {"decode linear": s, "prefill packed": s, ...}."""
+    layer = fmt.bench(shape, dtype)
+    calls = {}
+    for phase, rows in (("decode", 1), ("prefill", PREFILL_ROWS)):
+        x = torch.randn(rows, shape[1]).to(dtype)
+        for name in _phases(fmt)[phase]:
+            if name in fmt.available_kernels(dtype):
+                calls[f"{phase} {name}"] = lambda name=name, x=x: layer(x, name)
     with torch.inference_mode():
-        for phase, rows in (("decode", 1), ("prefill", PREFILL_ROWS)):
-            x = torch.randn(rows, shape[1]).to(dtype)
-            for name in CANDIDATES[fmt][phase]:
-                if name in _available(fmt, dtype):
-                    seconds[f"{phase} {name}"] = _median_seconds(lambda name=name, x=x: call(x, name))
-    return seconds
+        return time_candidates(calls)
 
 
-def _best(fmt: str, seconds: dict[str, float], prompt_rows: int, relayout: bool = True) -> KernelChoice:
+def _best(fmt: WeightFormat, seconds: dict[str, float], prompt_rows: int, relayout: bool = True) -> KernelChoice:
     """The valid (decode, prefill) pair with the least time for a request: prefill + DECODE_TOKENS steps.
     `relayout` False keeps the weights as loaded (zero-copy: they are views of the checkpoint file)."""
     pairs = [
-        (seconds[f"prefill {p}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * seconds[f"decode {d}"], d, p)
-        for d in CANDIDATES[fmt]["decode"]
-        for p in CANDIDATES[fmt]["prefill"]
-        if ops.valid_choice(d, p)
+        (_request_seconds(seconds, d, p, prompt_rows), d, p)
+        for d in fmt.decode_kernels
+        for p in fmt.prefill_kernels
+        if fmt.valid_choice(d, p)
         and f"decode {d}" in seconds
         and f"prefill {p}" in seconds
-        and (relayout or d not in ops.LAYOUTS)
+        and (relayout or (d not in fmt.layouts and p not in fmt.layouts))
     ]
     _, decode, prefill = min(pairs)
     return KernelChoice(decode, prefill)
+
+
+def _request_seconds(seconds: dict[str, float], decode: str, prefill: str, prompt_rows: int) -> float:
+    return seconds[f"prefill {prefill}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * seconds[f"decode {decode}"]
 
 
 # --- choosing ------------------------------------------------------------------------------------------------
@@ -207,23 +254,24 @@ def parse_spec(text: str) -> dict[str, KernelChoice]:
     """'int8=int8pack/dequant,dense=mv/linear' -> {format: KernelChoice}; 'reference' -> the reference kernels."""
     text = text.strip()
     if text == "reference":
-        return dict(REFERENCE)
+        return {name: registry.get(name).reference for name in registry.names()}
     plan = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        fmt, sep, rest = part.partition("=")
-        decode, sep2, prefill = rest.partition("/")
-        fmt = fmt.strip()
-        if not sep or not sep2 or fmt not in CANDIDATES:
-            raise OptionError(
-                f"kernel spec {part!r}: expected FORMAT=DECODE/PREFILL with FORMAT one of {', '.join(CANDIDATES)}"
-            )
-        for phase, name in (("decode", decode.strip()), ("prefill", prefill.strip())):
-            if name not in CANDIDATES[fmt][phase]:
-                options = ", ".join(CANDIDATES[fmt][phase])
-                raise OptionError(f"kernel spec {part!r}: {fmt} {phase} kernel {name!r} is not one of {options}")
-        if not ops.valid_choice(decode.strip(), prefill.strip()):
-            raise OptionError(f"kernel spec {part!r}: 'packed' reorders the weights, so both phases must use it")
-        plan[fmt] = KernelChoice(decode.strip(), prefill.strip())
+        name, sep, rest = part.partition("=")
+        decode, sep2, prefill = (s.strip() for s in rest.partition("/"))
+        name = name.strip()
+        if not sep or not sep2 or name not in registry.names():
+            formats = ", ".join(registry.names())
+            raise OptionError(f"kernel spec {part!r}: expected FORMAT=DECODE/PREFILL with FORMAT one of {formats}")
+        fmt = registry.get(name)
+        for phase, kernel in (("decode", decode), ("prefill", prefill)):
+            if kernel not in _phases(fmt)[phase]:
+                options = ", ".join(_phases(fmt)[phase])
+                raise OptionError(f"kernel spec {part!r}: {name} {phase} kernel {kernel!r} is not one of {options}")
+        if not fmt.valid_choice(decode, prefill):
+            layout = fmt.layouts.get(decode) or fmt.layouts.get(prefill)
+            raise OptionError(f"kernel spec {part!r}: the {layout} layout is the weight's, so both phases must use it")
+        plan[name] = KernelChoice(decode, prefill)
     return plan
 
 
@@ -231,43 +279,53 @@ def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Each weight format in `model` -> its largest linear layer's (out, in): the shape that dominates the time."""
     shapes: dict[str, tuple[int, int]] = {}
     for module in model.modules():
-        fmt = getattr(module, "FORMAT", None)
+        fmt = registry.of(module)
         if fmt is None or not hasattr(module, "in_features") or hasattr(module, "lookup"):
             continue  # embeddings: their logits take the decode kernel whatever is chosen here
         shape = (module.out_features, module.in_features)
-        if fmt not in shapes or shape[0] * shape[1] > shapes[fmt][0] * shapes[fmt][1]:
-            shapes[fmt] = shape
+        if fmt.name not in shapes or shape[0] * shape[1] > shapes[fmt.name][0] * shapes[fmt.name][1]:
+            shapes[fmt.name] = shape
     return shapes
 
 
-def _choice_text(choice: KernelChoice) -> str:
-    return f"{choice.decode}/{choice.prefill}"
-
-
 def _format_choice(
-    fmt: str, shape: tuple[int, int], dtype: torch.dtype, prompt_rows: int, entries: dict[str, Any], relayout: bool
+    fmt: WeightFormat,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    prompt_rows: int,
+    entries: dict[str, Any],
+    relayout: bool,
+    retune: bool,
 ) -> tuple[Measured, float]:
-    """The format's best kernels, from the cache or measured now (then added to `entries`), with the
+    """The format's best kernels, from the cache or timed now (then added to `entries` unless noisy), with the
     request time that pair takes on one layer (for comparing dtypes)."""
-    what = f"{fmt} kernels (decode/prefill)"
-    names = _available(fmt, dtype)
+    what = f"{fmt.name} kernels (decode/prefill)"
+    names = fmt.available_kernels(dtype)
     if len(names) == 1:  # nothing to measure or cache
         return Measured(what, "", f"{names[0]}/{names[0]}", {}, "the only candidate"), 0.0
-    key = f"{fmt}|{dtype_name(dtype)}|{shape[0]}x{shape[1]}|rows {prompt_rows}|{machine_key()}"
+    key = f"{fmt.name}|{dtype_name(dtype)}|{shape[0]}x{shape[1]}|rows {prompt_rows}|{machine_key()}"
     cached = entries.get(key)
-    if _valid(fmt, cached):
-        choice = _best(fmt, cached["seconds"], prompt_rows, relayout)
-        measured = Measured(what, key, f"{choice.decode}/{choice.prefill}", cached["seconds"], "cache")
-    else:
-        seconds = _measure(fmt, shape, dtype)
-        best = _best(fmt, seconds, prompt_rows)
-        entries[key] = {"choice": f"{best.decode}/{best.prefill}", "seconds": seconds,
-                        "at": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+    if not retune and _valid(fmt, cached):
+        seconds, source = cached["seconds"], "cache"
         choice = _best(fmt, seconds, prompt_rows, relayout)
-        measured = Measured(what, key, f"{choice.decode}/{choice.prefill}", seconds, "measured")
-    decode, _, prefill = measured.choice.partition("/")
-    s = measured.seconds
-    return measured, s[f"prefill {prefill}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * s[f"decode {decode}"]
+    else:
+        timing = _measure(fmt, shape, dtype)
+        seconds, source = timing.seconds, "measured"
+        choice = _best(fmt, seconds, prompt_rows, relayout)
+        if timing.noisy:
+            reference = fmt.reference
+            gain = _request_seconds(seconds, reference.decode, reference.prefill, prompt_rows) / _request_seconds(
+                seconds, choice.decode, choice.prefill, prompt_rows
+            )
+            choice = choice if gain > DECISIVE else reference
+            source = f"measured, noisy ({timing.why_noisy()}): not cached, timed again next load"
+        else:
+            best = _best(fmt, seconds, prompt_rows)
+            entries[key] = {"choice": str(best), "seconds": seconds, "spread": timing.spread,
+                            "at": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+    return Measured(what, key, str(choice), seconds, source), _request_seconds(
+        seconds, choice.decode, choice.prefill, prompt_rows
+    )
 
 
 def choose_kernels(
@@ -275,48 +333,75 @@ def choose_kernels(
     dtype: torch.dtype,
     device: torch.device | str,
     spec: str | None = None,
-    prompt_rows: int = 264,
+    *,
+    prompt_rows: int,
     relayout: bool = True,
+    retune: bool = False,
 ) -> KernelReport:
     """The kernel plan for `model` (built on meta is enough) on this machine; see the module docstring.
-    `prompt_rows` weighs prefill against decode when a layout serves both (a 224-px prompt: 256 + text);
-    `relayout` False excludes kernels that reorder the weights (zero-copy loads keep them as file views)."""
+    `prompt_rows` weighs prefill against decode when a layout serves both; `relayout` False excludes kernels
+    that reorder the weights (zero-copy loads keep them as file views); `retune` times anew, whatever is cached."""
     spec = spec if spec is not None else os.environ.get(ENV_KERNELS)
     override = parse_spec(spec) if spec else {}
     report = KernelReport()
     path = cache_path()
     entries = _read_cache(path)
-    for fmt, shape in layer_shapes(model).items():
-        if fmt in override or torch.device(device).type != "cpu":  # GPU: the reference (cuBLAS for products)
-            choice, source = (override[fmt], "override") if fmt in override else (REFERENCE[fmt], "reference")
-            measured = Measured(f"{fmt} kernels (decode/prefill)", "", f"{choice.decode}/{choice.prefill}", {}, source)
+    before = dict(entries)
+    for name, shape in layer_shapes(model).items():
+        fmt = registry.get(name)
+        if name in override or torch.device(device).type != "cpu":  # GPU: the reference (cuBLAS for products)
+            choice, source = (override[name], "override") if name in override else (fmt.reference, "reference")
+            measured = Measured(f"{name} kernels (decode/prefill)", "", str(choice), {}, source)
         else:
-            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries, relayout)
-        report.plan[fmt] = KernelChoice(*measured.choice.split("/"))
+            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries, relayout, retune)
+        report.plan[name] = KernelChoice(*measured.choice.split("/"))
         report.details.append(measured)
-    if any(m.source == "measured" for m in report.details):
+    if entries != before:
         _write_cache(path, entries)
     return report
 
 
-def choose_dtype(shape: tuple[int, int], prompt_rows: int, device: torch.device | str) -> Measured:
+def choose_dtype(
+    shape: tuple[int, int],
+    prompt_rows: int,
+    device: torch.device | str,
+    retune: bool = False,
+    spec: str | None = None,
+) -> Measured:
     """The 16-bit compute dtype for a model whose largest layer is `shape`: on CPU the faster of bfloat16 and
     float16, each with its best dense kernels, for a request of `prompt_rows` prompt tokens and DECODE_TOKENS
-    decoded ones (prefill and decode both count); on a GPU bfloat16 where supported."""
+    decoded ones (prefill and decode both count); on a GPU bfloat16 where supported. With the kernel spec
+    "reference" (`spec`, or LOWMEM_PALIGEMMA_KERNELS) nothing is measured: bfloat16."""
     if torch.device(device).type != "cpu":
         ok = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
         return Measured("dtype", "", "bfloat16" if ok else "float16", {}, "reference")
+    spec = spec if spec is not None else os.environ.get(ENV_KERNELS)
+    if spec is not None and spec.strip() == "reference":
+        return Measured("dtype", "", REFERENCE_DTYPE, {}, "reference")
     key = f"dtype|{shape[0]}x{shape[1]}|rows {prompt_rows}|{machine_key()}"
     path = cache_path()
     entries = _read_cache(path)
     names = ("bfloat16", "float16")
     entry = entries.get(key)
-    if isinstance(entry, dict) and entry.get("choice") in names and isinstance(entry.get("seconds"), dict):
+    if (
+        not retune
+        and isinstance(entry, dict)
+        and entry.get("choice") in names
+        and isinstance(entry.get("seconds"), dict)
+    ):
         return Measured("dtype", key, entry["choice"], entry["seconds"], "cache")
-    seconds = {
-        name: _format_choice("dense", shape, WEIGHT_DTYPES[name], prompt_rows, entries, True)[1] for name in names
+    dense = registry.get("dense")
+    measured = {
+        name: _format_choice(dense, shape, WEIGHT_DTYPES[name], prompt_rows, entries, True, retune) for name in names
     }
+    seconds = {name: request for name, (_, request) in measured.items()}
     choice = min(seconds, key=seconds.get)
-    entries[key] = {"choice": choice, "seconds": seconds, "at": datetime.now().isoformat(timespec="seconds")}
+    noisy = [m.source for m, _ in measured.values() if m.source.startswith("measured, noisy")]
+    if noisy:
+        source = "measured, noisy: not cached, timed again next load"
+        choice = choice if seconds[REFERENCE_DTYPE] > DECISIVE * seconds[choice] else REFERENCE_DTYPE
+    else:
+        source = "measured"
+        entries[key] = {"choice": choice, "seconds": seconds, "at": datetime.now().isoformat(timespec="seconds")}
     _write_cache(path, entries)
-    return Measured("dtype", key, choice, seconds, "measured")
+    return Measured("dtype", key, choice, seconds, source)

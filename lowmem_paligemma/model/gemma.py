@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.ops import Embedding, Linear
+from ..formats.dense import Embedding, Linear
 from .config import GemmaConfig
 
 

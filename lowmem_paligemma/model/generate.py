@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .. import defaults
 from ..errors import ContextLengthError
 from .config import GemmaConfig
 from .gemma import KVCache
@@ -94,7 +95,7 @@ def generate(
     *,
     pixel_values: torch.Tensor | None = None,
     image_features: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -198,7 +199,7 @@ def generate_batch(
     *,
     pixel_values: torch.Tensor | None = None,
     image_features: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -210,7 +211,7 @@ def generate_batch(
     Entry i is row i's next token, or None once row i has stopped (its EOS is yielded, then None).
     Ends when every row has stopped or after max_new_tokens steps. `pixel_values` (B, 3, S, S) or
     `image_features` (B, N, D) are in row order. Row i's tokens are those of `generate()` on its prompt
-    alone: greedy up to float rounding across batch shapes (exact in float32 in tests/test_generate.py),
+    alone: greedy up to float rounding across batch shapes (exact in float32 in tests/model/test_generate.py),
     and sampled with a seed, each row draws from its own generator seeded `seed`.
     """
     rows = len(input_ids)
@@ -221,8 +222,6 @@ def generate_batch(
             raise ValueError(f"generate_batch() takes prompts of shape (1, L), got {tuple(x.shape)}")
     if token_type_ids is not None and len(token_type_ids) != rows:
         raise ValueError(f"{rows} prompts but {len(token_type_ids)} token type rows")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_length(model.cfg.text, max(x.shape[1] for x in input_ids), max_new_tokens)  # before the cache exists
     eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     device = model.device

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.ops import Linear
+from ..formats.dense import Linear
 from .config import PaliGemmaConfig
 from .gemma import GemmaForCausalLM, KVCache
 from .siglip import SiglipVisionModel

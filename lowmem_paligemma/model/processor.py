@@ -12,7 +12,6 @@ in one call, as PaliGemmaProcessor does, so a prompt ending in "\\n" gives the t
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,50 +193,3 @@ class Processor:
         # loc/seg tokens are not special: they survive skip_special_tokens=True for detection/segmentation parsing.
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-class TextStream:
-    """Incremental detokenisation: push token ids, get back the new text; `flush()` gives the rest at the end.
-
-    The pieces always add up to `tokenizer.decode(all ids)`, and each id is decoded about once (linear time).
-    Gemma's decoder (Replace "\u2581" -> " ", ByteFallback, Fuse) turns each token into text on its own except a
-    run of byte-fallback pieces (<0x00>..<0xFF>): the run is decoded as one UTF-8 string, and when any byte of
-    it is invalid every byte becomes U+FFFD, so a later byte can change text decoded before it (<0x07> alone is
-    "\x07"; followed by <0xC3>, both become U+FFFD). Special tokens skipped in decoding, and ids past the
-    vocabulary, vanish before that, so a run looks through them. Text is therefore final up to the last other
-    token: the stream decodes from there on and holds a trailing run back until a token ends it, or `flush()`.
-    """
-
-    _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self._vanish = set(tokenizer.all_special_ids) if skip_special_tokens else set()
-        self.ids: list[int] = []
-        self._start = 0  # ids[:_start] are decoded and given out; no later id can change their text
-        self._pieces: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """Everything given out so far."""
-        return "".join(self._pieces)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return "" if self._may_join_a_run(token_id) else self.flush()
-
-    def flush(self) -> str:
-        """Decode what is held back (a trailing byte run); at the end of generation this completes the text."""
-        if self._start == len(self.ids):
-            return ""
-        new = self.tokenizer.decode(self.ids[self._start :], skip_special_tokens=self.skip_special_tokens)
-        self._start = len(self.ids)
-        self._pieces.append(new)
-        return new
-
-    def _may_join_a_run(self, token_id: int) -> bool:
-        if token_id in self._vanish:
-            return True
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        return piece is None or self._BYTE_PIECE.fullmatch(piece) is not None

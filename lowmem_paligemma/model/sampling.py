@@ -12,8 +12,12 @@ Axis legend: B: batch, V: vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from .. import defaults
+from ..errors import OptionError
 
 # A head whose mass equals p in exact arithmetic (0.5 + 0.3 = 0.8) can land a few ulps short of p after a
 # float32 softmax; mass within this tolerance of p counts as reaching it, so no extra token slips in.
@@ -96,3 +100,34 @@ def _check_top_k(k: int) -> None:
 def _check_top_p(p: float) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick a request's tokens, validated when made (OptionError naming the field), so every front end
+    shares the checks: the CLI's options and the server's JSON fields arrive here."""
+
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OptionError(f"max_new_tokens must be an integer >= 1, got {n!r}", "max_new_tokens")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
+            raise OptionError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}", "temperature")
+        for name, check in (("top_k", _check_top_k), ("top_p", _check_top_p)):
+            if getattr(self, name) is not None:
+                try:
+                    check(getattr(self, name))
+                except ValueError as e:
+                    raise OptionError(str(e), name) from None
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not -(2**63) <= s < 2**64):
+            raise OptionError(
+                f"seed must be an integer in [-2**63, 2**64) (torch's generator seeds), got {s!r}", "seed"
+            )

@@ -14,9 +14,9 @@ What is special:
 - All or nothing: the output is written into a hidden temporary directory beside `dst_dir` and renamed into
   place at the end; any failure (or Ctrl-C) removes it. A process killed outright (SIGKILL) leaves it behind:
   the loader refuses it by its `.partial` suffix, and the next convert into `dst_dir` removes it.
-- `quantize` "int8" / "int4" writes a pre-quantized checkpoint in compressed-tensors' layout (compressed.py):
-  the layers the loader would quantize (quant.quantize_model's policy, on the meta model) are quantized by
-  the loader's arithmetic, so loading the result equals quantizing at load bit for bit when the source is
+- `quantize` "int8" / "int4" writes a pre-quantized checkpoint in compressed-tensors' layout (formats/compressed.py):
+  the layers the loader would quantize (build.quantize_layers, on the meta model) are quantized by each format's
+  own arithmetic, so loading the result equals quantizing at load bit for bit when the source is
   stored in the load dtype. The tied embedding stays dense (transformers cannot load it quantized, see
   docs/quantization.md) and the loader quantizes it while streaming. The chunks bound the quantizing
   temporaries as the loader's fills do. Each stored tensor is computed in a pass of its own over the source
@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.loader import DEFAULT_CHUNK_BYTES, FILL_BYTES_PER_ELEMENT
+from .. import defaults
+from ..checkpoint.loader import FILL_BYTES_PER_ELEMENT
 from ..checkpoint.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
@@ -51,20 +52,13 @@ from ..checkpoint.safetensors_io import (
     read_rows,
     write_sharded,
 )
-from ..errors import CheckpointError, OutputError
-from ..formats.compressed import pack_int4, quantization_config, stored_mode, stored_tensors
-from ..formats.quant import (
-    INT4_GROUP,
-    QUANT_MODES,
-    Int4Embedding,
-    Int4Linear,
-    Int8Embedding,
-    Int8Linear,
-    quantize_int4,
-    quantize_int8,
-)
-from ..units import format_bytes
-from .load import build_model, normalize_key
+from ..errors import CheckpointError, OptionError, OutputError
+from ..formats import registry
+from ..formats.base import WeightFormat
+from ..formats.compressed import quantization_config
+from ..units import format_bytes, parse_size
+from .build import build_model, stored_format
+from .keys import normalize_key
 
 # Other weight formats are never copied: a stale pickle next to the converted shards would be a second model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz", ".onnx")
@@ -74,25 +68,32 @@ def convert_checkpoint(
     src_dir: str | os.PathLike,
     dst_dir: str | os.PathLike,
     dtype: torch.dtype | str = torch.bfloat16,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    chunk_bytes: int = defaults.CHUNK_BYTES,
     progress: Callable[[int, int], None] | None = None,
     quantize: str | None = None,
 ) -> Path:
     """Write `src_dir`'s checkpoint to a new directory `dst_dir` with every float tensor in `dtype`, and with
-    the towers' linear layers quantized (compressed-tensors' layout) if `quantize` is "int8" or "int4".
+    the towers' linear layers quantized (compressed-tensors' layout) if `quantize` names a quantizing format
+    that has a compressed-tensors scheme (int8, int4).
 
-    `progress(bytes_written, bytes_total)` is called after each tensor. Raises CheckpointError for a bad source,
-    OutputError for a destination that exists and is not empty (or is the source, or does not fit on the disk),
-    and ValueError for bad arguments.
+    `max_shard_bytes` takes a size such as "2GB". `progress(bytes_written, bytes_total)` is called after each
+    tensor. Raises CheckpointError for a bad source, OutputError for a destination that exists and is not empty
+    (or is the source, or does not fit on the disk), and OptionError (a ValueError) for bad arguments.
     """
     dtype = WEIGHT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" as load_model takes it
     if dtype not in WEIGHT_DTYPES.values():
-        raise ValueError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
-    if quantize is not None and quantize not in QUANT_MODES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}")
+        raise OptionError(f"dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}", "dtype")
+    storable = [m for m in registry.quantize_modes() if registry.get(m).compressed is not None]
+    if quantize is not None and quantize not in storable:
+        raise OptionError(f"quantize must be one of {', '.join(storable)}, got {quantize!r}", "quantize")
+    if isinstance(max_shard_bytes, str):
+        try:
+            max_shard_bytes = parse_size(max_shard_bytes)
+        except ValueError as e:
+            raise OptionError(str(e), "max_shard_bytes") from None
     if max_shard_bytes <= 0 or chunk_bytes <= 0:
-        raise ValueError(f"max_shard_bytes and chunk_bytes must be positive, got {max_shard_bytes}, {chunk_bytes}")
+        raise OptionError(f"max_shard_bytes and chunk_bytes must be positive, got {max_shard_bytes}, {chunk_bytes}")
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
@@ -163,14 +164,16 @@ def _quantized_plan(
     src: Path, entries: dict[str, TensorEntry], dtype: torch.dtype, mode: str, chunk_bytes: int
 ) -> tuple[list[TensorSpec], dict[str, Callable[[], Iterator[torch.Tensor]]], dict[str, Any]]:
     """The tensors to write (each with its row source) and config.json's quantization_config."""
-    if stored_mode(src, INT4_GROUP) is not None:
+    if stored_format(src) is not None:
         raise CheckpointError(f"{src}: already stored quantized; convert the original checkpoint instead")
-    modules = dict(build_model(src, mode).named_modules())  # on meta: the loader's policy, zero bytes
+    model, _ = build_model(src, mode)  # on meta: the loader's policy, zero bytes
+    modules = dict(model.named_modules())
     specs, sources, layers = [], {}, {}
     for key, entry in entries.items():
         name, _, leaf = normalize_key(key).rpartition(".")
         module = modules.get(name) if leaf == "weight" else None
-        if not isinstance(module, (Int8Linear, Int4Linear)) or isinstance(module, (Int8Embedding, Int4Embedding)):
+        fmt = registry.of(module) if module is not None else None
+        if fmt is None or fmt.compressed is None or hasattr(module, "lookup"):  # dense, or the tied embedding
             specs.append(TensorSpec(key, _stored_dtype(entry, dtype), entry.shape))
             sources[key] = partial(read_rows, entry, chunk_bytes)
             continue
@@ -179,31 +182,26 @@ def _quantized_plan(
                 f"{entry.path}: {key!r} ({dtype_name(entry.dtype)} {list(entry.shape)}) is not a float weight of "
                 f"shape {[module.out_features, module.in_features]} to quantize"
             )
-        layers[name] = layer_mode = "int4" if isinstance(module, Int4Linear) else "int8"
+        layers[name] = fmt.name
         stem = key.removesuffix("weight")
         # Source bytes per read whose quantizing temporaries (float32 copies, codes) stay within chunk_bytes.
         read_bytes = max(1, chunk_bytes * entry.dtype.itemsize // FILL_BYTES_PER_ELEMENT)
-        stored = stored_tensors(layer_mode, module.out_features, module.in_features, dtype, INT4_GROUP)
-        for leaf, (leaf_dtype, shape) in stored.items():
+        constants = fmt.stored_constants(module.out_features, module.in_features)
+        for leaf, (leaf_dtype, shape) in fmt.stored_tensors(module.out_features, module.in_features, dtype).items():
             specs.append(TensorSpec(stem + leaf, leaf_dtype, shape))
-            sources[stem + leaf] = partial(_quantized_rows, entry, layer_mode, leaf, dtype, read_bytes)
-    return specs, sources, quantization_config(layers, INT4_GROUP)
+            if leaf in constants:
+                sources[stem + leaf] = partial(iter, [constants[leaf]])
+            else:
+                sources[stem + leaf] = partial(_quantized_rows, entry, fmt, leaf, dtype, read_bytes)
+    return specs, sources, quantization_config(layers)
 
 
 def _quantized_rows(
-    entry: TensorEntry, mode: str, leaf: str, dtype: torch.dtype, read_bytes: int
+    entry: TensorEntry, fmt: WeightFormat, leaf: str, dtype: torch.dtype, read_bytes: int
 ) -> Iterator[torch.Tensor]:
-    """The rows of the stored tensor `leaf` (compressed.stored_tensors) of a layer quantized from `entry`."""
-    if leaf == "weight_shape":
-        yield torch.tensor(entry.shape)
-        return
+    """The rows of the stored tensor `leaf` of a layer quantized from `entry` into `fmt`."""
     for rows in read_rows(entry, read_bytes):
-        if mode == "int8":
-            q, scale = quantize_int8(rows, dtype)
-            yield q if leaf == "weight" else scale[:, None]
-        else:
-            q, scale = quantize_int4(rows, dtype, INT4_GROUP)
-            yield pack_int4(q) if leaf == "weight_packed" else scale
+        yield fmt.stored_rows(rows, leaf, dtype)
 
 
 def _copy_side_files(src: Path, dst: Path, dtype: torch.dtype, quantization: dict[str, Any] | None) -> None:

@@ -32,7 +32,9 @@ import torch
 from ..errors import ImageError
 from ..model.generate import encode_image
 from ..model.processor import Processor, decode_image, load_image
-from .session import LoadOptions, SamplingOptions, Session, run_prompts
+from ..model.sampling import SamplingOptions
+from ..pretrained.options import LoadOptions
+from .session import Session, run_prompts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # LoadOptions fields that change how a model runs but not what it answers; every other field (dtype, and any

@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ClusterError, InsufficientMemoryError
+from ..model.sampling import SamplingOptions
+from ..pretrained.options import LoadOptions
 from ..units import format_bytes
 from .batch import BatchJob, answer_batch, prepare_image, write_records
-from .session import LoadOptions, SamplingOptions, load_session, session_memory_bytes
+from .session import load_session, session_memory_bytes
 
 # Reading image bytes takes no CPU worth reserving; with 1 CPU per read task, actors holding every CPU
 # would leave the reads unschedulable and the job would wait forever.

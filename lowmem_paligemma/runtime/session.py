@@ -1,11 +1,14 @@
-"""One runtime for every front end: load options, sampling options, a loaded session, one prompt, drawing.
+"""One runtime for every front end: a loaded session, one prompt, several prompts at once.
 
-The CLI commands, `make demo` and the benchmarks all go through here, so what a user runs is what is
-measured. A `Session` holds the model and its processor; `Session.encode` turns an image into features
-once, and `run_prompt` generates for one prompt on them, timing prefill (prompt in, first token out)
-and decode (every further token) separately; `run_prompts` is its batched counterpart (several images
-and prompts generated together). `session_memory_bytes` says what a session will take before loading
-it, from the checkpoint headers: the Ray workers of `batch --ray` ask for that much.
+The CLI commands, the server, `make demo` and the benchmarks all go through here, so what a user runs is what
+is measured. A `Session` holds the loaded model (pretrained/load.py's `LoadedModel`) and its processor;
+`Session.encode` turns an image into features once, and `run_prompt` generates for one prompt on them, timing
+prefill (prompt in, first token out) and decode (every further token) separately; `run_prompts` is its batched
+counterpart (several images and prompts generated together). `session_memory_bytes` says what a session will
+take before loading it, from the checkpoint headers: the Ray workers of `batch --ray` ask for that much.
+
+A request is sized once, here (`size_request`: its length checked against the model's context, its KV cache
+and activations from budget/memory.py), and that one estimate goes to the load's pre-flight and memory plan.
 """
 
 from __future__ import annotations
@@ -15,86 +18,67 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ..budget.memory import model_bytes, request_bytes
-from ..budget.residency import DEFAULT_NEW_TOKENS
-from ..budget.streamer import LayerStreamer
+from ..budget.memory import RequestMemory, request_bytes
 from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
-from ..errors import OutputError, PromptError
 from ..formats.chooser import cache_path, machine_key
-from ..model.config import load_config
+from ..model.config import PaliGemmaConfig, load_config
 from ..model.generate import check_length, encode_image, generate, generate_batch
 from ..model.paligemma import PaliGemmaForConditionalGeneration
-from ..model.processor import Processor, TextStream
-from ..model.tasks import VQVAEDecoder, draw_detections, parse_detections, paste_mask, to_pixels
-from ..pretrained.load import build_model, choose_compute, load_memory_bytes, load_model, plan_memory, resolve_model_dir
-
-# The 16-bit dtype measured fastest on this machine for a request (kernels.choose_dtype): bfloat16 and float16
-# take the same memory, and which computes faster differs from CPU to CPU.
-DEFAULT_DTYPE = "auto"
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    dtype: str = DEFAULT_DTYPE  # "auto" or a key of safetensors_io.WEIGHT_DTYPES
-    device: str = "cpu"  # cpu / cuda / mps (front ends resolve "auto")
-    quantize: str | None = None  # None, "int8" or "int4" (quant.py)
-    kernels: str | None = None  # None: measured (kernels.py); or a spec such as "int8=int8pack/dequant"
-    zero_copy: bool = False  # map the shards instead of copying (CPU, checkpoint stored as loaded)
-    preflight: bool = True  # refuse a load that would not fit in the memory available now
-    max_memory: int | None = None  # peak RSS budget in bytes: layers that do not fit are streamed (residency.py)
-    prefetch: bool = True  # read the next streamed layer while one computes (False: the ablation)
-    verify: bool | Path = False  # check shard checksums first: True the Hub's records, a Path a sums file (verify.py)
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+from ..model.processor import Processor
+from ..model.sampling import SamplingOptions
+from ..model.text_stream import TextStream
+from ..pretrained.build import build_model, choose_compute
+from ..pretrained.load import LoadedModel, default_request, load_memory_bytes, load_model, plan_memory
+from ..pretrained.model_dir import resolve_model_dir
+from ..pretrained.options import LoadOptions
 
 
 @dataclass
 class Session:
-    """A loaded model and its processor, reused for every prompt of a command."""
+    """A loaded model and its processor, reused for every prompt of a command (or of a server's life)."""
 
-    model: PaliGemmaForConditionalGeneration
+    loaded: LoadedModel
     processor: Processor
-    load_s: float
     options: LoadOptions
+    load_s: float  # the processor and the model together
 
     @property
-    def weight_bytes(self) -> int:
-        """Bytes of the resident weights (not the streamed layers', which visit the layer buffers)."""
-        plan = getattr(self.model, "residency", None)
-        streamed = plan.streamed_parameters(self.model) if plan is not None else set()
-        return sum(p.nbytes for name, p in self.model.named_parameters() if name not in streamed)
-
-    @property
-    def streamer(self) -> LayerStreamer | None:
-        """The layer streamer when some layers are read per forward (a memory budget), else None."""
-        return getattr(self.model, "streamer", None)
-
-    def close(self) -> None:
-        """Stop the layer streamer's reader (if any); the session cannot generate afterwards."""
-        if self.streamer is not None:
-            self.streamer.close()
+    def model(self) -> PaliGemmaForConditionalGeneration:
+        return self.loaded.model
 
     @property
     def dtype(self) -> str:
         """The compute dtype actually loaded ("auto" resolved)."""
-        return dtype_name(self.model.dtype)
+        return dtype_name(self.loaded.dtype)
+
+    @property
+    def device(self) -> str:
+        return self.loaded.model.device.type
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.loaded.weight_bytes
+
+    def close(self) -> None:
+        """Stop the layer streamer's reader (if any); the session cannot generate afterwards."""
+        self.loaded.close()
 
     def encode(self, image: Image.Image) -> torch.Tensor:
         """(1, N, D) image features: computed once per image and reused by every prompt on it."""
         return encode_image(self.model, self.processor.pixel_values(image))
+
+
+def size_request(
+    cfg: PaliGemmaConfig, prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype, batch: int = 1
+) -> RequestMemory:
+    """The request's memory (budget/memory.py), after checking it fits the model's context (ContextLengthError)."""
+    check_length(cfg.text, prompt_tokens, max_new_tokens)
+    return request_bytes(cfg, prompt_tokens, max_new_tokens, dtype, batch)
 
 
 def load_session(
@@ -108,50 +92,45 @@ def load_session(
 ) -> Session:
     """Processor first (small files: a bad tokenizer fails before the weights), then the streamed model.
 
-    With `max_new_tokens`, the request (`prompt` on one image; "" for prompts that come later) is checked
-    against the model's context, and its KV cache and activations (memory.py) join the memory pre-flight,
-    so a request that cannot fit is refused before the model is allocated. Under a memory budget the plan
-    holds that request (or, without `max_new_tokens`, the image tokens and 64 more and residency's default);
-    the process's RSS is measured once the processor is loaded.
+    With `max_new_tokens`, the request (`prompt` on one image; "" for prompts that come later) is sized once
+    (`size_request`): checked against the model's context, and its KV cache and activations join the memory
+    pre-flight and, under a memory budget, the plan, so a request that cannot fit is refused before the model
+    is allocated. Without it, a budget plans for an assumed prompt and the default new tokens.
     """
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(model_dir)
     cfg = load_config(model_dir)
     processor = Processor.from_pretrained(model_dir, cfg)
-    dtype = WEIGHT_DTYPES.get(options.dtype, torch.bfloat16)  # "auto" is a 16-bit dtype: the same bytes
-    reserve, prompt_len = None, None
+    request = None
     if max_new_tokens is not None:
-        prompt_len = int(processor.prompt_inputs(prompt)[0].shape[1])
-        check_length(cfg.text, prompt_len, max_new_tokens)
-        reserve = request_bytes(cfg, prompt_len, max_new_tokens, dtype).parts()
-    model = load_model(
-        model_dir, device=options.device, dtype=options.dtype, quantize=options.quantize, kernels=options.kernels,
-        zero_copy=options.zero_copy, preflight=options.preflight, reserve=reserve, verify=options.verify,
-        progress=progress, on_phase=on_phase, max_memory=options.max_memory, prompt_tokens=prompt_len,
-        max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS, prefetch=options.prefetch,
-    )  # fmt: skip
-    return Session(model, processor, time.perf_counter() - t0, options)
+        dtype = WEIGHT_DTYPES.get(options.dtype, torch.bfloat16)  # "auto" is a 16-bit dtype: the same bytes
+        prompt_tokens = int(processor.prompt_inputs(prompt)[0].shape[1])
+        request = size_request(cfg, prompt_tokens, max_new_tokens, dtype)
+    loaded = load_model(model_dir, options, request=request, progress=progress, on_phase=on_phase)
+    return Session(loaded, processor, options, time.perf_counter() - t0)
 
 
-def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptions()) -> dict[str, Any]:
+def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptions(), retune: bool = False) -> dict:
     """What loading `model_dir` with `options` would do on this machine, without reading a weight: the dtype
-    and kernels chosen (measured now or read from the cache, with the timings), the bytes of the weights, and
-    under a memory budget the residency plan (for a default request: SamplingOptions' max_new_tokens)."""
+    and kernels chosen (measured now or read from the kernel cache, with the timings; `retune`: timed anew), the
+    bytes of the weights, and under a memory budget the residency plan (for a default request)."""
+    from ..checkpoint.preflight import model_bytes
+
     model_dir = resolve_model_dir(model_dir)
-    model = build_model(model_dir, options.quantize, options.device)
-    dtype, report = choose_compute(model, options.dtype, options.device, options.kernels, options.zero_copy)
+    device = options.resolved_device()
+    model, quantize = build_model(model_dir, options.quantize, device)
+    dtype, report = choose_compute(model, options.dtype, device, options.kernels, options.zero_copy, retune)
     out = {
         "machine": machine_key(),
         "kernel_cache": str(cache_path()),
         "dtype": dtype_name(dtype),
-        "quantize": model.quantize,  # the option, or how the checkpoint is stored
+        "quantize": quantize,  # the option, or how the checkpoint is stored
         "weight_bytes": model_bytes(model, dtype),
         "kernels": report.to_json(),
         "why": report.lines(),
     }
     if options.max_memory is not None:
-        plan, _ = plan_memory(model, model_dir, options.max_memory, dtype, report.plan, options.device,
-                              max_new_tokens=SamplingOptions.max_new_tokens)  # fmt: skip
+        plan, _ = plan_memory(model, model_dir, options.max_memory, dtype, report, default_request(model, dtype))
         out["residency"] = plan.describe()
     return out
 
@@ -216,7 +195,7 @@ def run_prompt(
             take(token)
     t2 = time.perf_counter()
     if on_text and (rest := stream.flush()):
-        on_text(rest)  # a byte run the stream held back: the pieces now add up to `text`
+        on_text(rest)  # what the stream held back: the pieces now add up to `text`
     text = session.processor.decode(ids)
     return Generation(text, ids, int(input_ids.shape[1]), t1 - t0, t2 - t1)
 
@@ -258,9 +237,9 @@ def session_memory_bytes(
     model_dir: str | os.PathLike, options: LoadOptions, prompt: str, sampling: SamplingOptions, batch: int
 ) -> int:
     """Bytes a session loaded with `options` needs to answer `prompt` for `batch` images at once: the load
-    pre-flight's estimate (weights from the headers + margin) plus the batch's request (memory.py). Nothing is read
-    but headers and config.json; the prompt's token count is bounded by its UTF-8 length (a piece is >= 1 byte).
-    """
+    pre-flight's estimate (weights from the headers + margin) plus the batch's request (budget/memory.py). Nothing
+    is read but headers and config.json; the prompt's token count is bounded by its UTF-8 length (a piece is
+    >= 1 byte)."""
     if options.max_memory is not None:  # the budget holds the weights kept resident and the request
         return options.max_memory
     model_dir = resolve_model_dir(model_dir)
@@ -269,57 +248,3 @@ def session_memory_bytes(
     prompt_tokens = cfg.num_image_tokens + 1 + len((prompt + "\n").encode())  # image tokens, <bos>, prompt + \n
     work = request_bytes(cfg, prompt_tokens, sampling.max_new_tokens, dtype, batch).total
     return load_memory_bytes(model_dir, dtype, quantize=options.quantize) + work
-
-
-DRAW_TASKS = ("detect", "segment")  # the prompts whose answers hold <loc> boxes (docs/model.md, "Output formats")
-
-
-def check_draw(prompt: str, path: Path, source: Path | None = None) -> None:
-    """Refuse, before any work, a drawing that cannot be what the user wants.
-
-    The prompt must ask for boxes; `path` must not be the input image `source` (the answer drawn over the
-    picture it came from would be lost with the original); its directory must exist: none is created.
-    """
-    words = prompt.split()
-    if not words or words[0] not in DRAW_TASKS:
-        raise PromptError(f'drawing needs a detect or segment prompt (e.g. "detect cat ; dog"), got {prompt!r}')
-    if source is not None and _same_file(path, source):
-        raise OutputError(f"{path}: this is the input image; draw into a new file")
-    _check_directory(path)
-
-
-def _check_directory(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: the directory {path.parent} does not exist (it is not created for you)")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    # resolve() sees through symbolic links and "..", samefile() through hard links.
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-
-
-def draw_output(image: Image.Image, text: str, path: Path, vae: VQVAEDecoder | None) -> list[dict[str, Any]]:
-    """Parse detect/segment output, draw it on `image` as a PNG at `path`; the objects in pixels (x0, y0, x1, y1).
-
-    An answer without boxes still writes `path` (an unchanged copy: no objects is an answer); the caller says so.
-    """
-    _check_directory(path)
-    dets = parse_detections(text)
-    width, height = image.size
-    boxes = [to_pixels(d, width, height) for d in dets]
-    masks = None
-    if vae is not None and any(d.seg is not None for d in dets):
-        masks = [
-            None if d.seg is None else paste_mask(vae.decode_masks([d.seg])[0], box, width, height)
-            for d, box in zip(dets, boxes)
-        ]
-    draw_detections(image, dets, path, masks)
-    return [
-        {
-            "label": d.label,
-            "box": list(box),
-            "mask": masks is not None and masks[i] is not None,
-            "seg": d.seg is not None,
-        }
-        for i, (d, box) in enumerate(zip(dets, boxes))
-    ]

@@ -1,0 +1,144 @@
+"""The dense format: weights in the model's dtype, as the checkpoint holds them (after a dtype conversion).
+
+A linear layer's work differs by phase: a decode step feeds one row (or a few: a batch) and reads every
+weight once, so it is bound by memory bandwidth; a prefill feeds hundreds of rows and is bound by compute.
+Which kernel is fastest for each depends on the CPU (bf16 `torch.mv` was measured 1.3x faster than
+`F.linear` on an AMX Xeon and 2x slower on an AVX512-BF16 EPYC), so the chooser times them (chooser.py):
+- "linear": F.linear; the reference.
+- "mv": torch.mv, one row only (F.linear otherwise).
+- "packed": the weight reordered once into oneDNN's blocked layout, then `mkldnn._linear_pointwise`
+  (measured 1.3x F.linear's bandwidth for one bf16 row on an AVX512-BF16 EPYC); a layout, so both phases use it.
+
+Axes: M rows (batch x tokens), I in features, O out features.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import KernelChoice, LayerCall, Scratch, WeightFormat
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: KernelChoice):
+    """x (..., I) @ weight (O, I)^T + bias -> (..., O)."""
+    if weight.is_mkldnn:  # the packed layout: its kernel, whatever the phase
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    rows = x.shape[:-1].numel()
+    if rows == 1 and kernels.pick(rows) == "mv" and x.device.type == "cpu":
+        y = torch.mv(weight, x.reshape(-1))
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A dense (O, I) weight in oneDNN's blocked layout for `_linear_pointwise` (raises where unsupported)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside the allocator back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Replacing each weight by its reordered copy frees the old one; glibc keeps freed blocks below its mmap
+    threshold in its arenas (measured: +0.5 GB of RSS after reordering PaliGemma-3B's layers once a tokenizer
+    had run), so the freed memory is returned after each replacement.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint keys) computed by the chosen dense kernel."""
+
+    FORMAT = "dense"
+    kernels: KernelChoice = KernelChoice("linear", "linear")  # set per model by formats.kernels.use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias, self.kernels)
+
+
+class Embedding(nn.Module):
+    """A (rows, dim) table under the checkpoint's `.weight` key, created without nn.Embedding's random init:
+    `normal_` on a meta tensor imports torch._dynamo, 0.9 s of every load (bench/load_memory.py found it).
+
+    `lookup` gathers rows; `logits` is the tied output head, x @ table^T (the table read whole once a step).
+    """
+
+    FORMAT = "dense"
+    kernels: KernelChoice = KernelChoice("linear", "linear")
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, None, self.kernels)
+
+
+class DenseFormat(WeightFormat):
+    name = "dense"
+    quantizes = False
+    decode_kernels = ("linear", "mv", "packed")
+    prefill_kernels = ("linear", "packed")
+    reference = KernelChoice("linear", "linear")
+    layouts = {"packed": "onednn"}  # oneDNN's blocked layout (`mkldnn._reorder_linear_weight`)
+
+    def linear(self, in_features: int, out_features: int, bias: bool, scratch: Scratch | None) -> nn.Module:
+        return Linear(in_features, out_features, bias=bias)
+
+    def embedding(self, rows: int, dim: int) -> nn.Module:
+        return Embedding(rows, dim)
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.to_dense().float() if module.weight.is_mkldnn else module.weight.float()
+
+    @functools.cache  # noqa: B019 (one instance per format, alive for the process)
+    def available_kernels(self, dtype: torch.dtype) -> tuple[str, ...]:
+        """oneDNN packs float16 weights only with AVX512-FP16: 'packed' only where a probe packs."""
+        names = set(super().available_kernels(dtype))
+        try:
+            pack_weight(torch.zeros(16, 16, dtype=dtype))
+        except (RuntimeError, AttributeError):
+            names.discard("packed")
+        return tuple(sorted(names))
+
+    def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:
+        w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        packed = pack_weight(w) if "packed" in self.available_kernels(dtype) else None
+        return lambda x, name: dense_linear(x, packed if name == "packed" else w, None, KernelChoice(name, name))
+
+    def use(self, module: nn.Module, choice: KernelChoice) -> None:
+        """Reorder the weight into the layout `choice` needs (or back to the plain one); embeddings stay plain
+        (their rows are gathered)."""
+        module.kernels = choice
+        if not isinstance(module, Linear):
+            return
+        packed = self.layouts.get(choice.decode) == "onednn"
+        if packed != module.weight.is_mkldnn:
+            w = pack_weight(module.weight) if packed else module.weight.to_dense()
+            module.weight = nn.Parameter(w, requires_grad=False)
+            release_freed_memory()
+
+
+FORMAT = DenseFormat()

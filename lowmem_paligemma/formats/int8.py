@@ -1,0 +1,159 @@
+"""The int8 format: symmetric, one scale per output row, quantized row by row while the checkpoint streams.
+
+scale = max|w| / 127 rounded *up* to the model dtype (base.round_scale_up), q = round(w / scale) in [-127, 127]
+(the layout of torch's `_weight_int8pack_mm` and gpt-fast). Held as `weight` int8 (O, I) and `weight_scale`
+(O, 1): compressed-tensors' names and shapes ("naive-quantized", channel strategy), so a pre-quantized
+checkpoint is copied as stored and a `convert --quantize int8` one is what transformers loads.
+
+Kernels (the chooser times them on the running machine):
+- "int8pack": torch's `_weight_int8pack_mm`, weight-only (16-bit activations);
+- "dequant": into one reused 16-bit buffer (base.Scratch), then F.linear; the reference;
+- "int_mm": activations quantized per row on the fly, int8 x int8 -> int32 `torch._int_mm` (VNNI / AMX-INT8
+  where the CPU has them), prefill only.
+The private torch kernels crash (not raise) on shapes they do not support, so each is used only where its
+shape rules hold (`int8pack_ok`) and "dequant" otherwise. The tied embedding in int8 gathers and dequantizes
+rows for the lookup and computes the logits with "int8pack" (never the scratch buffer: a dequantized table
+would be a 16-bit copy of the largest tensor).
+
+Axes: M rows (batch x tokens), I in features, O out features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.loader import RowFill
+from ..checkpoint.safetensors_io import FLOAT_DTYPES
+from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (n, I) -> q (n, I) int8, scale (n,) in `dtype`."""
+    w = w.float()
+    scale = round_scale_up(w.abs().amax(1) / 127, dtype)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(dtype)
+
+
+def int8pack_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
+    # _weight_int8pack_mm (CPU) was seen to segfault for in-features not a multiple of 16.
+    return x.device.type == "cpu" and q.shape[1] % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (O, I) = q * scale[:, None], rounded to out's dtype (a 16-bit product keeps 8 or 11 bits)."""
+    out.copy_(q)
+    return out.mul_(scale.to(out.dtype)[:, None])
+
+
+def int8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernels: KernelChoice,
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
+    """x (..., I) @ (q (O, I) int8 * scale (O,) or (O, 1))^T + bias -> (..., O) in x's dtype."""
+    rows, (o, i), scale = x.shape[:-1].numel(), q.shape, scale.view(-1)
+    name = kernels.pick(rows)
+    x2 = x.reshape(rows, i)
+    if name == "int8pack" and int8pack_ok(x, q):
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+    elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
+        # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
+        xf = x2.float()
+        x_scale = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127  # (M, 1)
+        xq = torch.round(xf / x_scale).to(torch.int8)
+        y = torch._int_mm(xq, q.t()).float().mul_(x_scale).mul_(scale.float()).to(x.dtype)
+    else:
+        w = (scratch or Scratch()).get((o, i), x.dtype, x.device)
+        y = F.linear(x2, dequantize_int8(q, scale, w))
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], o)
+
+
+class Int8Linear(nn.Module):
+    FORMAT = "int8"
+    kernels: KernelChoice = KernelChoice("dequant", "dequant")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scratch: Scratch | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.scratch = scratch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, self.kernels, self.scratch)
+
+    def row_fills(self) -> dict[str, RowFill]:
+        """A stored float `weight` is quantized as it streams (a stored int8 one is copied as is)."""
+        shape = (self.out_features, self.in_features)
+        return {"weight": RowFill(shape, self._fill, ("weight", "weight_scale"), dtypes=FLOAT_DTYPES)}
+
+    def _fill(self, rows: torch.Tensor, start: int) -> None:
+        q, scale = quantize_int8(rows, self.weight_scale.dtype)
+        self.weight[start : start + len(q)] = q
+        self.weight_scale[start : start + len(q), 0] = scale
+
+
+class Int8Embedding(Int8Linear):
+    """The tied embedding in int8: `lookup` dequantizes the gathered rows, `logits` reads the table in int8."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__(dim, rows, bias=False)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale[ids]  # one per gathered row: (*ids.shape, 1)
+        return self.weight[ids].to(scale.dtype) * scale
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, None, KernelChoice("int8pack", "int8pack"))
+
+
+class Int8Format(WeightFormat):
+    name = "int8"
+    decode_kernels = ("int8pack", "dequant")
+    prefill_kernels = ("dequant", "int_mm", "int8pack")
+    reference = KernelChoice("dequant", "dequant")
+    compressed = CompressedScheme(
+        "naive-quantized",
+        {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel", "dynamic": False},
+    )
+
+    def linear(self, in_features: int, out_features: int, bias: bool, scratch: Scratch | None) -> nn.Module:
+        return Int8Linear(in_features, out_features, bias, scratch)
+
+    def embedding(self, rows: int, dim: int) -> nn.Module:
+        return Int8Embedding(rows, dim)
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.float() * module.weight_scale.float()
+
+    def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:
+        q, scale = quantize_int8(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), dtype)
+        scratch = Scratch()
+        return lambda x, name: int8_linear(x, q, scale, None, KernelChoice(name, name), scratch)
+
+    def scratch_bytes(self, modules: list[nn.Module], choice: KernelChoice, dtype: torch.dtype) -> int:
+        """A 16-bit copy of the largest int8 linear layer, when the chosen kernels dequantize (embeddings never)."""
+        if "dequant" not in (choice.decode, choice.prefill):
+            return 0
+        return max((m.weight.numel() for m in modules if not hasattr(m, "lookup")), default=0) * dtype.itemsize
+
+    def stored_tensors(
+        self, out_features: int, in_features: int, dtype: torch.dtype
+    ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"weight": (torch.int8, (out_features, in_features)), "weight_scale": (dtype, (out_features, 1))}
+
+    def stored_rows(self, rows: torch.Tensor, leaf: str, dtype: torch.dtype) -> torch.Tensor:
+        q, scale = quantize_int8(rows, dtype)
+        return q if leaf == "weight" else scale[:, None]
+
+
+FORMAT = Int8Format()

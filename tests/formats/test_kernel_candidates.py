@@ -1,0 +1,103 @@
+"""Every kernel the chooser can pick computes what the reference does: F.linear on the (dequantized) weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowmem_paligemma.formats import int4, int8, registry
+from lowmem_paligemma.formats.base import DECODE_ROWS, KernelChoice, Scratch
+from lowmem_paligemma.formats.dense import Linear, dense_linear, pack_weight
+from lowmem_paligemma.formats.int8 import int8_linear
+from lowmem_paligemma.formats.kernels import use_kernels
+
+# bf16 products round each output to 8 bits of mantissa after accumulating in float32.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = want.abs().max().item() + 1e-6
+    assert (got.float() - want).abs().max().item() <= TOL[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (2, 3, 64), (40, 64)])
+@pytest.mark.parametrize("name", registry.get("dense").decode_kernels)
+def test_dense_kernels_match_f_linear(dtype, shape, name):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 64, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    got = dense_linear(x, w, b, KernelChoice(name, "linear"))
+    assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
+    _close(got, F.linear(x.float(), w.float(), b.float()), dtype)
+
+
+def test_mv_is_used_only_for_one_row(monkeypatch):
+    calls = []
+    original = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda w, v: calls.append(1) or original(w, v))
+    layer = Linear(8, 4, bias=False).to(torch.bfloat16)
+    layer.kernels = KernelChoice("mv", "linear")
+    layer(torch.randn(1, 1, 8).to(torch.bfloat16))
+    layer(torch.randn(1, 2, 8).to(torch.bfloat16))
+    assert calls == [1]
+
+
+# Odd shapes included: in-features that are not a multiple of 16 must not reach the packed kernels (they crash).
+INT8_SHAPES = [(48, 64), (7, 13), (33, 4304 // 8), (64, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_in", INT8_SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS + 5])
+@pytest.mark.parametrize("name", registry.get("int8").available_kernels(torch.bfloat16))
+def test_int8_kernels_match_dequantized_linear(dtype, out_in, rows, name):
+    o, i = out_in
+    g = torch.Generator().manual_seed(1)
+    q, scale = int8.quantize_int8(torch.randn(o, i, generator=g), dtype)
+    b = torch.randn(o, generator=g).to(dtype)
+    x = torch.randn(2, rows, i, generator=g).to(dtype)
+    got = int8_linear(x, q, scale, b, KernelChoice(name, name), Scratch())
+    want = F.linear(x.float(), q.float() * scale.float()[:, None], b.float())
+    assert got.shape == (2, rows, o) and got.dtype == dtype
+    if name == "int_mm" and rows * 2 > DECODE_ROWS and i % 8 == 0:  # activations quantized too: ~1/127 of x
+        assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
+    else:
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_in", [(16, 128), (48, 256), (64, 384)])
+@pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS + 5])
+def test_int4_layer_matches_dequantized_linear(dtype, out_in, rows):
+    o, i = out_in
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(o, i, generator=g)
+    layer = int4.Int4Linear(i, o, bias=True).to(dtype)
+    layer._fill(w, 0)
+    layer.bias.data = torch.randn(o, generator=g).to(dtype)
+    q, scale = int4.quantize_int4(w, dtype)
+    dense = (q.float().view(o, i // int4.GROUP, -1) * scale.float()[..., None]).view(o, i)
+    torch.testing.assert_close(registry.dequantize(layer), dense, rtol=0, atol=1e-6)
+    x = torch.randn(rows, i, generator=g).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype
+    _close(got, F.linear(x.float(), dense, layer.bias.float()), dtype)
+
+
+def test_streamed_layers_keep_the_plain_layout():
+    """A layer on meta (streamed per forward, residency.py) is not reordered into a layout its bytes arrive
+    without each pass: it takes the reference kernels where the choice needs a layout, and stays on meta."""
+    from torch import nn
+
+    try:
+        pack_weight(torch.zeros(16, 16))
+    except (RuntimeError, AttributeError):
+        pytest.skip("oneDNN cannot pack weights on this machine")
+    model = nn.Sequential(Linear(16, 16), Linear(16, 16))
+    with torch.device("meta"):
+        model[1] = Linear(16, 16)
+    use_kernels(model, {"dense": KernelChoice("mv", "linear")})
+    assert model[0].kernels == model[1].kernels == KernelChoice("mv", "linear")
+    use_kernels(model, {"dense": KernelChoice("packed", "packed")})
+    assert model[0].weight.is_mkldnn and model[0].kernels == KernelChoice("packed", "packed")
+    assert model[1].weight.is_meta and model[1].kernels == registry.get("dense").reference

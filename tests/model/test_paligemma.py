@@ -1,0 +1,100 @@
+"""Ours vs transformers' PaliGemmaForConditionalGeneration (eager) on the same tiny checkpoints."""
+
+import pytest
+import torch
+from hf_reference import hf_load, write_hf_checkpoint
+
+from lowmem_paligemma import load_model
+from lowmem_paligemma.model.config import tiny
+from lowmem_paligemma.model.paligemma import make_attn_mask
+
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2"])
+def checkpoint(request, tmp_path_factory):
+    cfg = tiny(gemma2=request.param == "gemma2")
+    if cfg.is_gemma2:  # the features this test exists to catch
+        assert cfg.text.num_key_value_heads < cfg.text.num_attention_heads
+        assert cfg.text.query_pre_attn_scalar != cfg.text.head_dim
+        assert cfg.text.sliding_window < 28
+    return cfg, write_hf_checkpoint(cfg, tmp_path_factory.mktemp(request.param))
+
+
+def _inputs(cfg, batch=2, text=12):
+    g = torch.Generator().manual_seed(1)
+    n = cfg.num_image_tokens
+    ids = torch.randint(5, 500, (batch, n + 1 + text), generator=g)
+    ids[:, :n] = cfg.image_token_index
+    ids[:, n] = cfg.bos_token_id
+    tt = torch.zeros_like(ids)
+    tt[:, n + 7 :] = 1  # prefix of 6 tokens + "\n", then a causal suffix
+    am = torch.ones_like(ids)
+    pv = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return ids, tt, am, pv
+
+
+# Ours uses SDPA where there is no soft-cap, as transformers does by default; against that default it is
+# bit-equal in float32 and bfloat16. Against transformers' eager path the kernels round differently:
+# float32 stays within 1e-5, bfloat16 within bfloat16 noise amplified by the x3 test weights.
+@pytest.mark.parametrize(
+    "dtype, attn, tol",
+    [
+        (torch.float32, "eager", 1e-5),
+        (torch.float32, None, 0.0),
+        (torch.bfloat16, None, 0.0),
+        (torch.bfloat16, "eager", 0.3),
+    ],
+)
+def test_logits_match_transformers(checkpoint, dtype, attn, tol):
+    cfg, path = checkpoint
+    ids, tt, am, pv = _inputs(cfg)
+    ref, ours = hf_load(path, dtype, attn), load_model(path, dtype=dtype).model
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pv, token_type_ids=tt, attention_mask=am).logits.float()
+        got = ours(ids, pv, tt, am).float()
+    assert got.shape == (2, ids.shape[1], cfg.text.vocab_size)
+    assert want.abs().max() > 1.0  # not a degenerate model
+    assert (got - want).abs().max().item() <= tol
+
+
+def test_padding_and_last_only_match(checkpoint):
+    cfg, path = checkpoint
+    ids, tt, am, pv = _inputs(cfg)
+    am[1, :3] = 0  # left padding on the second row
+    ref, ours = hf_load(path, torch.float32), load_model(path, dtype=torch.float32).model
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pv, token_type_ids=tt, attention_mask=am).logits
+        got = ours(ids, pv, tt, am)
+        last = ours(ids, pv, tt, am, last_only=True)
+    assert (got - want)[:, 3:].abs().max().item() <= 1e-5
+    torch.testing.assert_close(last[:, 0], got[:, -1], rtol=0, atol=1e-6)
+
+
+def test_ignoring_token_types_changes_logits(checkpoint):
+    """The prefix block matters: treating the suffix as prefix gives other logits (the test can fail)."""
+    cfg, path = checkpoint
+    ids, tt, am, pv = _inputs(cfg)
+    ours = load_model(path, dtype=torch.float32).model
+    with torch.no_grad():
+        a, b = ours(ids, pv, tt, am), ours(ids, pv, torch.zeros_like(tt), am)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_image_token_count_must_match(checkpoint):
+    cfg, path = checkpoint
+    ids, tt, am, pv = _inputs(cfg)
+    ours = load_model(path, dtype=torch.float32).model
+    with pytest.raises(ValueError, match="<image> tokens"):
+        ours(ids[:, 1:], pv, tt[:, 1:], am[:, 1:])
+
+
+def test_make_attn_mask_docstring_example():
+    tt = torch.tensor([[0, 0, 0, 1, 1]])
+    allowed = make_attn_mask(tt, None, 0, None, torch.float32)[0, 0] == 0
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool()
+    assert torch.equal(allowed, want)
+    # A window of 2 on the causal part; the prefix block stays whole (transformers' sliding overlay).
+    allowed = make_attn_mask(tt, None, 0, 2, torch.float32)[0, 0] == 0
+    assert allowed[:3, :3].all() and allowed[4].tolist() == [False, False, False, True, True]
+    # Decoding one token at position 4 over 5 keys, with the first key padded.
+    step = make_attn_mask(tt, torch.tensor([[0, 1, 1, 1, 1]]), 4, None, torch.float32)
+    assert step.shape == (1, 1, 1, 5) and (step[0, 0, 0] == 0).tolist() == [False, True, True, True, True]
