@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import defaults
 from ..checkpoint.safetensors_io import WEIGHT_DTYPES, dtype_name
 from ..errors import OptionError
 from ..machine import cpu
@@ -52,7 +53,7 @@ ENV_KERNELS = "LOWMEM_PALIGEMMA_KERNELS"
 ENV_CACHE = "LOWMEM_PALIGEMMA_CACHE"  # a directory; default $XDG_CACHE_HOME/lowmem_paligemma or ~/.cache/...
 CACHE_VERSION = 3  # 3: fastest-of-rounds timings, noisy measurements never cached (older entries are re-timed)
 PREFILL_ROWS = 256  # about a 224-px prompt (256 image tokens + text)
-DECODE_TOKENS = 32  # the decode share of a request when the dtype is chosen: 32 tokens after the prefill
+DECODE_TOKENS = defaults.MAX_NEW_TOKENS  # a request's decode share when kernels and dtype are chosen
 ROUNDS = 5  # interleaved timing rounds per candidate (after one warm-up call each)
 MIN_SAMPLE_S = 0.002  # one timed sample repeats the call until it lasts this long (timer resolution, jitter)
 SPREAD_LIMIT = 1.25  # a candidate whose median run is this much slower than its fastest: the timing is noisy

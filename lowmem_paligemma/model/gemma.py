@@ -67,10 +67,35 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, H) views
 
 
+class RowCaches:
+    """Several requests decoded together, each with its own KVCache (one row) and its own length: the linear layers
+    take all rows at once (the weights are read once per step), attention reads each row against its own cache,
+    so no request waits for, pads to or copies another's. Row i writes its new key and value at `slots[i]` and
+    attends to keys 0..slots[i] (on sliding layers the last `window` of them): what a decode step of that request
+    alone sees, to the bit."""
+
+    def __init__(self, caches: list[KVCache], slots: list[int], window: int | None, dtype: torch.dtype):
+        self.caches, self.slots = caches, slots
+        self.masks = [(_decode_mask(p, None, dtype), _decode_mask(p, window, dtype)) for p in slots]
+
+    def update(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.caches[row].update(layer, self.slots[row], k, v)  # (1, K, S_row, H) views
+
+
+def _decode_mask(slot: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (1, 1, 1, slot + 1) mask of a generated token at `slot` (token type 1: causal): exactly what
+    paligemma.make_attn_mask gives that query (0, or the dtype's min before the window), so SDPA takes the same path."""
+    mask = torch.zeros(1, 1, 1, slot + 1, dtype=dtype)
+    if window is not None:
+        mask.masked_fill_(torch.arange(slot + 1) <= slot - window, torch.finfo(dtype).min)
+    return mask
+
+
 class GemmaAttention(nn.Module):
     def __init__(self, cfg: GemmaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.sliding = cfg.is_sliding(layer_idx)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -89,12 +114,12 @@ class GemmaAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | RowCaches | None,
         start: int,
         last_only: bool = False,
     ) -> torch.Tensor:
         """(B, T, D) -> (B, T, D); with `last_only`, keys and values of all T tokens (the cache needs them) but
-        the output of the last query only: (B, 1, D)."""
+        the output of the last query only: (B, 1, D). With RowCaches (T = 1) each row attends to its own cache."""
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, H)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -105,8 +130,19 @@ class GemmaAttention(nn.Module):
             t = 1
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, N, T, H)
         q = apply_rope(q, *rope)
+        if isinstance(cache, RowCaches):
+            outs = []
+            for i in range(b):
+                kv = cache.update(i, self.layer_idx, k[i : i + 1], v[i : i + 1])
+                outs.append(self._attend(q[i : i + 1], *kv, cache.masks[i][1 if self.sliding else 0]))
+            return self.o_proj(torch.cat(outs))
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, K, S, H)
+        return self.o_proj(self._attend(q, k, v, mask))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, N, T, H) against k, v (B, K, S, H) with an additive mask (B, 1, T, S) -> (B, T, N*H)."""
+        b, t = q.shape[0], q.shape[2]
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and t == 1:
             # One query per head: the G heads that share a kv head become G query rows of it, (B, K, G, H)
@@ -126,8 +162,7 @@ class GemmaAttention(nn.Module):
             w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(w, v)  # (B, N, T, H)
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # the folded (B, K, G, H) back to (B, N, 1, H)
-        out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
-        return self.o_proj(out)
+        return out.transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
 
 
 class GemmaMLP(nn.Module):

@@ -23,7 +23,7 @@ import torch
 from .. import defaults
 from ..errors import ContextLengthError
 from .config import GemmaConfig
-from .gemma import KVCache
+from .gemma import KVCache, RowCaches
 from .paligemma import PaliGemmaForConditionalGeneration
 from .sampling import sample_next_token
 
@@ -71,6 +71,20 @@ def decode_step(
         attention_mask=None if valid is None else valid[:, : pos + 1], cache=cache, start=pos,
         positions=None if positions is None else positions[:, pos : pos + 1],
     )[:, -1]  # fmt: skip
+
+
+@torch.inference_mode()
+def decode_rows(
+    model: PaliGemmaForConditionalGeneration, tokens: Sequence[int], caches: Sequence[KVCache], slots: Sequence[int]
+) -> torch.Tensor:
+    """One decode step of several requests at once, each with its own cache: row i feeds `tokens[i]` at slot
+    `slots[i]` of `caches[i]` (its prompt and earlier tokens fill the slots before), returns the next-token logits
+    (B, V). Row i's logits are those of `decode_step` on that request alone (gemma.RowCaches)."""
+    device = model.device
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+    positions = torch.tensor(slots, dtype=torch.long, device=device)[:, None] + 1  # 1-indexed, as decode_step's
+    rows = RowCaches(list(caches), list(slots), model.cfg.text.sliding_window, model.dtype)
+    return model(ids, cache=rows, positions=positions)[:, -1]
 
 
 def check_length(cfg: GemmaConfig, prompt_tokens: int, max_new_tokens: int) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..formats.dense import Linear
 from .config import PaliGemmaConfig
-from .gemma import GemmaForCausalLM, KVCache
+from .gemma import GemmaForCausalLM, KVCache, RowCaches
 from .siglip import SiglipVisionModel
 
 
@@ -113,12 +113,15 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         image_features: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RowCaches | None = None,
         start: int = 0,
         last_only: bool = False,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for the T = L - start new tokens `input_ids[:, start:]`.
+
+        With `cache` a RowCaches (several requests with caches of their own, gemma.py), `input_ids` (B, 1) are
+        each row's new token and `positions` (B, 1) their positions: one decode step of B requests at once.
 
         `token_type_ids` / `attention_mask` (B, L) cover the whole sequence so far (cached keys included);
         without `token_type_ids` every token is treated as prefix (type 0) up to `start` and causal after.
@@ -126,6 +129,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         `positions` (B, T) are the new tokens' 1-indexed positions; left-padded rows pass their own
         (transformers: cumsum(attention_mask) - 1, + 1 for PaliGemma). Default: start + 1 .. L.
         """
+        if isinstance(cache, RowCaches):  # each row's mask comes with its own cache
+            hidden = self.language_model.model(self.embed(input_ids, None), positions, (None, None), cache)
+            return self.language_model.logits(hidden)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_image(pixel_values.to(self.device))
         new_ids = input_ids[:, start:]

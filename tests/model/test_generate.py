@@ -235,3 +235,45 @@ def test_generate_batch_validates_arguments(loaded):
         next(generate_batch(model, [prompts[0].repeat(2, 1)], pixel_values=pv[:1]))
     with pytest.raises(ValueError, match="max_new_tokens"):
         next(generate_batch(model, prompts, pixel_values=pv, max_new_tokens=0))
+
+
+@pytest.mark.parametrize("which", ["pg1", "pg2"])
+def test_decode_rows_equal_each_request_alone(which, tiny_pg1_dir, tiny_pg2_dir):
+    """Requests of different lengths joining at different steps, decoded together with caches of their own (the
+    server's continuous batching): every request's tokens are its tokens alone, bit for bit in float32. pg2's
+    sliding window (8) is shorter than the prompts, so the per-row windows are exercised."""
+    from lowmem_paligemma.model.gemma import KVCache
+    from lowmem_paligemma.model.generate import decode_rows, prefill
+    from lowmem_paligemma.model.processor import Processor
+
+    model_dir = tiny_pg2_dir if which == "pg2" else tiny_pg1_dir
+    model = load_model(model_dir, dtype=torch.float32).model
+    proc = Processor.from_pretrained(model_dir)
+    prompts = ["caption en", "answer en what is this long question about the picture?", "ocr"]
+    g = torch.Generator().manual_seed(3)
+    pixels = [torch.rand(1, 3, 28, 28, generator=g) * 2 - 1 for _ in prompts]
+    n = 12
+    alone = []
+    for p, px in zip(prompts, pixels):
+        ids, types = proc.prompt_inputs(p)
+        alone.append(list(generate(model, ids, types, pixel_values=px, max_new_tokens=n, eos_token_ids=[])))
+    # Request i joins after i steps of the others, as a server admits between steps.
+    caches, slots, tokens, out = [], [], [], [[] for _ in prompts]
+    for step in range(n + len(prompts)):
+        if step < len(prompts):
+            ids, types = proc.prompt_inputs(prompts[step])
+            cache = KVCache(model.cfg.text, 1, ids.shape[1] + n, torch.float32, "cpu")
+            logits = prefill(model, ids, types, model.encode_image(pixels[step]), cache)
+            first = int(logits.argmax(-1))
+            caches.append(cache), slots.append(ids.shape[1]), tokens.append(first), out[step].append(first)
+        active = [i for i in range(len(caches)) if len(out[i]) < n]
+        if not active:
+            break
+        logits = decode_rows(
+            model, [tokens[i] for i in active], [caches[i] for i in active], [slots[i] for i in active]
+        )
+        for row, i in enumerate(active):
+            tokens[i] = int(logits[row].argmax())
+            out[i].append(tokens[i])
+            slots[i] += 1
+    assert out == alone and len({tuple(a) for a in alone}) == len(prompts)
