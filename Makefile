@@ -12,8 +12,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==$(TORCH_VERSION)
-	$(VENV)/bin/pip install -q -e '.[dev,ray]'
+	$(VENV)/bin/pip install -q -e '.[dev,ray,serve]'
 	$(VENV)/bin/pip install -q -e '.[interop]' torch==$(TORCH_VERSION) || echo "optional compressed-tensors not installed (it would need another torch): its tests are skipped"
+	$(VENV)/bin/python -c "from lowmem_paligemma.formats import native; native.build()"
 	touch $(STAMP)
 
 test: install

@@ -44,17 +44,18 @@ class KernelChoice:
 
 
 class Scratch:
-    """One reused buffer for dequantized weights, shared by all layers of a model: a prefill dequantizes one
-    layer at a time into it instead of allocating (and page-faulting) a fresh 16-bit copy per layer."""
+    """Reused buffers for weights converted for a prefill's GEMM (int8 dequantized into 16 bits, 16-bit weights
+    widened to float32), one per dtype, shared by all layers of a model: a prefill converts one layer at a time into
+    it instead of allocating (and page-faulting) a fresh copy per layer."""
 
     def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
+        self._bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = shape[0] * shape[1]
-        b = self._buf
-        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
-            self._buf = b = torch.empty(n, dtype=dtype, device=device)
+        b = self._bufs.get((dtype, device))
+        if b is None or b.numel() < n:
+            self._bufs[dtype, device] = b = torch.empty(n, dtype=dtype, device=device)
         return b[:n].view(shape)
 
 

@@ -8,6 +8,11 @@ Which kernel is fastest for each depends on the CPU (bf16 `torch.mv` was measure
 - "mv": torch.mv, one row only (F.linear otherwise).
 - "packed": the weight reordered once into oneDNN's blocked layout, then `mkldnn._linear_pointwise`
   (measured 1.3x F.linear's bandwidth for one bf16 row on an AVX512-BF16 EPYC); a layout, so both phases use it.
+- "native": our own decode kernel (native.cpp): the weight read once in its plain layout, widened in registers,
+  fp32 sums; the memory wall on CPUs where torch's products fall short of it (decode only).
+- "upcast": a prefill on a CPU whose 16-bit GEMM is slow (no AVX512-BF16: oneDNN emulates it at a fifth of the
+  float32 rate): the layer's weight widened to float32 into a reused buffer, then a float32 GEMM. A 16-bit value is
+  exact in float32, so every product is what the 16-bit GEMM computes; only the order of the sums differs.
 
 Axes: M rows (batch x tokens), I in features, O out features.
 """
@@ -20,15 +25,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KernelChoice, LayerCall, Scratch, WeightFormat
+from . import native
+from .base import DECODE_ROWS, KernelChoice, LayerCall, Scratch, WeightFormat
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: KernelChoice):
+def dense_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernels: KernelChoice,
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
     """x (..., I) @ weight (O, I)^T + bias -> (..., O)."""
     if weight.is_mkldnn:  # the packed layout: its kernel, whatever the phase
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     rows = x.shape[:-1].numel()
-    if rows == 1 and kernels.pick(rows) == "mv" and x.device.type == "cpu":
+    name = kernels.pick(rows)
+    if name == "native" and rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None:
+        y = nk.gemv_dense(x, weight)
+        return y if bias is None else y + bias
+    if name == "upcast" and weight.dtype != torch.float32 and x.device.type == "cpu":
+        wide = (scratch or Scratch()).get(tuple(weight.shape), torch.float32, weight.device).copy_(weight)
+        y = F.linear(x.float(), wide, None if bias is None else bias.float())
+        return y.to(x.dtype)
+    if rows == 1 and name == "mv" and x.device.type == "cpu":
         y = torch.mv(weight, x.reshape(-1))
         if bias is not None:
             y = y + bias
@@ -70,9 +90,10 @@ class Linear(nn.Linear):
 
     FORMAT = "dense"
     kernels: KernelChoice = KernelChoice("linear", "linear")  # set per model by formats.kernels.use_kernels
+    scratch: Scratch | None = None  # the model's shared buffers (formats.kernels.use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, self.weight, self.bias, self.kernels)
+        return dense_linear(x, self.weight, self.bias, self.kernels, self.scratch)
 
 
 class Embedding(nn.Module):
@@ -99,8 +120,8 @@ class Embedding(nn.Module):
 class DenseFormat(WeightFormat):
     name = "dense"
     quantizes = False
-    decode_kernels = ("linear", "mv", "packed")
-    prefill_kernels = ("linear", "packed")
+    decode_kernels = ("linear", "mv", "packed", "native")
+    prefill_kernels = ("linear", "packed", "upcast")
     reference = KernelChoice("linear", "linear")
     layouts = {"packed": "onednn"}  # oneDNN's blocked layout (`mkldnn._reorder_linear_weight`)
 
@@ -115,18 +136,31 @@ class DenseFormat(WeightFormat):
 
     @functools.cache  # noqa: B019 (one instance per format, alive for the process)
     def available_kernels(self, dtype: torch.dtype) -> tuple[str, ...]:
-        """oneDNN packs float16 weights only with AVX512-FP16: 'packed' only where a probe packs."""
+        """oneDNN packs float16 weights only with AVX512-FP16: 'packed' only where a probe packs; 'native' where
+        our kernels built; 'upcast' for 16-bit weights."""
         names = set(super().available_kernels(dtype))
         try:
             pack_weight(torch.zeros(16, 16, dtype=dtype))
         except (RuntimeError, AttributeError):
             names.discard("packed")
+        if native.kernels() is None:
+            names.discard("native")
+        if dtype == torch.float32:
+            names.discard("upcast")
         return tuple(sorted(names))
 
     def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:
         w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
         packed = pack_weight(w) if "packed" in self.available_kernels(dtype) else None
-        return lambda x, name: dense_linear(x, packed if name == "packed" else w, None, KernelChoice(name, name))
+        scratch = Scratch()
+        return lambda x, name: dense_linear(x, packed if name == "packed" else w, None, KernelChoice(name, name),
+                                            scratch)  # fmt: skip
+
+    def scratch_bytes(self, modules: list[nn.Module], choice: KernelChoice, dtype: torch.dtype) -> int:
+        """A float32 copy of the largest dense linear layer, when the chosen prefill widens into one."""
+        if "upcast" not in (choice.decode, choice.prefill) or dtype == torch.float32:
+            return 0
+        return max((m.weight.numel() for m in modules if isinstance(m, Linear)), default=0) * 4
 
     def use(self, module: nn.Module, choice: KernelChoice) -> None:
         """Reorder the weight into the layout `choice` needs (or back to the plain one); embeddings stay plain

@@ -9,7 +9,9 @@ Kernels (the chooser times them on the running machine):
 - "int8pack": torch's `_weight_int8pack_mm`, weight-only (16-bit activations);
 - "dequant": into one reused 16-bit buffer (base.Scratch), then F.linear; the reference;
 - "int_mm": activations quantized per row on the fly, int8 x int8 -> int32 `torch._int_mm` (VNNI / AMX-INT8
-  where the CPU has them), prefill only.
+  where the CPU has them), prefill only;
+- "native": our own decode kernel (native.cpp): the int8 weight widened in registers, fp32 sums, the row's scale
+  applied to its sum (exact products, as "int8pack").
 The private torch kernels crash (not raise) on shapes they do not support, so each is used only where its
 shape rules hold (`int8pack_ok`) and "dequant" otherwise. The tied embedding in int8 gathers and dequantizes
 rows for the lookup and computes the logits with "int8pack" (never the scratch buffer: a dequantized table
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..checkpoint.loader import RowFill
 from ..checkpoint.safetensors_io import FLOAT_DTYPES
+from . import native
 from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
 
 
@@ -60,7 +63,9 @@ def int8_linear(
     rows, (o, i), scale = x.shape[:-1].numel(), q.shape, scale.view(-1)
     name = kernels.pick(rows)
     x2 = x.reshape(rows, i)
-    if name == "int8pack" and int8pack_ok(x, q):
+    if name == "native" and rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None:
+        y = nk.gemv_int8(x2, q, scale)
+    elif name == "int8pack" and int8pack_ok(x, q):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
@@ -118,7 +123,7 @@ class Int8Embedding(Int8Linear):
 
 class Int8Format(WeightFormat):
     name = "int8"
-    decode_kernels = ("int8pack", "dequant")
+    decode_kernels = ("int8pack", "dequant", "native")
     prefill_kernels = ("dequant", "int_mm", "int8pack")
     reference = KernelChoice("dequant", "dequant")
     compressed = CompressedScheme(
@@ -134,6 +139,12 @@ class Int8Format(WeightFormat):
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         return module.weight.float() * module.weight_scale.float()
+
+    def available_kernels(self, dtype: torch.dtype) -> tuple[str, ...]:
+        names = set(super().available_kernels(dtype))
+        if native.kernels() is None:
+            names.discard("native")
+        return tuple(sorted(names))
 
     def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:
         q, scale = quantize_int8(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), dtype)

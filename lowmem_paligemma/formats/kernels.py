@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from . import registry
-from .base import KernelChoice
+from .base import KernelChoice, Scratch
 
 
 def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
@@ -20,8 +20,12 @@ def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
     layer at a time.
 
     A layer whose weight is still on meta is streamed in per forward (budget/residency.py): its bytes arrive in
-    the checkpoint's plain layout each time, so it takes the reference kernels where the choice needs a layout."""
+    the checkpoint's plain layout each time, so it takes the reference kernels where the choice needs a layout.
+    Every layer that keeps a buffer for its kernels (base.Scratch) shares the model's one."""
+    scratch = next((m.scratch for m in model.modules() if getattr(m, "scratch", None) is not None), None) or Scratch()
     for module in model.modules():
+        if hasattr(module, "scratch"):
+            module.scratch = scratch
         fmt = registry.of(module)
         if fmt is None or fmt.name not in plan:
             continue

@@ -20,14 +20,22 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (2, 3, 64), (40, 64)])
-@pytest.mark.parametrize("name", registry.get("dense").decode_kernels)
-def test_dense_kernels_match_f_linear(dtype, shape, name):
+@pytest.mark.parametrize("rows", [(1, 1), (1,), (2, 3), (DECODE_ROWS,), (DECODE_ROWS + 1,), (40,)])
+@pytest.mark.parametrize("i", [64, 37])  # in-features that are not a multiple of 16: the vector kernels' tails
+@pytest.mark.parametrize(
+    "name", sorted(set(registry.get("dense").decode_kernels) | set(registry.get("dense").prefill_kernels))
+)
+def test_dense_kernels_match_f_linear(dtype, rows, i, name):
+    if name not in registry.get("dense").available_kernels(dtype):
+        pytest.skip(f"{name} is not available for {dtype} on this machine")
+    if name == "packed" and i % 16:
+        pytest.skip("oneDNN's packed layout is chosen for the model's widths only")
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(48, 64, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
-    x = torch.randn(*shape, generator=g).to(dtype)
-    got = dense_linear(x, w, b, KernelChoice(name, "linear"))
-    assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
+    w, b = torch.randn(48, i, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    x = torch.randn(*rows, i, generator=g).to(dtype)
+    weight = pack_weight(w) if name == "packed" else w
+    got = dense_linear(x, weight, b, KernelChoice(name, name), Scratch())
+    assert got.shape == (*rows, 48) and got.dtype == dtype
     _close(got, F.linear(x.float(), w.float(), b.float()), dtype)
 
 
@@ -101,3 +109,23 @@ def test_streamed_layers_keep_the_plain_layout():
     use_kernels(model, {"dense": KernelChoice("packed", "packed")})
     assert model[0].weight.is_mkldnn and model[0].kernels == KernelChoice("packed", "packed")
     assert model[1].weight.is_meta and model[1].kernels == registry.get("dense").reference
+
+
+@pytest.mark.parametrize(
+    "quantize, spec", [(None, "dense=native/upcast"), ("int8", "int8=native/dequant,dense=native/linear")]
+)
+def test_native_kernels_give_the_reference_tokens_in_float32(tiny_pg2_dir, quantize, spec):
+    """Greedy tokens identical to the reference kernels' in float32 (the chooser may pick ours: they must not change
+    an answer beyond the order of the sums)."""
+    from lowmem_paligemma import load_model
+    from lowmem_paligemma.model.generate import generate
+
+    if "native" not in registry.get("dense").available_kernels(torch.float32):
+        pytest.skip("the native kernels are not available on this machine")
+    ref = load_model(tiny_pg2_dir, dtype=torch.float32, quantize=quantize, kernels="reference").model
+    ours = load_model(tiny_pg2_dir, dtype=torch.float32, quantize=quantize, kernels=spec).model
+    cfg = ref.cfg
+    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 41, 108]])
+    pixels = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    run = lambda m: list(generate(m, ids, pixel_values=pixels, max_new_tokens=16, eos_token_ids=[]))  # noqa: E731
+    assert run(ours) == run(ref)

@@ -1,0 +1,293 @@
+// Decode-step products at the memory wall, and the dequantizations a prefill feeds its GEMM with.
+//
+// A decode step multiplies a few rows of activations (one per sequence, M <= 16) by every weight once, so its
+// speed is the rate the weights stream from DRAM. These kernels read each weight once in its stored format
+// (bf16, fp16, fp32; int8 with one scale per output row; int4 in compressed-tensors' nibble order with one scale
+// per group of the row), convert it in registers, and multiply-accumulate in fp32 against all M activation rows,
+// over output rows split between torch's threads. AVX-512F/BW intrinsics; built for the running machine by
+// formats/native.py, which offers these kernels only where the CPU has those instructions.
+//
+// Rounding: every product is exact in fp32 (a bf16/fp16 weight, or q * x with q small) and sums accumulate in
+// fp32, as the reference kernels do; only the order of the sums differs. int8 and int4 apply their scales to the
+// fp32 sums (per row; per group of the row), which is the format's definition (w = q * scale).
+//
+// Axes: M activation rows, I in features, O out features, G groups per row (I / group).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;  // decode: one token per sequence, at most this many sequences
+constexpr int64_t kGrain = 16;    // output rows per task: enough to hide the task start, small enough to balance
+
+// How each stored weight type becomes 16 fp32 values (a type, not a function pointer: the loads inline).
+struct BF16 {
+  using T = uint16_t;
+  static constexpr int kRows1 = 4;
+  static __m512 load(const T* p) {  // bf16 is the top half of an fp32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static __m512 load_masked(const T* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+};
+struct F16 {
+  using T = uint16_t;
+  static constexpr int kRows1 = 4;
+  static __m512 load(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct F32 {
+  using T = float;
+  static constexpr int kRows1 = 4;
+  static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct I8 {
+  using T = int8_t;
+  static constexpr int kRows1 = 8;  // a byte per weight: more rows in flight to keep the loads coming
+  static __m512 load(const T* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+  static __m512 load_masked(const T* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  }
+};
+
+// Activations as fp32, (M, I) contiguous.
+torch::Tensor as_f32_rows(const torch::Tensor& x, int64_t in_features) {
+  TORCH_CHECK(x.size(-1) == in_features, "activations have ", x.size(-1), " features, the weight ", in_features);
+  auto rows = x.reshape({-1, in_features}).to(torch::kFloat32).contiguous();
+  TORCH_CHECK(rows.size(0) >= 1 && rows.size(0) <= kMaxRows, "a decode kernel takes 1 to ", kMaxRows, " rows");
+  return rows;
+}
+
+torch::Tensor shaped_output(const torch::Tensor& x, const torch::Tensor& y32, int64_t out_features) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return y32.to(x.scalar_type()).view(sizes);
+}
+
+// y[m, o] = sum_i x[m, i] * W[o, i] for the output rows [o0, o1), W read by `load` 16 values at a time. R output
+// rows at once (their weights stream side by side, each activation load serves all R), M activation rows, both
+// known at compile time so that the R * M accumulators stay in registers.
+template <int M, int R, typename W>
+void dense_rows(const float* x, const typename W::T* w, float* y, int64_t I, int64_t O, int64_t o0, int64_t o1) {
+  const int64_t full = I / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i += 16) {
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * I + i);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = W::load(w + (o + r) * I + i);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    if (full < I) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = W::load_masked(w + (o + r) * I + full, tail);
+        for (int m = 0; m < M; ++m)
+          acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * I + full), acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+  if (o < o1) dense_rows<M, 1, W>(x, w, y, I, O, o, o1);  // the last rows one at a time
+}
+
+// The kernel for a run-time M (1..16): registers for R * M accumulators, R as large as they allow (<= 4).
+template <typename W>
+void dense_any(const float* x, const typename W::T* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o0,
+               int64_t o1) {
+  switch (M) {
+#define CASE(m, r) \
+  case m:          \
+    return dense_rows<m, r, W>(x, w, y, I, O, o0, o1);
+    CASE(1, W::kRows1) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 3) CASE(7, 3) CASE(8, 2)
+    CASE(9, 2) CASE(10, 2) CASE(11, 2) CASE(12, 2) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+#undef CASE
+  }
+  TORCH_CHECK(false, "1 to ", kMaxRows, " activation rows");
+}
+
+// int4 rows [o0, o1), R at a time sharing each activation load: per group and row a 16-entry table of
+// (q - 8) * scale indexed by each nibble (one permute per 16 values instead of a conversion, a subtraction and a
+// product), multiplied into the even / odd activations.
+template <int M, int R>
+void int4_rows(const float* even, const float* odd, const uint8_t* w, const float* s, float* y, int64_t I, int64_t O,
+               int64_t group, int64_t o0, int64_t o1) {
+  const int64_t half = I / 2, G = I / group, ghalf = group / 2;
+  const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    __m512 acc[R][M], acc2[R][M];  // two chains per output: the even and the odd values
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 table[R];
+      for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(levels, _mm512_set1_ps(s[(o + r) * G + g]));
+      for (int64_t j = g * ghalf; j < (g + 1) * ghalf; j += 16) {  // 16 bytes of a row: 32 values
+        __m512 xe[M], xo[M];
+        for (int m = 0; m < M; ++m) {
+          xe[m] = _mm512_loadu_ps(even + m * half + j);
+          xo[m] = _mm512_loadu_ps(odd + m * half + j);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (o + r) * half + j)));
+          const __m512 lo = _mm512_permutexvar_ps(b, table[r]);  // vpermps reads the index's low 4 bits
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[r]);
+          for (int m = 0; m < M; ++m) {
+            acc[r][m] = _mm512_fmadd_ps(lo, xe[m], acc[r][m]);
+            acc2[r][m] = _mm512_fmadd_ps(hi, xo[m], acc2[r][m]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], acc2[r][m]));
+  }
+  if (o < o1) int4_rows<M, 1>(even, odd, w, s, y, I, O, group, o, o1);
+}
+
+}  // namespace
+
+// x (..., I) @ w (O, I)^T for a bf16, fp16 or fp32 weight; x of any float dtype; the result in x's dtype.
+torch::Tensor gemv_dense(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "a contiguous (O, I) CPU weight");
+  const int64_t O = w.size(0), I = w.size(1);
+  auto xr = as_f32_rows(x, I);
+  const int64_t M = xr.size(0);
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  const float* xp = xr.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto kind = w.scalar_type();
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 weight");
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    if (kind == torch::kBFloat16) {
+      dense_any<BF16>(xp, (const uint16_t*)w.data_ptr(), yp, M, I, O, o0, o1);
+    } else if (kind == torch::kHalf) {
+      dense_any<F16>(xp, (const uint16_t*)w.data_ptr(), yp, M, I, O, o0, o1);
+    } else {
+      dense_any<F32>(xp, w.data_ptr<float>(), yp, M, I, O, o0, o1);
+    }
+  });
+  return shaped_output(x, y, O);
+}
+
+// x (..., I) @ (q (O, I) int8 * scale (O,))^T: the scale applied to each row's fp32 sum.
+torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "a contiguous (O, I) int8 weight");
+  const int64_t O = q.size(0), I = q.size(1);
+  TORCH_CHECK(scale.numel() == O, "one scale per output row");
+  auto xr = as_f32_rows(x, I);
+  const int64_t M = xr.size(0);
+  auto s = scale.reshape({O}).to(torch::kFloat32).contiguous();
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  const float* xp = xr.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    dense_any<I8>(xp, q.data_ptr<int8_t>(), yp, M, I, O, o0, o1);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t o = o0; o < o1; ++o) yp[m * O + o] *= sp[o];
+  });
+  return shaped_output(x, y, O);
+}
+
+// x (..., I) @ W^T with W in compressed-tensors' int4 layout: packed (O, I/2) uint8, byte j of a row holding
+// value 2j in its low nibble and 2j+1 in its high one, each stored as q + 8 (q in [-8, 7]); scale (O, I/group).
+// The activations are split into even and odd columns once, so a byte's two nibbles meet their activations without
+// a shuffle; each group's fp32 sum is multiplied by its scale.
+torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group) {
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == torch::kUInt8,
+              "a contiguous (O, I/2) uint8 weight");
+  const int64_t O = packed.size(0), I = packed.size(1) * 2;
+  TORCH_CHECK(group % 32 == 0 && I % group == 0, "groups of a multiple of 32 that divide the row");
+  const int64_t G = I / group;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == O && scale.size(1) == G, "scale (O, I / group)");
+  auto xr = as_f32_rows(x, I);
+  const int64_t M = xr.size(0);
+  auto even = xr.index({torch::indexing::Slice(), torch::indexing::Slice(0, torch::indexing::None, 2)}).contiguous();
+  auto odd = xr.index({torch::indexing::Slice(), torch::indexing::Slice(1, torch::indexing::None, 2)}).contiguous();
+  auto s = scale.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  const float* ep = even.data_ptr<float>();
+  const float* op = odd.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    switch (M) {
+#define CASE(m, r) \
+  case m:          \
+    return int4_rows<m, r>(ep, op, wp, sp, yp, I, O, group, o0, o1);
+      CASE(1, 4) CASE(2, 4) CASE(3, 3) CASE(4, 2) CASE(5, 2) CASE(6, 2) CASE(7, 1) CASE(8, 1)
+      CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+#undef CASE
+    }
+  });
+  return shaped_output(x, y, O);
+}
+
+// The int4 layout above dequantized into `out` (O, I) of a float dtype (a prefill's GEMM reads it): w = q * scale,
+// computed in fp32 and rounded once to out's dtype.
+void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, int64_t group, torch::Tensor& out) {
+  const int64_t O = packed.size(0), I = packed.size(1) * 2, G = I / group;
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == O && out.size(1) == I, "out (O, I) contiguous");
+  auto s = scale.to(torch::kFloat32).contiguous();
+  const float* sp = s.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const auto kind = out.scalar_type();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    std::vector<float> row(I);
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t j = 0; j < I / 2; ++j) {
+        const uint8_t b = wp[o * (I / 2) + j];
+        const float sc = sp[o * G + (2 * j) / group];
+        row[2 * j] = (float)((int)(b & 15) - 8) * sc;
+        row[2 * j + 1] = (float)((int)(b >> 4) - 8) * sc;
+      }
+      if (kind == torch::kFloat32) {
+        std::copy(row.begin(), row.end(), out.data_ptr<float>() + o * I);
+      } else if (kind == torch::kBFloat16) {
+        auto* dst = out.data_ptr<at::BFloat16>() + o * I;
+        for (int64_t i = 0; i < I; ++i) dst[i] = at::BFloat16(row[i]);
+      } else {
+        auto* dst = out.data_ptr<at::Half>() + o * I;
+        for (int64_t i = 0; i < I; ++i) dst[i] = at::Half(row[i]);
+      }
+    }
+  });
+}
+
+// Bytes/s ceiling: the sum of a large int64 buffer, read once by every thread's share (what decode is bound by).
+double read_bytes(const torch::Tensor& buf) {
+  const int64_t n = buf.numel() / 8 / 8 * 8;
+  const int64_t* p = (const int64_t*)buf.data_ptr();
+  std::vector<int64_t> sums(at::get_num_threads() * 8, 0);
+  at::parallel_for(0, n / 8, 1 << 16, [&](int64_t b0, int64_t b1) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) acc = _mm512_add_epi64(acc, _mm512_loadu_si512((const void*)(p + b * 8)));
+    sums[at::get_thread_num() * 8] += _mm512_reduce_add_epi64(acc);
+  });
+  int64_t total = 0;
+  for (auto s : sums) total += s;
+  return (double)total;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_dense", &gemv_dense);
+  m.def("gemv_int8", &gemv_int8);
+  m.def("gemv_int4", &gemv_int4);
+  m.def("dequantize_int4", &dequantize_int4);
+  m.def("read_bytes", &read_bytes);
+}

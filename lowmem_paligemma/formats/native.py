@@ -1,0 +1,73 @@
+"""Our own kernels (native.cpp), built for the running machine, where the libraries' kernels stop short.
+
+On the CPUs this runs on, torch's decode-step products leave DRAM bandwidth unused (docs/results/kernels.md: a
+bf16 matrix-vector product at ~70 % of the measured read rate, `_weight_int8pack_mm` at ~40 %), and a decode step
+is nothing but streaming the weights. native.cpp reads each weight once in its stored format with AVX-512; the
+chooser (chooser.py) times these kernels beside torch's and keeps whichever is faster on this machine.
+
+Built once per machine with torch.utils.cpp_extension (g++ and ninja) into the cache directory, keyed by the
+source, torch's version and the CPU flags; `make install` builds it ahead (`native.build()`).
+Offered only where the CPU has AVX-512F and AVX-512BW, and never required: without a compiler, or on another CPU,
+`kernels()` is None and the formats offer torch's kernels only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..machine import cpu
+
+SOURCE = Path(__file__).with_name("native.cpp")
+ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
+NEEDS = ("avx512f", "avx512bw")  # the instructions native.cpp uses
+# -fopenmp compiles at::parallel_for's OpenMP regions in (without it they run on one thread); nothing is added at link
+# time, so the regions run on torch's own OpenMP runtime, found through libtorch's dependencies: no second thread pool.
+CFLAGS = ["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/lowmem_paligemma/native/<key> (not the kernel choices' directory: tests point that one at
+    temporary directories, and a build takes a minute)."""
+    c = cpu()
+    text = f"{SOURCE.read_bytes()!r}|{CFLAGS}|{torch.__version__}|{c.model}|{c.flags}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lowmem_paligemma" / "native" / key
+
+
+def supported() -> bool:
+    return not os.environ.get(ENV_DISABLE) and all(f in cpu().flags for f in NEEDS) and sys.platform == "linux"
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The compiled module (built now if needed), or None where it cannot be: see the module docstring."""
+    if not supported():
+        return None
+    from torch.utils import cpp_extension
+
+    build = cache_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=f"lowmem_paligemma_native_{build.name}", sources=[str(SOURCE)], build_directory=str(build),
+            extra_cflags=CFLAGS, verbose=False,
+        )  # fmt: skip
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a toolchain that fails
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"lowmem_paligemma's native kernels could not be built ({first}); using torch's", stacklevel=2)
+        return None
+
+
+def build() -> None:
+    """`make install`: build ahead, and say what happened."""
+    module = kernels()
+    print(f"native kernels: {'built in ' + str(cache_dir()) if module else 'not available on this machine'}")
