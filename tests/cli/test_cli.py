@@ -591,7 +591,7 @@ def test_errors_name_the_problem(tiny_pg1_dir, broken_checkpoint, images, tmp_pa
     assert "config.json" in assert_user_error(run("generate", tmp_path, images["a"], "caption en"))
     assert "no such directory" in assert_user_error(run("generate", tmp_path / "nope", images["a"], "caption en"))
     hub = assert_user_error(run("generate", "google/paligemma-3b-pt-224", images["a"], "caption en"))
-    assert "Hub model id" in hub and "huggingface-cli download google/paligemma-3b-pt-224" in hub
+    assert "Hub model id" in hub and "hf download google/paligemma-3b-pt-224" in hub
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

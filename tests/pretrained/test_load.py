@@ -80,7 +80,7 @@ def test_a_stored_head_of_the_wrong_shape_is_refused(tiny_pg2_dir, tmp_path):
 def test_model_paths_are_explained(tmp_path, tiny_pg1_dir):
     with pytest.raises(CheckpointError, match="no such directory$"):
         load_model(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="Hub model id.*huggingface-cli download google/paligemma-3b-pt-224"):
+    with pytest.raises(CheckpointError, match="Hub model id.*hf download google/paligemma-3b-pt-224"):
         load_hf_model("google/paligemma-3b-pt-224")
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
