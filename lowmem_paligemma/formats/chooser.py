@@ -58,6 +58,7 @@ ROUNDS = 5  # interleaved timing rounds per candidate (after one warm-up call ea
 MIN_SAMPLE_S = 0.002  # one timed sample repeats the call until it lasts this long (timer resolution, jitter)
 SPREAD_LIMIT = 1.25  # a candidate whose median run is this much slower than its fastest: the timing is noisy
 BUSY_LIMIT = 0.15  # other processes' share of the machine's CPU time during a measurement above which it is noisy
+LOSING = 2.0  # a candidate this much slower than its phase's best after two rounds is timed no more
 DECISIVE = 1.5  # a noisy measurement's winner is used only if the reference takes this much longer, else the reference
 REFERENCE_DTYPE = "bfloat16"  # the 16-bit dtype when nothing is measured: float16's range is too narrow for some
 
@@ -194,14 +195,22 @@ class _BusyMeter:
         return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / capacity if capacity > 0 else 0.0
 
 
-def time_candidates(calls: dict[str, Callable[[], object]], clock: Clock = time.perf_counter) -> Timing:
-    """Each call timed in ROUNDS interleaved rounds after a warm-up; `clock` is injectable for tests."""
+def time_candidates(
+    calls: dict[str, Callable[[], object]], clock: Clock = time.perf_counter, phase: Callable[[str], str] = lambda n: ""
+) -> Timing:
+    """Each call timed in ROUNDS interleaved rounds after a warm-up; `clock` is injectable for tests. After two
+    rounds a candidate more than LOSING times slower than the best of its phase (`phase(name)`) is not timed again:
+    it cannot win, and a slow candidate's rounds are most of the time a choice takes."""
     for call in calls.values():
         call()  # first-call allocations, oneDNN primitive creation
     meter = _BusyMeter()
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(ROUNDS):
+    for round_ in range(ROUNDS):
         for name, call in calls.items():
+            if round_ >= 2 and min(samples[name]) > LOSING * min(
+                min(s) for n, s in samples.items() if phase(n) == phase(name)
+            ):
+                continue
             n, t0 = 0, clock()
             while True:  # repeat short calls: one sample lasts at least MIN_SAMPLE_S
                 call()
@@ -211,7 +220,8 @@ def time_candidates(calls: dict[str, Callable[[], object]], clock: Clock = time.
                     break
             samples[name].append(elapsed / n)
     fastest = {name: min(s) for name, s in samples.items()}
-    spread = {name: statistics.median(s) / fastest[name] if fastest[name] > 0 else 1.0 for name, s in samples.items()}
+    spread = {name: statistics.median(s) / fastest[name] if fastest[name] > 0 else 1.0 for name, s in samples.items()
+              if len(s) == ROUNDS}  # fmt: skip
     return Timing(fastest, spread, meter.share())
 
 
@@ -225,7 +235,7 @@ def _measure(fmt: WeightFormat, shape: tuple[int, int], dtype: torch.dtype) -> T
             if name in fmt.available_kernels(dtype):
                 calls[f"{phase} {name}"] = lambda name=name, x=x: layer(x, name)
     with torch.inference_mode():
-        return time_candidates(calls)
+        return time_candidates(calls, phase=lambda name: name.split()[0])
 
 
 def _best(fmt: WeightFormat, seconds: dict[str, float], prompt_rows: int, relayout: bool = True) -> KernelChoice:

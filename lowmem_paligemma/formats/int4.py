@@ -1,37 +1,43 @@
-"""The int4 format: symmetric groups of GROUP along the input, in torch's CPU int4 layout.
+"""The int4 format: symmetric groups of GROUP along the input, held in compressed-tensors' own layout.
 
 scale = max|w| / 7.5 rounded *up* to the model dtype, q = round(w / scale) clamped to [-8, 7] (compressed-tensors'
-symmetric rule). Held for `_weight_int4pack_mm_for_cpu`: `weight_int4` (O, I/2) uint8 and `weight_scale_zeros`
-(I/g, O, 2) with zero 0, so w = (q + 8 - 8) * scale. That layout depends on the CPU's vector width, so it is built
-at load time, 64 rows at a time (its block), and never written to a file: a pre-quantized checkpoint stores
-compressed-tensors' "pack-quantized" layout (`weight_packed` (O, I/8) int32, `weight_scale` (O, I/g),
-`weight_shape` [O, I]), unpacked and repacked while streaming.
+symmetric rule). Held as `weight_packed` (O, I/2) uint8 and `weight_scale` (O, I/g) in the model dtype: byte j of a
+row holds value 2j in its low nibble and 2j + 1 in its high one, each stored as q + 8. These are the bytes of
+compressed-tensors' "pack-quantized" `weight_packed` (O, I/8) int32 on a little-endian host (value j is the nibble
+at bits 4 * (j % 8) of word j // 8), so a pre-quantized checkpoint is read as stored, and the layout is the same on
+every machine. w = (q + 8 - 8) * scale.
 
-The kernel's shape rules (`accepts`: out features a multiple of 16, in features of the group) hold for every
-PaliGemma layer but SigLIP's second MLP layer (4304-wide input, no group size the kernel takes): it falls back to
-int8. The embedding's lookup reads rows out of the kernel's layout (`int4_rows`).
+Kernels (the chooser times them on the running machine):
+- "dequant": the layer dequantized into a reused buffer of the model dtype (base.Scratch), then F.linear; the
+  reference, any device;
+- "upcast": dequantized into a float32 buffer, then a float32 GEMM (for CPUs whose 16-bit GEMM is slow); exact
+  products, as every other kernel here;
+- "native": our decode kernel (native.cpp): nibbles looked up in a per-group table of (q - 8) * scale and
+  multiplied into fp32 sums, the weights read once (decode only).
 
-compressed-tensors' int32 packing: a row's value j is the nibble q + 8 at bits 4 * (j % 8) of word j // 8: on a
-little-endian host, byte j // 2, low nibble first.
+The shape rules (`accepts`): out features a multiple of 16 and in features of the group size hold for every
+PaliGemma layer but SigLIP's second MLP layer (4304-wide input): it falls back to int8. The tied embedding's
+lookup dequantizes the gathered rows; its logits take the chosen decode kernel, or a dequantization a few thousand
+rows at a time (never a 16-bit copy of the table).
 
-Axes: M rows (batch x tokens), I in features, O out features.
+Axes: M rows (batch x tokens), I in features, O out features, G groups per row (I / GROUP).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.loader import RowFill
 from ..checkpoint.safetensors_io import FLOAT_DTYPES
 from ..errors import CheckpointError
-from .base import CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
+from . import native
+from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
 
 GROUP = 128  # compressed-tensors' and gpt-fast's default; every PaliGemma decoder width is a multiple
-BLOCK_ROWS = 64  # torch's CPU int4 layout packs blocks of 64 rows: fills must start on a block
 PER_INT32 = 8  # values in one compressed-tensors int32 word
 
 
@@ -45,7 +51,8 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tu
 
 
 def int4_kernel_ok(out_features: int, in_features: int, group: int = GROUP) -> bool:
-    """Shapes `_weight_int4pack_mm_for_cpu` takes (it crashes or raises on others)."""
+    """The shapes the int4 layers take: whole groups per row, groups the native kernels step through (32 values
+    at a time), rows in multiples of 16 (the layout torch's and compressed-tensors' int4 kernels want too)."""
     return out_features % 16 == 0 and in_features % group == 0 and group in (32, 64, 128, 256)
 
 
@@ -66,101 +73,80 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 15, b >> 4], -1).view(len(packed), -1).to(torch.int32) - 8
 
 
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int, out: torch.Tensor) -> torch.Tensor:
+    """out (n, I) = the rows of `packed` (n, I/2) uint8 times their group scales (n, I/g), rounded once to out's
+    dtype (native.cpp's vector loop where it built, else the same arithmetic in torch ops)."""
+    nk = native.kernels()
+    if nk is not None and out.device.type == "cpu" and group % 32 == 0:
+        nk.dequantize_int4(packed, scale, group, out)
+        return out
+    q = torch.stack([packed & 15, packed >> 4], -1).view(len(packed), -1).float() - 8  # (n, I): even, odd, ...
+    return out.copy_(q.mul_(scale.float().repeat_interleave(group, 1)))
+
+
 def int4_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
-    scale_zeros: torch.Tensor,
-    group_size: int,
+    scale: torch.Tensor,
+    group: int,
     bias: torch.Tensor | None,
+    kernels: KernelChoice,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """x (..., I) @ W^T + bias with W in torch's CPU int4 layout: packed (O, I/2) uint8, scale_zeros (I/g, O, 2)."""
+    """x (..., I) @ W^T + bias with W = packed (O, I/2) uint8 nibbles x scale (O, I/g) -> (..., O) in x's dtype."""
     rows, o = x.shape[:-1].numel(), packed.shape[0]
-    x2 = x.reshape(rows, x.shape[-1]).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_zeros.to(x.dtype))
+    x2 = x.reshape(rows, x.shape[-1])
+    name = kernels.pick(rows)
+    if name == "native" and rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None:
+        y = nk.gemv_int4(x2, packed, scale, group)
+    else:
+        wide = name == "upcast" and x.device.type == "cpu"
+        dtype = torch.float32 if wide else x.dtype
+        w = dequantize_int4(packed, scale, group, (scratch or Scratch()).get((o, x.shape[-1]), dtype, x.device))
+        y = F.linear(x2.to(dtype), w).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], o)
 
 
-@functools.cache
-def _nibble_order(rows: int, cols: int) -> torch.Tensor:
-    """Where torch's CPU int4 layout puts each value of a `rows` x `cols` block (rows <= 64): (rows * cols,)
-    nibble indices (byte * 2 + high nibble), row-major. The layout depends on the CPU's vector width, so it is
-    read off the packing function itself: five packs of a probe whose nibbles spell each value's own index."""
-    index = torch.arange(rows * cols, dtype=torch.int64).view(rows, cols)
-    found = torch.zeros(rows * cols, dtype=torch.int64)
-    for digit in range((rows * cols - 1).bit_length() // 4 + 1):
-        probe = ((index >> (4 * digit)) & 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)
-        nibbles = torch.stack([packed & 15, packed >> 4], 1).view(-1).to(torch.int64)
-        found |= nibbles << (4 * digit)
-    order = torch.empty_like(found)
-    order[found] = torch.arange(rows * cols)
-    return order
-
-
-def int4_rows(packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (any shape) of an int4 weight held in torch's CPU layout, dequantized: (*ids.shape, I)."""
-    n, cols = packed.shape[0], packed.shape[1] * 2
-    flat, shape = packed.view(-1), ids.shape
-    ids = ids.reshape(-1)
-    block, row = ids // BLOCK_ROWS, ids % BLOCK_ROWS
-    out = torch.empty(len(ids), cols, dtype=scale_zeros.dtype, device=packed.device)
-    for size in {min(BLOCK_ROWS, n - int(b) * BLOCK_ROWS) for b in block.unique()}:
-        pick = (torch.minimum(n - block * BLOCK_ROWS, torch.tensor(BLOCK_ROWS)) == size).nonzero()[:, 0]
-        where = _nibble_order(size, cols).view(size, cols)[row[pick]]  # (k, I) nibble indices in the block
-        where = where + (block[pick] * BLOCK_ROWS * cols)[:, None]  # ... in the tensor
-        q = (flat[where // 2] >> ((where % 2) * 4).to(torch.uint8)) & 15
-        scale = scale_zeros[:, ids[pick], 0].t().repeat_interleave(group, 1)  # (k, I)
-        out[pick] = ((q.float() - 8) * scale.float()).to(out.dtype)  # exact product, rounded once
-    return out.view(*shape, cols)
-
-
 class Int4Linear(nn.Module):
     FORMAT = "int4"
-    kernels: KernelChoice = KernelChoice("int4pack", "int4pack")
+    kernels: KernelChoice = KernelChoice("dequant", "dequant")
+    scratch: Scratch | None = None  # the model's shared buffers (formats.kernels.use_kernels)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: int = GROUP):
         super().__init__()
         if not int4_kernel_ok(out_features, in_features, group):
             raise ValueError(f"int4 needs out % 16 == 0 and in % {group} == 0, got {out_features} x {in_features}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        self.weight_int4 = nn.Parameter(
+        self.weight_packed = nn.Parameter(
             torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False
         )
-        self.weight_scale_zeros = nn.Parameter(torch.empty(in_features // group, out_features, 2), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, in_features // group), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.weight_int4, self.weight_scale_zeros, self.group, self.bias)
+        return int4_linear(x, self.weight_packed, self.weight_scale, self.group, self.bias, self.kernels, self.scratch)
 
     def row_fills(self) -> dict[str, RowFill]:
-        """A stored float `weight` is quantized as it streams; a pre-quantized layer (compressed-tensors'
-        `weight_packed` (O, I/8) int32, `weight_scale` (O, I/g), `weight_shape`) is repacked as it streams."""
-        o, i, block, packed = self.out_features, self.in_features, BLOCK_ROWS, ("weight_int4",)
+        """A stored float `weight` is quantized as it streams; a pre-quantized layer's `weight_packed` (O, I/8)
+        int32 words are copied as their bytes, `weight_scale` is a plain copy, `weight_shape` is checked."""
+        o, i = self.out_features, self.in_features
         return {
-            "weight": RowFill((o, i), self._fill, ("weight_int4", "weight_scale_zeros"), block, FLOAT_DTYPES),
-            "weight_packed": RowFill((o, i // PER_INT32), self._fill_packed, packed, block, (torch.int32,)),
-            "weight_scale": RowFill((o, i // self.group), self._fill_scale, ("weight_scale_zeros",), 1, FLOAT_DTYPES),
+            "weight": RowFill((o, i), self._fill, ("weight_packed", "weight_scale"), 1, FLOAT_DTYPES),
+            "weight_packed": RowFill((o, i // PER_INT32), self._fill_packed, ("weight_packed",), 1, (torch.int32,)),
             "weight_shape": RowFill((2,), self._check_shape, (), 2, (torch.int64,)),
         }
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
-        q, scale = quantize_int4(rows, self.weight_scale_zeros.dtype, self.group)
-        self._pack(q, start)
-        self._fill_scale(scale, start)
-
-    def _pack(self, q: torch.Tensor, start: int) -> None:
-        """q (n, I) int32 in [-8, 7] -> rows start.. of torch's CPU layout (unsigned nibbles q + 8)."""
-        self.weight_int4[start : start + len(q)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q + 8, 1)
+        q, scale = quantize_int4(rows, self.weight_scale.dtype, self.group)
+        self.weight_packed[start : start + len(q)] = pack_int4(q).view(torch.uint8)
+        self.weight_scale[start : start + len(q)] = scale
 
     def _fill_packed(self, packed: torch.Tensor, start: int) -> None:
-        self._pack(unpack_int4(packed), start)
-
-    def _fill_scale(self, scale: torch.Tensor, start: int) -> None:
-        n = len(scale)  # scale (n, I/g): one per group of a row
-        self.weight_scale_zeros[:, start : start + n, 0] = scale.t()
-        self.weight_scale_zeros[:, start : start + n, 1] = 0
+        if sys.byteorder != "little":  # the nibble order is the bytes of little-endian words
+            raise NotImplementedError("int4 layouts assume a little-endian host")
+        self.weight_packed[start : start + len(packed)] = packed.contiguous().view(torch.uint8)
 
     def _check_shape(self, shape: torch.Tensor, start: int) -> None:
         want = [self.out_features, self.in_features]
@@ -169,24 +155,38 @@ class Int4Linear(nn.Module):
 
 
 class Int4Embedding(Int4Linear):
-    """The tied embedding in int4: `lookup` gathers and dequantizes rows out of the kernel's layout, `logits`
-    reads the table through the int4 kernel."""
+    """The tied embedding in int4: `lookup` dequantizes the gathered rows, `logits` takes the chosen decode kernel
+    (a prefill's last position is one row too), or dequantizes LOGIT_ROWS rows of the table at a time."""
+
+    LOGIT_ROWS = 4096  # 32 MB of float32 for a 2048-wide table
 
     def __init__(self, rows: int, dim: int):
         super().__init__(dim, rows, bias=False)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return int4_rows(self.weight_int4, self.weight_scale_zeros, self.group, ids)
+        flat = ids.reshape(-1)
+        out = torch.empty(len(flat), self.in_features, dtype=self.weight_scale.dtype, device=ids.device)
+        dequantize_int4(self.weight_packed[flat], self.weight_scale[flat], self.group, out)
+        return out.view(*ids.shape, self.in_features)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)
+        rows = x.shape[:-1].numel()
+        if self.kernels.decode == "native" and rows <= DECODE_ROWS:
+            return int4_linear(x, self.weight_packed, self.weight_scale, self.group, None, self.kernels)
+        parts, xf = [], x.float()
+        for r0 in range(0, self.out_features, self.LOGIT_ROWS):  # float32 rows: each w = q * scale exactly
+            r1 = min(self.out_features, r0 + self.LOGIT_ROWS)
+            w = dequantize_int4(self.weight_packed[r0:r1], self.weight_scale[r0:r1], self.group,
+                                torch.empty(r1 - r0, self.in_features, device=x.device))  # fmt: skip
+            parts.append(F.linear(xf, w))
+        return torch.cat(parts, -1).to(x.dtype)
 
 
 class Int4Format(WeightFormat):
     name = "int4"
-    decode_kernels = ("int4pack",)
-    prefill_kernels = ("int4pack",)
-    reference = KernelChoice("int4pack", "int4pack")
+    decode_kernels = ("dequant", "native")
+    prefill_kernels = ("dequant", "upcast")
+    reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
     cpu_only = True
     compressed = CompressedScheme(
@@ -204,14 +204,30 @@ class Int4Format(WeightFormat):
         return Int4Embedding(rows, dim)
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
-        eye = torch.eye(module.in_features)  # the kernel applied to the identity gives W^T (float32: exact)
-        return int4_linear(eye, module.weight_int4, module.weight_scale_zeros, module.group, None).float().t()
+        out = torch.empty(module.out_features, module.in_features)
+        return dequantize_int4(module.weight_packed, module.weight_scale, module.group, out)
+
+    def available_kernels(self, dtype: torch.dtype) -> tuple[str, ...]:
+        names = set(super().available_kernels(dtype))
+        if native.kernels() is None:
+            names.discard("native")
+        if dtype == torch.float32:
+            names.discard("upcast")  # "dequant" is it
+        return tuple(sorted(names))
 
     def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:
         layer = Int4Linear(shape[1], shape[0], bias=False)
         layer.to(dtype)
         layer._fill(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), 0)
-        return lambda x, name: layer(x)
+        scratch = Scratch()
+        return lambda x, name: int4_linear(x, layer.weight_packed, layer.weight_scale, layer.group, None,
+                                           KernelChoice(name, name), scratch)  # fmt: skip
+
+    def scratch_bytes(self, modules: list[nn.Module], choice: KernelChoice, dtype: torch.dtype) -> int:
+        """The largest int4 linear layer dequantized: in the model dtype ("dequant"), in float32 ("upcast")."""
+        largest = max((m.out_features * m.in_features for m in modules if not hasattr(m, "lookup")), default=0)
+        sizes = {"dequant": dtype.itemsize, "upcast": 4}
+        return sum(largest * sizes[k] for k in {choice.decode, choice.prefill} if k in sizes)
 
     def stored_tensors(
         self, out_features: int, in_features: int, dtype: torch.dtype

@@ -14,8 +14,8 @@ Kernels (the chooser times them on the running machine):
   applied to its sum (exact products, as "int8pack").
 The private torch kernels crash (not raise) on shapes they do not support, so each is used only where its
 shape rules hold (`int8pack_ok`) and "dequant" otherwise. The tied embedding in int8 gathers and dequantizes
-rows for the lookup and computes the logits with "int8pack" (never the scratch buffer: a dequantized table
-would be a 16-bit copy of the largest tensor).
+rows for the lookup and computes the logits with the chosen decode kernel, or "int8pack" (never the scratch
+buffer: a dequantized table would be a 16-bit copy of the largest tensor).
 
 Axes: M rows (batch x tokens), I in features, O out features.
 """
@@ -118,7 +118,10 @@ class Int8Embedding(Int8Linear):
         return self.weight[ids].to(scale.dtype) * scale
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.weight_scale, None, KernelChoice("int8pack", "int8pack"))
+        # The format's chosen decode kernel (logits are wanted for the last position only: decode-sized), never the
+        # dequantizing one: a dequantized table would be a 16-bit copy of the largest tensor.
+        kernel = self.kernels.decode if self.kernels.decode != "dequant" else "int8pack"
+        return int8_linear(x, self.weight, self.weight_scale, None, KernelChoice(kernel, "int8pack"))
 
 
 class Int8Format(WeightFormat):

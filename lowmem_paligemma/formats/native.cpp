@@ -239,22 +239,31 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& packed, con
 }
 
 // The int4 layout above dequantized into `out` (O, I) of a float dtype (a prefill's GEMM reads it): w = q * scale,
-// computed in fp32 and rounded once to out's dtype.
+// computed in fp32 and rounded once to out's dtype. The same nibble table as the product; even and odd values
+// interleaved back into row order with two permutes.
 void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, int64_t group, torch::Tensor& out) {
-  const int64_t O = packed.size(0), I = packed.size(1) * 2, G = I / group;
+  const int64_t O = packed.size(0), I = packed.size(1) * 2, G = I / group, half = I / 2, ghalf = group / 2;
+  TORCH_CHECK(group % 32 == 0 && I % group == 0, "groups of a multiple of 32 that divide the row");
   TORCH_CHECK(out.is_contiguous() && out.size(0) == O && out.size(1) == I, "out (O, I) contiguous");
+  const auto kind = out.scalar_type();
+  TORCH_CHECK(kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kHalf, "a float out");
   auto s = scale.to(torch::kFloat32).contiguous();
   const float* sp = s.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const auto kind = out.scalar_type();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     std::vector<float> row(I);
     for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t j = 0; j < I / 2; ++j) {
-        const uint8_t b = wp[o * (I / 2) + j];
-        const float sc = sp[o * G + (2 * j) / group];
-        row[2 * j] = (float)((int)(b & 15) - 8) * sc;
-        row[2 * j + 1] = (float)((int)(b >> 4) - 8) * sc;
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 table = _mm512_mul_ps(levels, _mm512_set1_ps(sp[o * G + g]));
+        for (int64_t j = g * ghalf; j < (g + 1) * ghalf; j += 16) {  // 16 bytes: values 2j .. 2j + 31
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wp + o * half + j)));
+          const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+          _mm512_storeu_ps(row.data() + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
+          _mm512_storeu_ps(row.data() + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
+        }
       }
       if (kind == torch::kFloat32) {
         std::copy(row.begin(), row.end(), out.data_ptr<float>() + o * I);

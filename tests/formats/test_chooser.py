@@ -91,7 +91,12 @@ class _NoisyClock:
 def test_a_noisy_timing_decides_this_load_but_is_never_cached(cache, monkeypatch):
     monkeypatch.setattr(kernels, "SPREAD_LIMIT", 1.25)
     real = kernels.time_candidates
-    monkeypatch.setattr(kernels, "time_candidates", lambda calls: real(calls, clock=_NoisyClock()))
+
+    def noisy(calls, **kw):  # every candidate's runs spread 3x: a scheduler that keeps taking the core away
+        timing = real(calls, **kw)
+        return kernels.Timing(timing.seconds, dict.fromkeys(timing.spread, 3.0), timing.others_busy)
+
+    monkeypatch.setattr(kernels, "time_candidates", noisy)
     report = _choose()
     assert all(m.source.startswith("measured, noisy") and "spread" in m.source for m in report.details)
     assert set(report.plan) == {"dense", "int8"}  # still a plan for this load
@@ -125,6 +130,12 @@ def test_retune_times_anew_and_replaces_the_entry(cache, monkeypatch):
     assert {m.source for m in again.details} == {"measured"}
     now = {k: e["seconds"] for k, e in json.loads(cache.read_text())["entries"].items()}
     assert now.keys() == stamps.keys() and now != stamps  # new timings written over the old
+
+
+def test_a_noisy_clock_is_seen_as_noise():
+    """The timer of a busy machine (random 10x intervals) gives spreads the chooser calls noisy."""
+    timing = kernels.time_candidates({"a": lambda: None, "b": lambda: None}, clock=_NoisyClock())
+    assert timing.noisy and "spread" in timing.why_noisy()
 
 
 def test_time_candidates_rates_by_the_fastest_of_interleaved_rounds():

@@ -63,8 +63,8 @@ def test_streamed_quantization_equals_quantizing_a_loaded_model(which, mode, tin
             else:
                 fresh = Int4Linear(module.in_features, module.out_features, module.bias is not None).to(torch.bfloat16)
                 fresh._fill(w, 0)
-                assert torch.equal(module.weight_int4, fresh.weight_int4), name
-                assert torch.equal(module.weight_scale_zeros, fresh.weight_scale_zeros), name
+                assert torch.equal(module.weight_packed, fresh.weight_packed), name
+                assert torch.equal(module.weight_scale, fresh.weight_scale), name
             seen += 1
     assert seen > 0 and isinstance(quantized.language_model.model.embed_tokens, Int8Embedding)
     # what stays dense is the same as in the dense load
@@ -153,8 +153,8 @@ def test_int4_where_the_kernel_can_int8_elsewhere(int4_wide_dir, tiny_pg1_dir):
         rows, dim = dense.get_submodule(name).weight.shape
         fresh = Int4Linear(dim, rows, bias=False).to(torch.bfloat16)
         fresh._fill(dense.get_submodule(name).weight, 0)  # quantizing the loaded weight == streamed quantization
-        assert torch.equal(model.get_submodule(name).weight_int4, fresh.weight_int4), name
-        assert torch.equal(model.get_submodule(name).weight_scale_zeros, fresh.weight_scale_zeros), name
+        assert torch.equal(model.get_submodule(name).weight_packed, fresh.weight_packed), name
+        assert torch.equal(model.get_submodule(name).weight_scale, fresh.weight_scale), name
     cfg = model.cfg
     ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 41, 108]])
     pixels = torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size)
