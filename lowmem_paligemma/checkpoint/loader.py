@@ -38,7 +38,7 @@ from torch import nn
 from .. import defaults
 from ..errors import CheckpointError
 from . import preflight as memory_check
-from .pagecache import drop
+from .pagecache import drop, prefer_huge_pages
 from .safetensors_io import WEIGHT_DTYPES, TensorEntry, dtype_name, pread_into, read_checkpoint
 
 READ_WORKERS = 4  # reads in flight: a cold shard streams faster with several (docs/results/kernels.md)
@@ -178,14 +178,18 @@ def materialize(
     `exclude` stay on meta (residency.py streams them in per forward)."""
     model.to(dtype=dtype)  # on meta: changes the dtype, allocates nothing
     if not exclude:
-        return model.to_empty(device=device)
-    for prefix, module in model.named_modules():  # to_empty, one parameter at a time
-        for leaf, p in module.named_parameters(recurse=False):
-            if (f"{prefix}.{leaf}" if prefix else leaf) not in exclude:
-                empty = torch.empty_like(p, device=device)
-                module._parameters[leaf] = nn.Parameter(empty, requires_grad=p.requires_grad)
-        for leaf, b in module.named_buffers(recurse=False):
-            module._buffers[leaf] = torch.empty_like(b, device=device)
+        model.to_empty(device=device)
+    else:
+        for prefix, module in model.named_modules():  # to_empty, one parameter at a time
+            for leaf, p in module.named_parameters(recurse=False):
+                if (f"{prefix}.{leaf}" if prefix else leaf) not in exclude:
+                    empty = torch.empty_like(p, device=device)
+                    module._parameters[leaf] = nn.Parameter(empty, requires_grad=p.requires_grad)
+            for leaf, b in module.named_buffers(recurse=False):
+                module._buffers[leaf] = torch.empty_like(b, device=device)
+    for p in model.parameters():  # before the first byte lands: fewer, larger page faults
+        if not p.is_meta:
+            prefer_huge_pages(p)
     return model
 
 

@@ -49,6 +49,7 @@ def _libc() -> ctypes.CDLL | None:
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
@@ -153,3 +154,23 @@ def read_direct(fd: int, out: torch.Tensor, offset: int, need: int, path: Path) 
         done += n
     if done < need:
         raise CheckpointError(f"{path}: file ends at byte {offset + done}, inside a tensor (truncated?)")
+
+
+# --- huge pages for the model's own memory -------------------------------------------------------------------
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def prefer_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back the tensor's memory with 2 MB pages (transparent huge pages in "madvise" mode, the common
+    default): a load touching 6 GB of fresh memory then takes ~3,000 page faults instead of ~1.5 million, which on a
+    virtual machine were most of a load from the page cache. Only whole 2 MB blocks inside the tensor; a no-op where
+    the OS has no such advice, or for small tensors."""
+    if _LIBC is None or not hasattr(_LIBC, "madvise") or tensor.device.type != "cpu" or tensor.nbytes < 2 * HUGE_PAGE:
+        return
+    start = tensor.data_ptr()
+    first = start + (-start) % HUGE_PAGE
+    end = (start + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
+    if end > first:
+        _LIBC.madvise(first, end - first, _MADV_HUGEPAGE)  # advice: a failure changes nothing but speed
