@@ -17,6 +17,7 @@ import click
 from .files import convert_command, synth_command
 from .info import info_command
 from .run import batch_command, chat_command, generate_command, profile_command
+from .serve import serve_command
 
 
 def _package_version() -> str:
@@ -54,6 +55,7 @@ _COMMANDS = (
     chat_command,
     profile_command,
     batch_command,
+    serve_command,
     synth_command,
     convert_command,
     info_command,

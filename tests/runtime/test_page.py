@@ -1,39 +1,35 @@
-"""The built-in web page (runtime/server/static/index.html) driven in a real headless Chromium.
+"""The built-in web page (runtime/server/static/index.html) driven in a real headless Chromium against the real server
+(tests/runtime/conftest.py: `served`, the tiny PaliGemma 2; `forced` makes it answer with a known segmentation).
 
 Needs Debian's chromium (`apt-get install chromium`) and the playwright Python package, used only as a driver
-for that browser (`playwright install` is never run). The page talks to a fake server written here until
-`lowmem-paligemma serve` exists.
+for that browser (`playwright install` is never run).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import dataclasses
 import io
-import json
+import re
 import shutil
-import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import MODEL_ID
 from PIL import Image, ImageDraw
 
-import lowmem_paligemma
-
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
-fastapi = pytest.importorskip("fastapi", reason="fastapi is not installed: pip install fastapi uvicorn")
-responses = pytest.importorskip("fastapi.responses", reason="fastapi is not installed: pip install fastapi uvicorn")
-uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed: pip install fastapi uvicorn")
+pytest.importorskip("fastapi", reason="the server needs its extra: pip install -e '.[serve]'")
+parser = pytest.importorskip("prometheus_client.parser")
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
     pytest.skip("chromium is not installed: apt-get install chromium", allow_module_level=True)
 expect = sync_api.expect
 
-PAGE = Path(lowmem_paligemma.__file__).parent / "runtime" / "server" / "static" / "index.html"
+from lowmem_paligemma.runtime.server import engine as engine_module  # noqa: E402
+
 # Without the background-networking flags Chromium keeps calling Google services, which the sandbox blocks.
 CHROMIUM_ARGS = [
     "--headless",
@@ -45,134 +41,28 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-MODEL_ID = "paligemma-fake"
 IMAGE_SIZE = (960, 720)
-# A detection answer as PaliGemma writes it: y0 x0 y1 x1 in 1/1024 of the image, then the label.
-PIECES = ["<loc0128><loc0160>", "<loc0768><loc0640>", " cat"]
-LOCS = (128, 160, 768, 640)
-RSS_BYTES = 3 * 2**29  # 1.50 GiB
+# A segmentation answer as PaliGemma writes it: y0 x0 y1 x1 in 1/1024 of the image, 16 mask codes, the label.
+ANSWER = "<loc0128><loc0160><loc0768><loc0640>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat"
+BOX = (150, 90, 600, 540)  # x = 160 / 1024 * 960, y = 128 / 1024 * 720, ...: pixels of the 960 x 720 image
+MASK_INSET = 8  # of the VAE stub's 64 x 64 cells, on each side: the mask is a rectangle inside the box
 
 
-def box_for(size: tuple[int, int]) -> list[float]:
-    """The box PIECES encode, in pixels of an image of `size`, as the server would parse it."""
-    y0, x0, y1, x1 = LOCS
-    return [x0 / 1024 * size[0], y0 / 1024 * size[1], x1 / 1024 * size[0], y1 / 1024 * size[1]]
+class RectangleVAE:
+    """Stands in for vae-oid.npz: every object's mask is the box less MASK_INSET / 64 of it on each side, so the page's
+    mask is a clean rectangle that can be told apart from the box (the server's own decoding is tested in
+    test_server.py)."""
+
+    def decode_masks(self, codes: list[list[int]]) -> torch.Tensor:
+        mask = -torch.ones(len(codes), 64, 64)  # -1: outside once scaled as clip(m * 0.5 + 0.5, 0, 1)
+        mask[:, MASK_INSET:-MASK_INSET, MASK_INSET:-MASK_INSET] = 1.0
+        return mask
 
 
-def mask_for(size: tuple[int, int]) -> tuple[str, list[float]]:
-    """A mask 40 px inside the box (so box and mask can be told apart), as base64 PNG mode L, and its rectangle."""
-    x0, y0, x1, y1 = box_for(size)
-    inner = [x0 + 40, y0 + 40, x1 - 40, y1 - 40]
-    mask = Image.new("L", size, 0)
-    ImageDraw.Draw(mask).rectangle(inner, fill=255)
-    buffer = io.BytesIO()
-    mask.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode(), inner
-
-
-@dataclass
-class FakeServer:
-    url: str
-    behaviour: str = "stream"  # "stream", "http_400" or "stream_error"
-    api_key: str | None = None
-    requests: list[dict] = field(default_factory=list)  # what the page sent, for the tests to check
-
-
-def chunk_event(delta: dict, finish_reason: str | None = None, **extra: object) -> str:
-    chunk = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": MODEL_ID,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        **extra,
-    }
-    return f"data: {json.dumps(chunk)}\n\n"
-
-
-def error_body(message: str, kind: str, code: int) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code}}
-
-
-async def stream_events(server: FakeServer, image_size: tuple[int, int]) -> AsyncIterator[str]:
-    for i, piece in enumerate(PIECES):
-        event = chunk_event({"content": piece})
-        if i == 1:  # one event in two network chunks, so the page must buffer a partial line
-            yield event[:25]
-            await asyncio.sleep(0.05)
-            event = event[25:]
-        yield event
-        await asyncio.sleep(0.05)
-        if server.behaviour == "stream_error":
-            yield f"data: {json.dumps(error_body('out of memory while decoding', 'server_error', 500))}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-    mask, _ = mask_for(image_size)
-    yield chunk_event(
-        {},
-        "stop",
-        usage={"prompt_tokens": 260, "completion_tokens": 3, "total_tokens": 263},
-        paligemma={
-            "detections": [{"label": "cat", "box": box_for(image_size), "mask": mask}],
-            "timings": {"ttft_s": 0.123, "prefill_s": 0.1, "decode_tokens_per_s": 8.5},
-            "memory": {"rss_bytes": RSS_BYTES},
-        },
-    )
-    yield "data: [DONE]\n\n"
-
-
-def fake_app(server: FakeServer) -> fastapi.FastAPI:
-    app = fastapi.FastAPI()
-
-    @app.get("/")
-    def index() -> responses.HTMLResponse:
-        return responses.HTMLResponse(PAGE.read_text())
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": MODEL_ID}
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "lowmem_paligemma"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: fastapi.Request) -> responses.Response:
-        body = await request.json()
-        authorization = request.headers.get("authorization")
-        url = next(part["image_url"]["url"] for part in body["messages"][0]["content"] if part["type"] == "image_url")
-        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-        server.requests.append(
-            {"body": body, "authorization": authorization, "image_format": image.format, "image_size": image.size}
-        )
-        if server.api_key and authorization != f"Bearer {server.api_key}":
-            return responses.JSONResponse(error_body("invalid API key", "authentication_error", 401), 401)
-        if server.behaviour == "http_400":
-            return responses.JSONResponse(error_body("the image could not be decoded", "invalid_request", 400), 400)
-        return responses.StreamingResponse(stream_events(server, image.size), media_type="text/event-stream")
-
-    return app
-
-
-@pytest.fixture
-def fake_server() -> Iterator[FakeServer]:
-    """A stand-in for `lowmem-paligemma serve`, TO BE REPLACED BY THE REAL SERVER APP once it exists: serves the
-    real index.html and follows the HTTP contract with canned answers. uvicorn in a thread on a free port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    state = FakeServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}")
-    config = uvicorn.Config(fake_app(state), log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the fake server did not start within 10 s"
-        time.sleep(0.02)
-    yield state
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+def mask_rectangle() -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = BOX
+    dx, dy = (x1 - x0) * MASK_INSET / 64, (y1 - y0) * MASK_INSET / 64
+    return x0 + dx, y0 + dy, x1 - dx, y1 - dy
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +74,7 @@ def browser() -> Iterator[sync_api.Browser]:
 
 
 @pytest.fixture
-def page(browser: sync_api.Browser, fake_server: FakeServer) -> Iterator[sync_api.Page]:
+def page(browser: sync_api.Browser, served) -> Iterator[sync_api.Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.set_default_timeout(10_000)  # every click, fill and wait gives up after 10 s
@@ -192,15 +82,30 @@ def page(browser: sync_api.Browser, fake_server: FakeServer) -> Iterator[sync_ap
     context.close()
 
 
-def open_page(page: sync_api.Page, server: FakeServer) -> None:
-    page.goto(server.url + "/")
+def chat_requests(served) -> float:
+    """Chat completions the server has answered so far, any status (its /metrics)."""
+    import httpx
+
+    families = parser.text_string_to_metric_families(httpx.get(served.url + "/metrics", timeout=10).text)
+    chats = [s for family in families for s in family.samples if s.name == "lowmem_http_requests_total"]
+    return sum(s.value for s in chats if s.labels["endpoint"] == "/v1/chat/completions")
+
+
+def sent_chats(page: sync_api.Page) -> list[sync_api.Request]:
+    sent: list[sync_api.Request] = []
+    page.on("request", lambda r: sent.append(r) if r.url.endswith("/v1/chat/completions") else None)
+    return sent
+
+
+def open_page(page: sync_api.Page, served) -> None:
+    page.goto(served.url + "/")
     expect(page.locator("#server-status")).to_have_text(f"model: {MODEL_ID}")
 
 
 def upload_image(page: sync_api.Page, tmp_path: Path) -> None:
     path = tmp_path / "scene.png"
     image = Image.new("RGB", IMAGE_SIZE, (120, 160, 110))
-    ImageDraw.Draw(image).ellipse(box_for(IMAGE_SIZE), fill=(200, 150, 90))
+    ImageDraw.Draw(image).ellipse(BOX, fill=(200, 150, 90))
     image.save(path)
     page.set_input_files("#image-input", path)
     expect(page.locator("#image")).to_be_visible()
@@ -220,41 +125,48 @@ def overlay_rgba(page: sync_api.Page, x: float, y: float) -> list[int]:
     )
 
 
-def test_detect_streams_answer_and_draws_box_and_mask(fake_server, page, tmp_path):
+def test_segment_streams_answer_and_draws_box_and_mask(served, forced, page, tmp_path, monkeypatch):
+    generated = len(forced(ANSWER))
+    monkeypatch.setattr(served.state, "vae", RectangleVAE())
     requested = []
     page.on("request", lambda request: requested.append(request.url))
-    open_page(page, fake_server)
+    sent = sent_chats(page)
+    open_page(page, served)
     upload_image(page, tmp_path)
-    page.click("#task-detect")
-    expect(page.locator("#prompt")).to_have_value("detect ")
+    page.click("#task-segment")
+    expect(page.locator("#prompt")).to_have_value("segment ")
     page.keyboard.type("cat")  # the task button leaves the cursor after the prefix
     page.fill("#max-tokens", "32")
     page.click("#run")
 
-    expect(page.locator("#answer")).to_have_text("".join(PIECES))
+    expect(page.locator("#answer")).to_have_text(ANSWER)
     expect(page.locator("#overlay")).to_have_attribute("data-detections", "1")
-    x0, y0, x1, y1 = box_for(IMAGE_SIZE)
-    expect(page.locator("#detections li")).to_have_text([f"cat [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]"])
-    expect(page.locator("#stat-ttft")).to_have_text("0.12 s")
-    expect(page.locator("#stat-tps")).to_have_text("8.5 tokens/s")
-    expect(page.locator("#stat-rss")).to_have_text("1.50 GiB")
-    expect(page.locator("#stat-tokens")).to_have_text("260 prompt + 3 generated")
+    expect(page.locator("#detections li")).to_have_text(["cat [150, 90, 600, 540]"])
+    expect(page.locator("#stat-ttft")).to_have_text(re.compile(r"^\d+\.\d\d s$"))
+    expect(page.locator("#stat-tps")).to_have_text(re.compile(r"^\d+\.\d tokens/s$"))
+    expect(page.locator("#stat-rss")).to_have_text(re.compile(r"^\d+(\.\d\d GiB| MiB)$"))
+    prompt_tokens = served.session.processor.prompt_inputs("segment cat")[0].shape[1]
+    expect(page.locator("#stat-tokens")).to_have_text(f"{prompt_tokens} prompt + {generated} generated")
     expect(page.locator("#error")).to_be_hidden()
 
-    [sent] = fake_server.requests
-    assert sent["body"]["messages"][0]["content"][0] == {"type": "text", "text": "detect cat"}
-    assert {k: sent["body"][k] for k in ("model", "stream", "max_tokens", "temperature")} == {
+    [request] = sent
+    body = request.post_data_json
+    assert body["messages"][0]["content"][0] == {"type": "text", "text": "segment cat"}
+    assert {k: body[k] for k in ("model", "stream", "max_tokens", "temperature")} == {
         "model": MODEL_ID,
         "stream": True,
         "max_tokens": 32,
         "temperature": 0,
     }
-    assert (sent["image_format"], sent["image_size"]) == ("PNG", IMAGE_SIZE)
+    url = body["messages"][0]["content"][1]["image_url"]["url"]
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert (image.format, image.size) == ("PNG", IMAGE_SIZE)
 
     # The box is the first colour, opaque, on its left edge; the mask a translucent tint inside its own rectangle.
+    x0, y0, x1, y1 = BOX
     middle_y = (y0 + y1) / 2
     assert overlay_rgba(page, x0, middle_y) == [0xE6, 0x19, 0x4B, 255]
-    _, (mx0, my0, mx1, my1) = mask_for(IMAGE_SIZE)
+    mx0, my0, mx1, my1 = mask_rectangle()
     r, g, b, alpha = overlay_rgba(page, (mx0 + mx1) / 2, middle_y)
     assert 90 <= alpha <= 140 and r > g and r > b
     assert overlay_rgba(page, x0 + 10, my1 + 20)[3] == 0  # in the box, outside the mask
@@ -263,51 +175,63 @@ def test_detect_streams_answer_and_draws_box_and_mask(fake_server, page, tmp_pat
     screenshot = tmp_path / "page.png"
     page.screenshot(path=screenshot, full_page=True)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all(url.startswith((fake_server.url, "data:", "blob:")) for url in requested), requested
+    assert all(url.startswith((served.url, "data:", "blob:")) for url in requested), requested
+
+
+def _fail_decoding(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("out of memory while decoding")
 
 
 @pytest.mark.parametrize(
     ("case", "message", "answer"),
     [
-        ("http_400", "HTTP 400: the image could not be decoded", ""),
-        ("stream_error", "Server error during generation: out of memory while decoding", PIECES[0]),
+        ("http_400", "HTTP 400: the prompt must not contain <image>", ""),
+        ("stream_error", "Server error during generation: generation failed: RuntimeError: out of memory while "
+                         "decoding", "<loc0128>"),
         ("network_failure", "Network error:", ""),
         ("no_image", "No image chosen", ""),
     ],
-)
-def test_errors_are_shown(fake_server, page, tmp_path, case, message, answer):
-    fake_server.behaviour = case
+)  # fmt: skip
+def test_errors_are_shown(served, forced, page, tmp_path, monkeypatch, case, message, answer):
+    if case == "stream_error":  # the first token comes from the prefill, then the decode step fails
+        forced(ANSWER)
+        monkeypatch.setattr(engine_module, "decode_rows", _fail_decoding)
     if case == "network_failure":  # the connection drops before any response
-        page.route(f"{fake_server.url}/v1/chat/completions", lambda route: route.abort())
-    open_page(page, fake_server)
+        page.route(f"{served.url}/v1/chat/completions", lambda route: route.abort())
+    before = chat_requests(served)
+    open_page(page, served)
     if case != "no_image":
         upload_image(page, tmp_path)
     page.click("#task-caption")
     expect(page.locator("#prompt")).to_have_value("caption en")
+    if case == "http_400":
+        page.fill("#prompt", "caption <image> en")
     page.click("#run")
 
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error")).to_contain_text(message)
     expect(page.locator("#answer")).to_have_text(answer)
     expect(page.locator("#run")).to_be_enabled()
-    assert len(fake_server.requests) == (1 if case in ("http_400", "stream_error") else 0)
+    assert chat_requests(served) - before == (1 if case in ("http_400", "stream_error") else 0)
 
 
-def test_unauthorized_reveals_api_key_field(fake_server, page, tmp_path):
-    fake_server.api_key = "sekret"
-    open_page(page, fake_server)
+def test_unauthorized_reveals_api_key_field(served, forced, page, tmp_path, monkeypatch):
+    forced(ANSWER)
+    monkeypatch.setattr(served.state, "config", dataclasses.replace(served.state.config, api_key="sekret"))
+    sent = sent_chats(page)
+    open_page(page, served)
     expect(page.locator("#api-key")).to_be_hidden()
     upload_image(page, tmp_path)
     page.click("#task-ocr")
     page.click("#run")
 
     expect(page.locator("#api-key")).to_be_visible()
-    expect(page.locator("#error")).to_contain_text("HTTP 401: invalid API key")
+    expect(page.locator("#error")).to_contain_text("HTTP 401: this server needs an API key")
     page.fill("#api-key", "sekret")
     page.click("#run")
-    expect(page.locator("#answer")).to_have_text("".join(PIECES))
+    expect(page.locator("#answer")).to_have_text(ANSWER)
     expect(page.locator("#error")).to_be_hidden()
-    assert [sent["authorization"] for sent in fake_server.requests] == [None, "Bearer sekret"]
+    assert [request.headers.get("authorization") for request in sent] == [None, "Bearer sekret"]
 
     page.reload()  # the key is remembered, so the field shows with it straight away
     expect(page.locator("#api-key")).to_have_value("sekret")

@@ -205,6 +205,7 @@ class Engine:
         self.capacity = max(0, free - PROMPT_CACHE_BYTES)  # what requests may take beside the model and the caches
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: list[_Running] = []
+        self._starting = 0  # admitted, being prefilled: in neither list, but holding a slot
         self._images: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._prompts: collections.OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         self._prompts = collections.OrderedDict()
@@ -250,7 +251,7 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue + max(0, self.parallel - len(self._running)):
+            if len(self._waiting) >= self.max_queue + max(0, self.parallel - len(self._running) - self._starting):
                 raise Busy(f"{len(self._running)} requests running and {len(self._waiting)} waiting: try again later")
             self._waiting.append(ticket)
             self._lock.notify_all()
@@ -266,8 +267,11 @@ class Engine:
                 if self._stopping:
                     break
                 admit = self._admissible()
+                self._starting = len(admit)
             for ticket in admit:
                 self._start(ticket)
+                with self._lock:
+                    self._starting -= 1
             self._drop_finished()
             if self._running:
                 self._step()
