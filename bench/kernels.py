@@ -1,13 +1,17 @@
-"""The measurements behind the kernel and dtype choices, on this machine (`make bench` runs it).
+"""The measurements behind the kernel and dtype choices, against this machine's ceilings measured in the same run.
 
     python -m bench.kernels
 
-- DRAM read rate: the ceiling of a decode step, which streams every weight once;
-- every candidate kernel of every weight format (lowmem_paligemma/formats/dense.py) on PaliGemma-3B's MLP shape
-  (16384 x 2048), one row (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them
-  (lowmem_paligemma/formats/chooser.py), reported as GB/s of weights read and GFLOP/s;
+- Ceilings: the DRAM read rate (what a decode step, which streams every weight once, cannot beat: the larger of
+  a uint8 max-reduction by torch and our AVX-512 sum, formats/native.cpp `read_bytes`, over 2 GB), and the GEMM
+  rates for a 256-row prefill on PaliGemma-3B's MLP shape: float32 (MKL), bfloat16 (oneDNN), int8 x int8
+  (`torch._int_mm`, VNNI / AMX where the CPU has them);
+- every candidate kernel of every weight format (lowmem_paligemma/formats/) on that shape (16384 x 2048), one row
+  (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them (formats/chooser.py: the
+  fastest of interleaved rounds), as GB/s of weights read and % of the DRAM ceiling, or GFLOP/s;
 - cold disk reads of a checkpoint shard with 1 and 4 reads in flight (the loader keeps 4).
-Writes docs/results/kernels.md.
+Each table row is the median of REPEATS measurements taken in turn, since this machine's memory rate moves from
+second to second. Writes docs/results/kernels.md.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from bench.report import command, header, md_table, set_threads, text_table, wri
 
 THREADS = 2
 SHAPE = (16384, 2048)  # PaliGemma-3B gate_proj / up_proj (out, in)
+PREFILL_ROWS = 256
+REPEATS = 3
 
 
 def cold_read(path: Path, readers: int, chunk: int = 16 << 20) -> float:
@@ -47,36 +53,94 @@ def cold_read(path: Path, readers: int, chunk: int = 16 << 20) -> float:
         os.close(fd)
 
 
-def main() -> None:
+def dram_read_rate() -> float:
+    """Bytes/s of one pass over 2 GB: the larger of torch's uint8 max-reduction and our AVX-512 sum (the native
+    kernels where they built). Shared by bench/generate_speed.py."""
     import torch
 
-    from bench.generate_speed import dram_read_rate
-    from lowmem_paligemma.formats import chooser as kernels
-    from lowmem_paligemma.formats import registry
+    from lowmem_paligemma.formats import native
 
+    raw = torch.ones(2_000_000_000, dtype=torch.uint8)
+    passes = [raw.max]
+    if (nk := native.kernels()) is not None:
+        passes.append(lambda: nk.read_bytes(raw))
+    best = 0.0
+    for one in passes:
+        one()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            one()
+        best = max(best, 3 * raw.numel() / (time.perf_counter() - t0))
+    return best
+
+
+def gemm_rates() -> dict[str, float]:
+    """FLOP/s of a 256-row prefill GEMM on SHAPE: float32, bfloat16 and int8 x int8 -> int32."""
+    import torch
+
+    from lowmem_paligemma.formats.chooser import time_candidates
+
+    o, i = SHAPE
+    g = torch.Generator().manual_seed(0)
+    w32, x32 = torch.randn(o, i, generator=g), torch.randn(PREFILL_ROWS, i, generator=g)
+    w16, x16 = w32.bfloat16(), x32.bfloat16()
+    w8, x8 = w32.mul(20).to(torch.int8), x32.mul(20).to(torch.int8)
+    calls = {"float32 GEMM": lambda: torch.nn.functional.linear(x32, w32),
+             "bfloat16 GEMM": lambda: torch.nn.functional.linear(x16, w16),
+             "int8 GEMM (_int_mm)": lambda: torch._int_mm(x8, w8.t())}  # fmt: skip
+    with torch.inference_mode():
+        seconds = time_candidates(calls).seconds
+    return {name: 2 * PREFILL_ROWS * o * i / s for name, s in seconds.items()}
+
+
+def candidate_rows(dram: float) -> list[list[str]]:
+    import torch
+
+    from lowmem_paligemma.formats import registry
+    from lowmem_paligemma.formats.chooser import _measure
+
+    o, i = SHAPE
+    rows = []
+    for fmt_name, dtype in (("dense", torch.bfloat16), ("dense", torch.float16), ("int8", torch.bfloat16),
+                            ("int4", torch.bfloat16)):  # fmt: skip
+        fmt = registry.get(fmt_name)
+        weight_bytes = fmt.weight_bytes(o, i, dtype)
+        for key, s in sorted(_measure(fmt, SHAPE, dtype).seconds.items()):
+            phase, name = key.split()
+            if phase == "decode":
+                rate = f"{weight_bytes / s / 1e9:.1f} GB/s ({weight_bytes / s / dram:.0%} of DRAM)"
+            else:
+                rate = f"{2 * PREFILL_ROWS * o * i / s / 1e9:.0f} GFLOP/s"
+            rows.append([f"{fmt_name} {str(dtype).removeprefix('torch.')} {phase}", name, f"{s * 1e3:.2f}", rate])
+    return rows
+
+
+def main() -> None:
     set_threads(THREADS)
     cmd = command("bench.kernels", [])
-    rows = []
-    dram = dram_read_rate()
-    rows.append(["DRAM read (max of 4 GB uint8)", "-", "-", f"{dram / 1e9:.1f} GB/s"])
-    o, i = SHAPE
-    for fmt, dtype, bytes_per_weight in (("dense", torch.bfloat16, 2), ("dense", torch.float16, 2),
-                                         ("int8", torch.bfloat16, 1), ("int4", torch.bfloat16, 0.5)):  # fmt: skip
-        for key, s in sorted(kernels._measure(registry.get(fmt), SHAPE, dtype).seconds.items()):
-            phase, name = key.split()
-            rate = (f"{o * i * bytes_per_weight / s / 1e9:.1f} GB/s" if phase == "decode"
-                    else f"{2 * kernels.PREFILL_ROWS * o * i / s / 1e9:.0f} GFLOP/s")  # fmt: skip
-            rows.append([f"{fmt} {str(dtype).removeprefix('torch.')} {phase}", name, f"{s * 1e3:.2f}", rate])
+    drams = [dram_read_rate() for _ in range(REPEATS)]
+    dram = statistics.median(drams)
+    gemm = [gemm_rates() for _ in range(REPEATS)]
+    rows = [["DRAM read ceiling (2 GB, median of 3)", "-", "-",
+             f"{dram / 1e9:.1f} GB/s (runs {', '.join(f'{d / 1e9:.1f}' for d in drams)})"]]  # fmt: skip
+    for name in gemm[0]:
+        rate = statistics.median(g[name] for g in gemm)
+        rows.append([f"{name} ceiling, {PREFILL_ROWS} x {SHAPE[1]} @ {SHAPE[1]} x {SHAPE[0]}", "-", "-",
+                     f"{rate / 1e9:.0f} GFLOP/s"])  # fmt: skip
+    rows += candidate_rows(dram)
     shard = max(ensure_checkpoint("bf16").glob("*.safetensors"), key=lambda f: f.stat().st_size)
     size = shard.stat().st_size
     for readers in (1, 4):
-        s = statistics.median(cold_read(shard, readers) for _ in range(3))
+        s = statistics.median(cold_read(shard, readers) for _ in range(REPEATS))
         rows.append([f"cold read of a {size / 1e9:.1f} GB shard", f"{readers} in flight", f"{s * 1e3:.0f}",
                      f"{size / s / 1e9:.2f} GB/s"])  # fmt: skip
-    cols = ("measurement", "kernel", "median ms", "rate")
+    cols = ("measurement", "kernel", "fastest ms", "rate")
     print(text_table(cols, rows))
-    what = (f"Shapes: PaliGemma-3B's MLP weight {o} x {i}; decode = 1 row, prefill = {kernels.PREFILL_ROWS} rows; "
-            f"{THREADS} threads; the chooser's timing (a warm-up, then the median of up to 5 runs).")  # fmt: skip
+    what = (
+        f"Shapes: PaliGemma-3B's MLP weight {SHAPE[0]} x {SHAPE[1]}; decode = 1 row, prefill = {PREFILL_ROWS} "
+        f"rows; {THREADS} threads; the chooser's timing (a warm-up, then the fastest of interleaved rounds). "
+        "Decode rates count the bytes the format holds for the layer (int8 and int4 with their scales)."
+    )
     write("kernels", header("Kernel measurements", cmd, what) + md_table(cols, rows))
 
 

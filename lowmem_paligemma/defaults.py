@@ -10,6 +10,9 @@ MAX_NEW_TOKENS = 32  # new tokens of a request
 ASSUMED_TEXT_TOKENS = 64
 CHUNK_BYTES = 64 << 20  # the loader's read chunks: a bound on the temporaries alive beyond the model
 STAGING_BYTES = 32 << 20  # the layer streamer's staging buffers together (layers converted or quantized as read)
+# Queries attended at once in a long prefill: the scores (heads x chunk x keys) never exceed this many rows, so an
+# 896-px image (4,096 tokens) does not hold heads x 4,096 x 4,096 scores (budget/memory.py counts the same bound).
+ATTENTION_QUERY_CHUNK = 1024
 
 
 def assumed_prompt_tokens(num_image_tokens: int) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import defaults
 from ..model.config import GemmaConfig, PaliGemmaConfig
 
 FLOAT32 = 4  # bytes: softmax and sampling run in float32
@@ -32,9 +33,10 @@ def prefill_bytes(cfg: PaliGemmaConfig, prompt_len: int, dtype: torch.dtype, bat
     the budget planner (residency.py) must not undershoot."""
     t, L, item = cfg.text, prompt_len, dtype.itemsize
     n, k, h = t.num_attention_heads, t.num_key_value_heads, t.head_dim
-    # Attention scores (B, N, L, L): a float32 softmax and two model-dtype copies on the soft-capped eager path
-    # (Gemma 2); SDPA's math fallback (Gemma 1) is the same size.
-    scores = n * L * L * (FLOAT32 + 2 * item)
+    # Attention scores (B, N, C, L) for C = min(L, ATTENTION_QUERY_CHUNK) queries at a time (gemma._attend): a
+    # float32 softmax and two model-dtype copies on the soft-capped eager path (Gemma 2); SDPA's math fallback
+    # (Gemma 1) is the same size.
+    scores = n * min(L, defaults.ATTENTION_QUERY_CHUNK) * L * (FLOAT32 + 2 * item)
     # paligemma.make_attn_mask: (B, 1, L, L) in the model dtype with its boolean temporaries, one per mask kind.
     masks = (2 if t.sliding_window else 1) * L * L * (item + 3)
     # gate and up, (B, L, I) each (gemma.GemmaMLP takes the gelu and the product in place), and one more (B, L, I)
@@ -49,7 +51,8 @@ def prefill_bytes(cfg: PaliGemmaConfig, prompt_len: int, dtype: torch.dtype, bat
 def vision_bytes(cfg: PaliGemmaConfig, dtype: torch.dtype, batch: int = 1) -> int:
     """The largest temporaries of the vision tower (runs before the KV cache exists)."""
     v, P, item = cfg.vision, cfg.num_image_tokens, dtype.itemsize
-    scores = v.num_attention_heads * P * P * (FLOAT32 + 2 * item)  # (B, heads, P, P), as the text scores
+    chunk = min(P, defaults.ATTENTION_QUERY_CHUNK)  # queries at a time (siglip.SiglipAttention)
+    scores = v.num_attention_heads * chunk * P * (FLOAT32 + 2 * item)  # (B, heads, C, P), as the text scores
     mlp = 3 * P * v.intermediate_size * item  # fc1's output (its gelu in place) and two more (B, P, I) of margin
     return batch * (scores + mlp + 8 * P * v.hidden_size * FLOAT32)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import defaults
 from ..formats.dense import Embedding, Linear
 from .config import GemmaConfig
 
@@ -141,7 +142,21 @@ class GemmaAttention(nn.Module):
         return self.o_proj(self._attend(q, k, v, mask))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, N, T, H) against k, v (B, K, S, H) with an additive mask (B, 1, T, S) -> (B, T, N*H)."""
+        """q (B, N, T, H) against k, v (B, K, S, H) with an additive mask (B, 1, T, S) -> (B, T, N*H); a long prompt's
+        queries ATTENTION_QUERY_CHUNK at a time (each query row's arithmetic is the same: only the scores held at once
+        shrink, heads x chunk x S instead of heads x T x S)."""
+        t, chunk = q.shape[2], defaults.ATTENTION_QUERY_CHUNK
+        if t <= chunk:
+            return self._attend_block(q, k, v, mask)
+        blocks = []
+        for i in range(0, t, chunk):
+            rows = None if mask is None else mask[:, :, i : i + chunk]
+            blocks.append(self._attend_block(q[:, :, i : i + chunk], k, v, rows))
+        return torch.cat(blocks, 1)
+
+    def _attend_block(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, t = q.shape[0], q.shape[2]
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and t == 1:

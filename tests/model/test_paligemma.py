@@ -98,3 +98,28 @@ def test_make_attn_mask_docstring_example():
     # Decoding one token at position 4 over 5 keys, with the first key padded.
     step = make_attn_mask(tt, torch.tensor([[0, 1, 1, 1, 1]]), 4, None, torch.float32)
     assert step.shape == (1, 1, 1, 5) and (step[0, 0, 0] == 0).tolist() == [False, True, True, True, True]
+
+
+@pytest.mark.parametrize("gemma2", [False, True])
+def test_long_prompts_attend_a_chunk_of_queries_at_a_time_to_the_same_logits(
+    gemma2, monkeypatch, tiny_pg1_dir, tiny_pg2_dir
+):
+    """Queries in chunks (an 896-px prompt's 4,100 rows, here 5 of the tiny model's 20 + 16 patches): the logits of all
+    queries at once (the path the transformers parity tests check bit for bit) up to float32 summation order, and the
+    same greedy tokens, in the vision tower and in the decoder (Gemma 2's window and caps too)."""
+    from lowmem_paligemma import defaults
+
+    model = load_model(tiny_pg2_dir if gemma2 else tiny_pg1_dir, dtype=torch.float32).model
+    cfg = model.cfg
+    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2] + list(range(300, 319)) + [108]])
+    pixels = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    from lowmem_paligemma.model.generate import generate
+
+    run = lambda: list(generate(model, ids, pixel_values=pixels, max_new_tokens=8, eos_token_ids=[]))  # noqa: E731
+    with torch.inference_mode():
+        whole, whole_tokens = model(ids, pixels), run()
+        monkeypatch.setattr(defaults, "ATTENTION_QUERY_CHUNK", 5)
+        chunked, chunked_tokens = model(ids, pixels), run()
+    assert ids.shape[1] > 5 and cfg.num_image_tokens > 5
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert chunked_tokens == whole_tokens

@@ -144,7 +144,7 @@ def test_segment_streams_answer_and_draws_box_and_mask(served, forced, page, tmp
     expect(page.locator("#detections li")).to_have_text(["cat [150, 90, 600, 540]"])
     expect(page.locator("#stat-ttft")).to_have_text(re.compile(r"^\d+\.\d\d s$"))
     expect(page.locator("#stat-tps")).to_have_text(re.compile(r"^\d+\.\d tokens/s$"))
-    expect(page.locator("#stat-rss")).to_have_text(re.compile(r"^\d+(\.\d\d GiB| MiB)$"))
+    expect(page.locator("#stat-rss")).to_have_text(re.compile(r"^\d+\.(\d\d GB|\d MB)$"))
     prompt_tokens = served.session.processor.prompt_inputs("segment cat")[0].shape[1]
     expect(page.locator("#stat-tokens")).to_have_text(f"{prompt_tokens} prompt + {generated} generated")
     expect(page.locator("#error")).to_be_hidden()

@@ -1,0 +1,128 @@
+"""Load speed: PaliGemma-3B's bfloat16 checkpoint from the page cache and from the disk, against the machine's rates.
+
+    python -m bench.load_speed [--checkpoint DIR]
+
+Each load runs in a fresh process (bench/supervise.py) with its kernel plan given (`--kernels`, what the chooser
+picked on this machine: a load that times kernels first measures the chooser, not the load), and reports its
+wall time, the bytes loaded, GB/s and its peak RSS (anon / file):
+- warm: the checkpoint read into the page cache first; `load_model(dtype=bfloat16)` (preads into the parameters),
+  `--zero-copy` (the shards mapped), `--quantize int8` and `int4` (quantized as read), and the same checkpoint
+  converted once with `convert --quantize int8` (read as stored);
+- cold: the checkpoint's pages dropped first; the disk's own rate is a cold sequential read of the largest shard
+  (4 reads in flight, as the loader keeps), measured before the loads.
+Writes docs/results/load_speed.md. Nothing else may run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench.common import ROOT, checkpoint_bytes, ensure_checkpoint
+from bench.kernels import cold_read
+from bench.pagecache import set_page_cache
+from bench.report import command, gb, header, md_table, set_threads, text_table, verdict, write
+from bench.supervise import protect_the_machine, run_child
+
+THREADS = 2
+REPEATS = 3
+KERNELS = "dense=native/upcast,int8=native/int_mm,int4=native/upcast"  # this machine's choice (bench/kernels.py)
+# name -> (cache, load options, which checkpoint)
+RUNS = {
+    "warm bf16": ("warm", {}, "bf16"),
+    "warm bf16 --zero-copy": ("warm", {"zero_copy": True}, "bf16"),
+    "warm --quantize int8": ("warm", {"quantize": "int8"}, "bf16"),
+    "warm --quantize int4": ("warm", {"quantize": "int4"}, "bf16"),
+    "warm pre-quantized int8": ("warm", {}, "int8-stored"),
+    "cold bf16": ("cold", {}, "bf16"),
+}
+
+
+def child(name: str, path: Path, out: Path) -> None:
+    protect_the_machine()
+    import torch
+
+    from lowmem_paligemma import load_model
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler
+
+    set_threads(THREADS)
+    cache, options, _ = RUNS[name]
+    set_page_cache(path, cache)
+    with MemoryProfiler(interval=0.02) as prof:
+        t0 = time.perf_counter()
+        loaded = load_model(path, dtype=torch.bfloat16, kernels=KERNELS, **options)
+        seconds = time.perf_counter() - t0
+    peak = prof.peak()
+    out.write_text(json.dumps({"seconds": seconds, "weight_bytes": loaded.weight_bytes, "file_bytes":
+                               checkpoint_bytes(path), "peak_rss": peak.hwm or peak.rss, "peak_anon": peak.anon,
+                               "peak_file": peak.file}))  # fmt: skip
+
+
+def converted(source: Path) -> Path:
+    """The bf16 checkpoint converted once with `convert --quantize int8` (kept beside it)."""
+    from lowmem_paligemma.pretrained.convert import convert_checkpoint
+
+    dst = source.parent / f"{source.name}-int8-stored"
+    if not (dst / "config.json").is_file():
+        convert_checkpoint(source, dst, dtype="bfloat16", quantize="int8")
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="a bf16 checkpoint (default: the full-size PaliGemma-3B)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.checkpoint, args.out)
+        return
+    set_threads(THREADS)
+    source = args.checkpoint or ensure_checkpoint("bf16")
+    paths = {"bf16": source, "int8-stored": converted(source)}
+    shard = max(source.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    disk = statistics.median(shard.stat().st_size / cold_read(shard, 4) for _ in range(REPEATS))
+    out_dir = ROOT / "out" / "load_speed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, results = [], {}
+    for name, (_, _, which) in RUNS.items():
+        runs = []
+        for k in range(REPEATS):
+            c = run_child("bench.load_speed", ["--child", name, "--checkpoint", str(paths[which])],
+                          out_dir / f"{k}.json", out_dir / f"{k}.log", timeout_s=900)  # fmt: skip
+            if c.status != "ok":
+                raise SystemExit(f"{name}: {c.status} {c.note}")
+            runs.append(c.result)
+        r = sorted(runs, key=lambda x: x["seconds"])[REPEATS // 2]  # the median run
+        results[name] = r | {"all_s": [x["seconds"] for x in runs]}
+        rate = r["file_bytes"] / r["seconds"]
+        rows.append([name, f"{r['seconds']:.2f} ({', '.join(f'{s:.2f}' for s in results[name]['all_s'])})",
+                     gb(r["file_bytes"]), f"{rate / 1e9:.2f}", f"{gb(r['peak_rss'])} ({gb(r['peak_anon'])} / "
+                     f"{gb(r['peak_file'])})"])  # fmt: skip
+        print(rows[-1], file=sys.stderr)
+    warm, cold = results["warm bf16"]["seconds"], results["cold bf16"]["seconds"]
+    q8 = results["warm --quantize int8"]["seconds"]
+    targets = [
+        ["16-bit load from the page cache <= 2 s", f"{warm:.2f} s", verdict(warm <= 2.0)],
+        ["... mapped (--zero-copy)", f"{results['warm bf16 --zero-copy']['seconds']:.2f} s",
+         verdict(results["warm bf16 --zero-copy"]["seconds"] <= 2.0)],
+        ["quantize-at-load (int8) <= 2x the 16-bit load", f"{q8 / warm:.2f}x", verdict(q8 <= 2 * warm)],
+        ["cold load <= 1.2x the disk's rate", f"{cold * disk / results['cold bf16']['file_bytes']:.2f}x",
+         verdict(cold <= 1.2 * results["cold bf16"]["file_bytes"] / disk)],
+    ]  # fmt: skip
+    cols = ("load", "seconds (median; runs)", "checkpoint bytes", "GB/s of the file", "peak RSS (anon / file)")
+    print(text_table(cols, rows))
+    what = (f"{source.name} (bfloat16 {gb(checkpoint_bytes(source))}) loaded as bfloat16 with kernels {KERNELS}; "
+            f"{THREADS} threads; each load in a fresh process, median of {REPEATS}; the disk reads "
+            f"{disk / 1e9:.2f} GB/s cold (largest shard, 4 reads in flight, median of {REPEATS}).")  # fmt: skip
+    doc = header("Load speed", command("bench.load_speed", argv), what)
+    doc += [*md_table(cols, rows), "", "## Targets", "", *md_table(("target", "this run", "verdict"), targets)]
+    write("load_speed", doc)
+
+
+if __name__ == "__main__":
+    main()
