@@ -50,6 +50,19 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tu
     return q.view(n, i), scale.to(dtype)
 
 
+def quantize_int4_packed(
+    w: torch.Tensor, dtype: torch.dtype, group: int = GROUP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (n, I) -> the layer's bytes (n, I/2) uint8 and scale (n, I / group) in `dtype`: `quantize_int4` then
+    `pack_int4`, in one native.cpp loop where it built (the same bytes, at ten times the rate)."""
+    nk = native.kernels()
+    if nk is not None and w.device.type == "cpu" and w.dim() == 2 and group % 32 == 0:
+        packed, scale = nk.quantize_int4(w.contiguous(), dtype, group)
+        return packed, scale.to(dtype)
+    q, scale = quantize_int4(w, dtype, group)
+    return pack_int4(q).view(torch.uint8), scale
+
+
 def int4_kernel_ok(out_features: int, in_features: int, group: int = GROUP) -> bool:
     """The shapes the int4 layers take: whole groups per row, groups the native kernels step through (32 values
     at a time), rows in multiples of 16 (the layout torch's and compressed-tensors' int4 kernels want too)."""
@@ -139,9 +152,9 @@ class Int4Linear(nn.Module):
         }
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
-        q, scale = quantize_int4(rows, self.weight_scale.dtype, self.group)
-        self.weight_packed[start : start + len(q)] = pack_int4(q).view(torch.uint8)
-        self.weight_scale[start : start + len(q)] = scale
+        packed, scale = quantize_int4_packed(rows, self.weight_scale.dtype, self.group)
+        self.weight_packed[start : start + len(packed)] = packed
+        self.weight_scale[start : start + len(packed)] = scale
 
     def _fill_packed(self, packed: torch.Tensor, start: int) -> None:
         if sys.byteorder != "little":  # the nibble order is the bytes of little-endian words
@@ -239,8 +252,8 @@ class Int4Format(WeightFormat):
         }
 
     def stored_rows(self, rows: torch.Tensor, leaf: str, dtype: torch.dtype) -> torch.Tensor:
-        q, scale = quantize_int4(rows, dtype, GROUP)
-        return pack_int4(q) if leaf == "weight_packed" else scale
+        packed, scale = quantize_int4_packed(rows, dtype, GROUP)
+        return packed.view(torch.int32) if leaf == "weight_packed" else scale
 
     def stored_constants(self, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
         return {"weight_shape": torch.tensor([out_features, in_features])}

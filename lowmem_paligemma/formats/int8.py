@@ -33,7 +33,12 @@ from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratc
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, I) -> q (n, I) int8, scale (n,) in `dtype`."""
+    """w (n, I) -> q (n, I) int8, scale (n,) in `dtype` (native.cpp's loop where it built: the same rule, to the bit,
+    at ten times the rate, which is most of a quantizing load)."""
+    nk = native.kernels()
+    if nk is not None and w.device.type == "cpu" and w.dim() == 2 and w.shape[1] % 16 == 0:
+        q, scale = nk.quantize_int8(w.contiguous(), dtype)
+        return q, scale.to(dtype)
     w = w.float()
     scale = round_scale_up(w.abs().amax(1) / 127, dtype)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)

@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -278,6 +280,113 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, in
   });
 }
 
+// --- quantizing while a checkpoint streams (formats/int8.py, int4.py: the same rule, to the bit) --------------
+
+namespace {
+
+// A float32 scale -> the nearest value of `kind` at or above it (0 -> 1), as float32 (base.round_scale_up).
+float round_scale_up(float s, torch::ScalarType kind) {
+  if (!(s > 0)) return 1.0f;
+  if (kind == torch::kFloat32) return s;
+  if (kind == torch::kBFloat16) {
+    at::BFloat16 r(s);
+    if ((float)r < s) r.x += 1;  // positive floats order like their bit patterns: one step up
+    return (float)r;
+  }
+  at::Half r(s);
+  if ((float)r < s) r.x += 1;
+  return (float)r;
+}
+
+// Row (or group) values as float32: what `w.float()` gives.
+void widen(const torch::Tensor& w, int64_t row, int64_t n, float* out) {
+  const int64_t I = w.size(1);
+  if (w.scalar_type() == torch::kFloat32) {
+    std::copy(w.data_ptr<float>() + row * I, w.data_ptr<float>() + row * I + n, out);
+  } else if (w.scalar_type() == torch::kBFloat16) {
+    const at::BFloat16* p = w.data_ptr<at::BFloat16>() + row * I;
+    for (int64_t i = 0; i < n; ++i) out[i] = (float)p[i];
+  } else {
+    const at::Half* p = w.data_ptr<at::Half>() + row * I;
+    for (int64_t i = 0; i < n; ++i) out[i] = (float)p[i];
+  }
+}
+
+// q = round-half-even(v / scale) clamped to [lo, hi], 16 at a time (IEEE division, as torch's).
+inline __m512i quantize16(const float* v, __m512 scale, __m512 lo, __m512 hi) {
+  __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v), scale), _MM_FROUND_TO_NEAREST_INT);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
+}
+
+float absmax(const float* v, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+  float r = _mm512_reduce_max_ps(m);
+  for (; i < n; ++i) r = std::max(r, std::fabs(v[i]));
+  return r;
+}
+
+}  // namespace
+
+// w (n, I) float rows -> q (n, I) int8, scale (n,) float32 holding values of `kind`: scale = max|w| / 127 rounded
+// up to `kind`, q = round(w / scale) in [-127, 127]. I a multiple of 16.
+std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w, torch::ScalarType kind) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 16 == 0, "contiguous (n, I) rows, I % 16 == 0");
+  const int64_t n = w.size(0), I = w.size(1);
+  auto q = torch::empty({n, I}, torch::kInt8);
+  auto scale = torch::empty({n}, torch::kFloat32);
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(I);
+    const __m512 lo = _mm512_set1_ps(-127), hi = _mm512_set1_ps(127);
+    for (int64_t r = r0; r < r1; ++r) {
+      widen(w, r, I, row.data());
+      const float s = round_scale_up(absmax(row.data(), I) / 127.0f, kind);
+      sp[r] = s;
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int64_t i = 0; i < I; i += 16)
+        _mm_storeu_si128((__m128i*)(qp + r * I + i), _mm512_cvtepi32_epi8(quantize16(row.data() + i, sv, lo, hi)));
+    }
+  });
+  return {q, scale};
+}
+
+// w (n, I) float rows -> compressed-tensors' int4 bytes (n, I/2) uint8 (value 2j low nibble, 2j+1 high, q + 8)
+// and scale (n, I/group) float32 holding values of `kind`: per group scale = max|w| / 7.5 rounded up,
+// q = round(w / scale) in [-8, 7].
+std::vector<torch::Tensor> quantize_int4(const torch::Tensor& w, torch::ScalarType kind, int64_t group) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && group % 32 == 0 && w.size(1) % group == 0,
+              "contiguous (n, I) rows in groups of a multiple of 32");
+  const int64_t n = w.size(0), I = w.size(1), G = I / group;
+  auto packed = torch::empty({n, I / 2}, torch::kUInt8);
+  auto scale = torch::empty({n, G}, torch::kFloat32);
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(I);
+    alignas(64) int32_t q[32];
+    const __m512 lo = _mm512_set1_ps(-8), hi = _mm512_set1_ps(7);
+    for (int64_t r = r0; r < r1; ++r) {
+      widen(w, r, I, row.data());
+      for (int64_t g = 0; g < G; ++g) {
+        const float* v = row.data() + g * group;
+        const float s = round_scale_up(absmax(v, group) / 7.5f, kind);
+        sp[r * G + g] = s;
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int64_t i = 0; i < group; i += 32) {
+          _mm512_store_si512((void*)q, quantize16(v + i, sv, lo, hi));
+          _mm512_store_si512((void*)(q + 16), quantize16(v + i + 16, sv, lo, hi));
+          uint8_t* out = pp + r * (I / 2) + (g * group + i) / 2;
+          for (int k = 0; k < 16; ++k) out[k] = (uint8_t)((q[2 * k] + 8) | ((q[2 * k + 1] + 8) << 4));
+        }
+      }
+    }
+  });
+  return {packed, scale};
+}
+
 // Bytes/s ceiling: the sum of a large int64 buffer, read once by every thread's share (what decode is bound by).
 double read_bytes(const torch::Tensor& buf) {
   const int64_t n = buf.numel() / 8 / 8 * 8;
@@ -298,5 +407,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   m.def("dequantize_int4", &dequantize_int4);
+  m.def("quantize_int8", &quantize_int8);
+  m.def("quantize_int4", &quantize_int4);
   m.def("read_bytes", &read_bytes);
 }

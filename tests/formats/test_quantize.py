@@ -193,3 +193,38 @@ def test_impossible_combinations_are_one_clear_error(tiny_pg2_dir):
     mapped = load_model(tiny_pg2_dir, dtype=torch.float32, quantize="int8", zero_copy=True).model
     copied = load_model(tiny_pg2_dir, dtype=torch.float32, quantize="int8").model
     assert all(torch.equal(a, b) for a, b in zip(mapped.parameters(), copied.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_native_quantizers_give_the_same_bits(dtype):
+    """native.cpp's int8 and int4 loops against the torch arithmetic, on rows with zeros, ties and wide ranges."""
+    from lowmem_paligemma.formats import native
+    from lowmem_paligemma.formats.int4 import pack_int4, quantize_int4_packed
+
+    if native.kernels() is None:
+        pytest.skip("the native kernels are not available on this machine")
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(33, 256, generator=g) * torch.logspace(-4, 2, 33)[:, None]).to(dtype)
+    w[3] = 0  # an all-zero row: scale 1
+    w[5, :8] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127, -127, 63.5]).to(dtype)  # ties at the rounding points
+    q, scale = quantize_int8(w, dtype)
+    with monkeypatch_native_off():
+        q_ref, scale_ref = quantize_int8(w, dtype)
+        packed_ref = pack_int4(quantize_int4(w, dtype)[0]).view(torch.uint8)
+        scale4_ref = quantize_int4(w, dtype)[1]
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    packed, scale4 = quantize_int4_packed(w, dtype)
+    assert torch.equal(packed, packed_ref) and torch.equal(scale4, scale4_ref)
+
+
+class monkeypatch_native_off:
+    """The torch arithmetic for a block: native.kernels() answers None."""
+
+    def __enter__(self):
+        from lowmem_paligemma.formats import native
+
+        self.native, self.saved = native, native.kernels
+        native.kernels = lambda: None
+
+    def __exit__(self, *exc):
+        self.native.kernels = self.saved
