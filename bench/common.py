@@ -53,3 +53,51 @@ def ensure_checkpoint(kind: str = "fp32", preset: str = PRESET) -> Path:
 
 def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def token_times(tokens) -> tuple[list[float], list[int]]:
+    """(perf_counter() as each token of the iterable arrives, the tokens): ours' `generate` timed token by token."""
+    times, ids = [], []
+    for token in tokens:
+        times.append(time.perf_counter())
+        ids.append(int(token))
+    return times, ids
+
+
+def hf_token_times(model, new_tokens: int, **inputs) -> tuple[list[float], list[int]]:
+    """`token_times` for transformers' greedy `generate` of `new_tokens` tokens (its streamer is handed the prompt
+    first, then one token per step), so time to first token and the decode rate after it come from one
+    generation, on the same clock as ours."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    times: list[float] = []
+    ids: list[int] = []
+
+    class Clock(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                times.append(time.perf_counter())
+                ids.append(int(value.reshape(-1)[0]))
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       streamer=Clock())  # fmt: skip
+    return times, ids
+
+
+def bench_prompt(cfg):
+    """(ids (1, L), pixels (1, 3, S, S)): the image tokens, BOS, three text tokens and the newline; a fixed image."""
+    import torch
+
+    text = [t % cfg.text.vocab_size for t in (1000, 2000, 3000)]  # any vocabulary, tiny ones too
+    ids = [cfg.image_token_index] * cfg.num_image_tokens + [cfg.bos_token_id, *text, 108]
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
+    return torch.tensor([ids]), pixels

@@ -4,9 +4,10 @@ the machine's ceilings measured in the same run.
     python -m bench.generate_speed [--only ours-bf16,hf-bf16] [--checkpoint DIR]
 
 Every configuration runs in its own fresh process (bench/supervise.py) with the same prompt (256 image tokens +
-BOS + 3 text tokens + newline), the same threads, greedy decoding, one warm-up, then the median of 3 repeats:
-- prefill = wall time of a 1-token generation (image encoding + prefill + first token);
-- decode  = 32 more tokens: 32 / (time of a 33-token generation - time of the 1-token one);
+BOS + 3 text tokens + newline), the same threads, greedy decoding, one warm-up, then the median of 3 repeats of
+one 33-token generation, each token's arrival timed (ours as `generate` yields it, transformers' by its streamer):
+- prefill = time to the first token (image encoding + prefill + first token);
+- decode  = the 32 tokens after it: 32 / (last arrival - first arrival);
 - GB/s    = the weight bytes a decode step reads (decoder + the tied table for the logits) x tokens/s, beside the
   machine's DRAM read rate (bench/kernels.py `dram_read_rate`, measured in the parent before and after the
   runs: their mean is the ceiling, both are reported);
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ensure_checkpoint
+from bench.common import bench_prompt, ensure_checkpoint, hf_token_times, token_times
 from bench.kernels import dram_read_rate, gemm_rates
 from bench.report import ROOT, command, gb, header, md_table, set_threads, text_table, verdict, write
 from bench.supervise import protect_the_machine, run_child
@@ -65,16 +66,6 @@ PRESETS = {"bf16": ("bf16", "paligemma-3b-224"), "fp32": ("fp32", "paligemma-3b-
            "pg2-bf16": ("bf16", "paligemma2-3b-224")}  # a run's source -> (checkpoint dtype, preset)  # fmt: skip
 
 
-def _prompt(cfg):
-    import torch
-
-    text = [t % cfg.text.vocab_size for t in (1000, 2000, 3000)]  # any vocabulary, tiny ones too
-    ids = [cfg.image_token_index] * cfg.num_image_tokens + [cfg.bos_token_id, *text, 108]
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
-    return torch.tensor([ids]), pixels
-
-
 def decode_read_bytes(model) -> int:
     """Bytes one decode step reads: every decoder weight and the tied table (logits); not the vision tower."""
     lm = model.language_model.model if hasattr(model, "language_model") else model.model.language_model
@@ -103,7 +94,7 @@ def child(name: str, path: Path, out: Path) -> None:
     impl, dtype_name, quantize, kernels, _, _ = RUNS[name]
     set_threads(THREADS)
     dtype = getattr(torch, dtype_name)
-    ids, pixels = _prompt(load_config(path))
+    ids, pixels = bench_prompt(load_config(path))
     t0 = time.perf_counter()
     if impl == "ours":
         from lowmem_paligemma import generate, load_model
@@ -111,21 +102,19 @@ def child(name: str, path: Path, out: Path) -> None:
         loaded = load_model(path, dtype=dtype, quantize=quantize, kernels=kernels)
         model, plan = loaded.model, loaded.kernels.lines()
 
-        def run(n: int) -> list[int]:
-            return list(generate(model, ids, pixel_values=pixels, max_new_tokens=n, eos_token_ids=[]))
+        def run(n: int) -> tuple[list[float], list[int]]:
+            return token_times(generate(model, ids, pixel_values=pixels, max_new_tokens=n,
+                                   eos_token_ids=[]))  # fmt: skip
     else:
         from transformers import PaliGemmaForConditionalGeneration
 
         model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
-        types, mask, plan = torch.zeros_like(ids), torch.ones_like(ids), []
+        inputs = {"input_ids": ids, "pixel_values": pixels.to(dtype), "token_type_ids": torch.zeros_like(ids),
+                  "attention_mask": torch.ones_like(ids)}  # fmt: skip
+        plan = []
 
-        def run(n: int) -> list[int]:
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids, pixel_values=pixels.to(dtype), token_type_ids=types, attention_mask=mask,
-                    max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                )  # fmt: skip
-            return out[0, ids.shape[1] :].tolist()
+        def run(n: int) -> tuple[list[float], list[int]]:
+            return hf_token_times(model, n, **inputs)
 
     load_s = time.perf_counter() - t0
     loaded = current_rss()
@@ -134,16 +123,14 @@ def child(name: str, path: Path, out: Path) -> None:
     with MemoryProfiler(interval=0.02) as prof:
         for _ in range(REPEATS):
             t0 = time.perf_counter()
-            run(1)
-            t1 = time.perf_counter()
-            tokens = run(1 + NEW_TOKENS)
-            short.append(t1 - t0)
-            long.append(time.perf_counter() - t1)
+            times, tokens = run(1 + NEW_TOKENS)
+            short.append(times[0] - t0)
+            long.append(times[-1] - times[0])
     prefill_s = statistics.median(short)
     peak = prof.peak()
     result = {
         "name": name, "load_s": load_s, "prefill_s": prefill_s,
-        "decode_tps": NEW_TOKENS / (statistics.median(long) - prefill_s), "read_bytes": decode_read_bytes(model),
+        "decode_tps": NEW_TOKENS / statistics.median(long), "read_bytes": decode_read_bytes(model),
         "loaded_rss": loaded["rss"], "peak_rss": peak.rss, "peak_anon": peak.anon, "peak_file": peak.file,
         "tokens": tokens, "kernels": plan, "flops": prefill_flops(load_config(path), ids.shape[1]),
     }  # fmt: skip

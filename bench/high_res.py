@@ -5,10 +5,12 @@ token sliding window), ours against transformers, and our peak RSS against memor
 
 Full-size synthetic checkpoints in bfloat16 (bench/common.py); each run in a fresh process (bench/supervise.py),
 the same prompt (image tokens + BOS + 3 text tokens + newline), greedy, bfloat16, 2 threads; one generation of
-1 token (prefill: image encoding + prefill + first token) and one of 1 + TOKENS (decode rate from the difference).
+1 + TOKENS tokens, each token's arrival timed (ours: as `generate` yields it; transformers: as its streamer gets
+it): prefill is the time to the first token (image encoding + prefill + first token), decode the rate after it.
 Ours with this machine's kernel plan (bench/load_speed.py's) so that no kernel is timed in the measurement. The
-estimate is what the load pre-flight and a budget count: the weights (`load_memory_bytes`) plus the request
-(`budget.memory.request_bytes`: KV cache and the largest activations, attention a chunk of queries at a time).
+estimate is what the load pre-flight and a budget count: the weights (`load_memory_bytes`), the chosen kernels'
+buffers (`residency.scratch_bytes`) and the request (`budget.memory.request_bytes`: KV cache and the largest
+activations, attention a chunk of queries at a time).
 transformers at 896 px is left out by default: its bfloat16 prefill of 4,100 tokens takes many minutes on a CPU
 without native bfloat16. Writes docs/results/high_res.md.
 """
@@ -21,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, ensure_checkpoint
+from bench.common import ROOT, bench_prompt, ensure_checkpoint, hf_token_times, token_times
 from bench.load_speed import KERNELS
 from bench.report import command, gb, header, md_table, set_threads, text_table, verdict, write
 from bench.supervise import protect_the_machine, run_child
@@ -36,49 +38,48 @@ def child(name: str, path: Path, tokens: int, out: Path) -> None:
     import torch
 
     from lowmem_paligemma.budget.memory import request_bytes
+    from lowmem_paligemma.budget.residency import scratch_bytes
     from lowmem_paligemma.model.config import load_config
     from lowmem_paligemma.pretrained.load import load_memory_bytes
-    from lowmem_paligemma.profiling.profiler import MemoryProfiler, reset_peak
+    from lowmem_paligemma.profiling.profiler import MemoryProfiler, current_rss, reset_peak
 
     set_threads(THREADS)
     impl, _ = RUNS[name]
     cfg = load_config(path)
-    ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [cfg.bos_token_id, 1000, 2000, 3000, 108]])
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
+    ids, pixels = bench_prompt(cfg)
     if impl == "ours":
         from lowmem_paligemma import generate, load_model
 
-        model = load_model(path, dtype=torch.bfloat16, kernels=KERNELS).model
-        run = lambda n: list(generate(model, ids, pixel_values=pixels, max_new_tokens=n, eos_token_ids=[]))  # noqa: E731
+        loaded = load_model(path, dtype=torch.bfloat16, kernels=KERNELS)
+        model, buffers = loaded.model, scratch_bytes(loaded.model, loaded.kernels.plan, torch.bfloat16)
+
+        def run(n: int) -> tuple[list[float], list[int]]:
+            return token_times(generate(model, ids, pixel_values=pixels, max_new_tokens=n,
+                                   eos_token_ids=[]))  # fmt: skip
     else:
         from transformers import PaliGemmaForConditionalGeneration
 
-        model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+        model, buffers = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval(), 0
+        inputs = {"input_ids": ids, "pixel_values": pixels.bfloat16(), "token_type_ids": torch.zeros_like(ids),
+                  "attention_mask": torch.ones_like(ids)}  # fmt: skip
 
-        def run(n: int) -> list[int]:
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids, pixel_values=pixels.bfloat16(), token_type_ids=torch.zeros_like(ids),
-                    attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                )  # fmt: skip
-            return out[0, ids.shape[1] :].tolist()
+        def run(n: int) -> tuple[list[float], list[int]]:
+            return hf_token_times(model, n, **inputs)
 
+    at_load = current_rss()  # the weights and the runtime, before the request: which side of the estimate is off
     reset_peak()
     with MemoryProfiler(interval=0.05) as prof:
         t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        run(1 + tokens)
-        t2 = time.perf_counter()
+        times, _ = run(1 + tokens)
     peak = prof.peak()
-    prefill = t1 - t0
-    estimate = (
-        load_memory_bytes(path, torch.bfloat16) + request_bytes(cfg, ids.shape[1], 1 + tokens, torch.bfloat16).total
-    )
-    out.write_text(json.dumps({"prefill_s": prefill, "decode_tps": tokens / ((t2 - t1) - prefill),
+    assert len(times) == 1 + tokens, f"{len(times)} tokens arrived, {1 + tokens} asked"
+    prefill = times[0] - t0
+    weights = load_memory_bytes(path, torch.bfloat16) + buffers  # what the load's pre-flight counts
+    estimate = weights + request_bytes(cfg, ids.shape[1], 1 + tokens, torch.bfloat16).total
+    out.write_text(json.dumps({"prefill_s": prefill, "decode_tps": tokens / (times[-1] - times[0]),
                                "prompt_tokens": ids.shape[1], "peak_rss": peak.hwm or peak.rss, "peak_anon": peak.anon,
-                               "estimate": estimate}))  # fmt: skip
+                               "estimate": estimate, "rss_loaded": at_load["rss"], "anon_loaded": at_load["anon"],
+                               "weights_estimate": weights}))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = c.result if c.status == "ok" else {"error": f"{c.status} {c.note}"}
         print(f"  {results[name]}", file=sys.stderr)
     cols = ("run", "prompt tokens", "prefill + 1 token (s)", "decode (tok/s)", "vs transformers (prefill / decode)",
-            "peak RSS (anon)", "estimate (weights + request)", "within it")  # fmt: skip
+            "peak RSS (anon)", "estimate (weights + kernel buffers + request)", "within it")  # fmt: skip
     rows, targets = [], []
     for name, r in results.items():
         if "error" in r:

@@ -64,7 +64,8 @@ def main() -> None:
             page.click("#task-caption")
             page.fill("#max-tokens", "12")
             page.click("#run")
-            page.wait_for_function("document.querySelector('#stat-tps').textContent.includes('tokens/s')", timeout=60_000)
+            done = "document.querySelector('#stat-tps').textContent.includes('tokens/s')"
+            page.wait_for_function(done, timeout=60_000)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out))
             browser.close()

@@ -45,7 +45,14 @@ def prefill_bytes(cfg: PaliGemmaConfig, prompt_len: int, dtype: torch.dtype, bat
     qkv = 2 * L * (n + 2 * k) * h * item + 2 * n * L * h * item  # q, k, v, their rotated copies, the GQA expansion
     norms = 4 * L * t.hidden_size * FLOAT32  # float32 copies of the residual stream in the norms
     logits = 2 * t.vocab_size * FLOAT32  # the last position's row and its float32 copy for sampling
-    return batch * (scores + masks + mlp + qkv + norms + logits)
+    return batch * (scores + masks + mlp + qkv + norms + logits + widened(L, t.hidden_size, t.intermediate_size))
+
+
+def widened(rows: int, width: int, inner: int) -> int:
+    """A prefill kernel that widens 16-bit weights to float32 (formats/dense.py "upcast") also holds its
+    activations in float32: the MLP layer's input and output, (rows, D) and (rows, I). Its weight buffer is the
+    model's, not the request's (formats/base.Scratch, counted by the load as kernel buffers)."""
+    return rows * (width + inner) * FLOAT32
 
 
 def vision_bytes(cfg: PaliGemmaConfig, dtype: torch.dtype, batch: int = 1) -> int:
@@ -54,7 +61,7 @@ def vision_bytes(cfg: PaliGemmaConfig, dtype: torch.dtype, batch: int = 1) -> in
     chunk = min(P, defaults.ATTENTION_QUERY_CHUNK)  # queries at a time (siglip.SiglipAttention)
     scores = v.num_attention_heads * chunk * P * (FLOAT32 + 2 * item)  # (B, heads, C, P), as the text scores
     mlp = 3 * P * v.intermediate_size * item  # fc1's output (its gelu in place) and two more (B, P, I) of margin
-    return batch * (scores + mlp + 8 * P * v.hidden_size * FLOAT32)
+    return batch * (scores + mlp + 8 * P * v.hidden_size * FLOAT32 + widened(P, v.hidden_size, v.intermediate_size))
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ RUN_SLACK_BYTES = 64 << 20  # allocator rounding, oneDNN's primitive caches, sam
 STREAM_BUFFERS = 2  # one layer computing, the next one being read
 # What a plan always holds besides the slack and a dequantization buffer (ResidencyPlan.parts' keys).
 OUTSIDE, REQUEST, PROCESS = "weights outside the layers", "request (KV cache, activations)", "process now"
+KERNEL_BUFFERS = "kernel buffers"  # formats.base.Scratch: int8 dequantized to 16 bits, 16-bit weights widened
 GROUPS = {GemmaDecoderLayer: "decoder", SiglipEncoderLayer: "vision"}  # the layers that can be streamed
 
 
@@ -206,7 +207,7 @@ def plan_residency(
     parts = {OUTSIDE: model_bytes(model, dtype, exclude=in_units), REQUEST: request, PROCESS: process_bytes,
              "slack": RUN_SLACK_BYTES}  # fmt: skip
     if scratch:
-        parts["dequantization buffer"] = scratch
+        parts[KERNEL_BUFFERS] = scratch
     fixed = sum(parts.values())
     in_flight = max((u.buffer_bytes for u in units), default=0)
     in_flight += max((u.staging_bytes for u in units), default=0)

@@ -50,9 +50,7 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tu
     return q.view(n, i), scale.to(dtype)
 
 
-def quantize_int4_packed(
-    w: torch.Tensor, dtype: torch.dtype, group: int = GROUP
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4_packed(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """w (n, I) -> the layer's bytes (n, I/2) uint8 and scale (n, I / group) in `dtype`: `quantize_int4` then
     `pack_int4`, in one native.cpp loop where it built (the same bytes, at ten times the rate)."""
     nk = native.kernels()

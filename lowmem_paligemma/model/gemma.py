@@ -170,7 +170,10 @@ class GemmaAttention(nn.Module):
         if self.softcap is None:  # Gemma 1: SDPA with the same additive mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, N, T, H)
         else:  # Gemma 2: tanh cap on the scores before the mask (transformers eager, big_vision); SDPA can't
-            w = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, T, S)
+            # k.contiguous(): a decode step's k is a view of the cache, rows max_len apart per head; bmm on that
+            # view takes a slow path, several times slower than copying it first at a few thousand keys (the same
+            # products, the same bits; prefill's expanded k is contiguous already, a no-op).
+            w = torch.matmul(q, k.contiguous().transpose(2, 3)) * self.scale  # (B, N, T, S)
             w = torch.tanh(w / self.softcap) * self.softcap
             if mask is not None:
                 w = w + mask

@@ -24,7 +24,7 @@ import torch
 
 from .. import defaults
 from ..budget.memory import RequestMemory, request_bytes
-from ..budget.residency import REQUEST, ResidencyPlan, plan_residency, scratch_bytes, streamable_units
+from ..budget.residency import KERNEL_BUFFERS, REQUEST, ResidencyPlan, plan_residency, scratch_bytes, streamable_units
 from ..budget.streamer import LayerStreamer
 from ..checkpoint.loader import LoadPlan, checkpoint_plan, stream_checkpoint
 from ..checkpoint.preflight import memory_needed, model_bytes
@@ -138,6 +138,8 @@ def load_model(
         streamed = plan.streamed_parameters(model)
         buffers = plan.buffers * plan.buffer_bytes + plan.staging_bytes
         reserve = {"streamed-layer buffers": buffers, **(reserve or {REQUEST: plan.parts[REQUEST]})}
+    elif kernel_buffers := scratch_bytes(model, report.plan, dtype):  # (a budget's plan counts them as a part)
+        reserve = {**(reserve or {}), KERNEL_BUFFERS: kernel_buffers}
     # The advice names a smaller format, never one the checkpoint is stored in (that is not an option).
     advice = {None: " or quantize the weights (--quantize int8, or int4 for a quarter)", "int8": " or --quantize int4"}
     advice = advice.get(quantize, "") if quantize == options.quantize else ""

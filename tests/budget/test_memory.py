@@ -13,6 +13,7 @@ from lowmem_paligemma.model.config import PRESETS, tiny
 from lowmem_paligemma.model.gemma import KVCache
 from lowmem_paligemma.pretrained.synth import param_shapes
 from lowmem_paligemma.runtime.session import LoadOptions, load_session
+from lowmem_paligemma.units import format_bytes
 
 
 @pytest.mark.parametrize("gemma2", [False, True])
@@ -65,3 +66,19 @@ def test_a_request_over_the_context_is_refused_before_loading(tiny_pg1_dir, litt
     with pytest.raises(ContextLengthError, match=r"over the model's context of 8192"):
         load_session(tiny_pg1_dir, LoadOptions(preflight=False), prompt="caption en", max_new_tokens=100_000)
     assert little_memory == []
+
+
+def test_the_kernels_buffers_are_counted_before_allocation(tiny_pg1_dir, monkeypatch):
+    # "upcast" widens each 16-bit layer into one shared float32 buffer for a prefill: the largest layer, 4 bytes a
+    # weight, held for the model's life (formats/base.Scratch). The pre-flight counts it beside the weights.
+    shapes = param_shapes(tiny())
+    widest = max(math.prod(s) for k, s in shapes.items() if k.endswith("proj.weight") or "fc" in k)
+    base = _tiny_weight_bytes(torch.bfloat16) + defaults.CHUNK_BYTES + preflight.RUNTIME_MARGIN_BYTES
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: base + 4 * widest - 1)
+    options = LoadOptions(dtype="bfloat16", kernels="dense=linear/upcast")
+    with pytest.raises(
+        InsufficientMemoryError, match=rf"activations [\d.]+ KB, kernel buffers {format_bytes(4 * widest)}\)"
+    ):
+        load_session(tiny_pg1_dir, options, prompt="caption en", max_new_tokens=1)
+    monkeypatch.setattr(preflight, "available_bytes", lambda device: base + 4 * widest + 10_000_000)
+    load_session(tiny_pg1_dir, options, prompt="caption en", max_new_tokens=1)  # the request's few kB fit too
