@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "serve-page.png")
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from lowmem_paligemma.pretrained.synth import tiny_checkpoint
 
@@ -64,8 +65,8 @@ def main() -> None:
             page.click("#task-caption")
             page.fill("#max-tokens", "12")
             page.click("#run")
-            done = "document.querySelector('#stat-tps').textContent.includes('tokens/s')"
-            page.wait_for_function(done, timeout=60_000)
+            # expect() polls without evaluating a string: the page's Content-Security-Policy forbids eval
+            expect(page.locator("#stat-tps")).to_have_text(re.compile(r"tokens/s$"), timeout=60_000)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out))
             browser.close()

@@ -11,7 +11,8 @@ Which kernel is fastest for each depends on the CPU (bf16 `torch.mv` was measure
 - "native": our own decode kernel (native.cpp): the weight read once in its plain layout, widened in registers,
   fp32 sums; the memory wall on CPUs where torch's products fall short of it (decode only).
 - "upcast": a prefill on a CPU whose 16-bit GEMM is slow (no AVX512-BF16: oneDNN emulates it at a fifth of the
-  float32 rate): the layer's weight widened to float32 into a reused buffer, then a float32 GEMM. A 16-bit value is
+  float32 rate): the layer's weight widened to float32 into a reused buffer (native.cpp's `widen_float32` where it
+  built: stores that bypass the caches, as the buffer is larger than them), then a float32 GEMM. A 16-bit value is
   exact in float32, so every product is what the 16-bit GEMM computes; only the order of the sums differs.
 
 Axes: M rows (batch x tokens), I in features, O out features.
@@ -45,7 +46,11 @@ def dense_linear(
         y = nk.gemv_dense(x, weight)
         return y if bias is None else y + bias
     if name == "upcast" and weight.dtype != torch.float32 and x.device.type == "cpu":
-        wide = (scratch or Scratch()).get(tuple(weight.shape), torch.float32, weight.device).copy_(weight)
+        wide = (scratch or Scratch()).get(tuple(weight.shape), torch.float32, weight.device)
+        if (nk := native.kernels()) is not None and weight.is_contiguous():
+            nk.widen_float32(weight, wide)  # the same values, streamed past the caches
+        else:
+            wide.copy_(weight)
         y = F.linear(x.float(), wide, None if bias is None else bias.float())
         return y.to(x.dtype)
     if rows == 1 and name == "mv" and x.device.type == "cpu":

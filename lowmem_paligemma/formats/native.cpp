@@ -252,32 +252,73 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, in
   auto s = scale.to(torch::kFloat32).contiguous();
   const float* sp = s.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
+  // float32 out (the "upcast" prefill's GEMM input) is written straight to its rows with non-temporal stores: the
+  // layer's float32 copy is far larger than the caches, so reading its lines in before overwriting them (what a
+  // plain store does) would only double the traffic. 16-bit outs go through one fp32 row.
+  float* const direct = kind == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
+  const bool stream = direct != nullptr && reinterpret_cast<uintptr_t>(direct) % 64 == 0 && I % 16 == 0;
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
     const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    std::vector<float> row(I);
+    std::vector<float> buffer(direct != nullptr ? 0 : I);
     for (int64_t o = o0; o < o1; ++o) {
+      float* const row = direct != nullptr ? direct + o * I : buffer.data();
       for (int64_t g = 0; g < G; ++g) {
         const __m512 table = _mm512_mul_ps(levels, _mm512_set1_ps(sp[o * G + g]));
         for (int64_t j = g * ghalf; j < (g + 1) * ghalf; j += 16) {  // 16 bytes: values 2j .. 2j + 31
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wp + o * half + j)));
           const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-          _mm512_storeu_ps(row.data() + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
-          _mm512_storeu_ps(row.data() + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
+          const __m512 a = _mm512_permutex2var_ps(lo, first, hi), c = _mm512_permutex2var_ps(lo, second, hi);
+          if (stream) {
+            _mm512_stream_ps(row + 2 * j, a);
+            _mm512_stream_ps(row + 2 * j + 16, c);
+          } else {
+            _mm512_storeu_ps(row + 2 * j, a);
+            _mm512_storeu_ps(row + 2 * j + 16, c);
+          }
         }
       }
-      if (kind == torch::kFloat32) {
-        std::copy(row.begin(), row.end(), out.data_ptr<float>() + o * I);
-      } else if (kind == torch::kBFloat16) {
+      if (kind == torch::kBFloat16) {
         auto* dst = out.data_ptr<at::BFloat16>() + o * I;
         for (int64_t i = 0; i < I; ++i) dst[i] = at::BFloat16(row[i]);
-      } else {
+      } else if (kind == torch::kHalf) {
         auto* dst = out.data_ptr<at::Half>() + o * I;
         for (int64_t i = 0; i < I; ++i) dst[i] = at::Half(row[i]);
       }
     }
+    if (stream) _mm_sfence();  // the streamed lines are visible before the GEMM reads them
   });
+}
+
+// The "upcast" prefill's other half (formats/dense.py): a 16-bit weight widened to float32 (exact), streamed to
+// `out` with non-temporal stores, as dequantize_int4 does, for the same reason.
+void widen_float32(const torch::Tensor& w, torch::Tensor& out) {
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "a contiguous CPU weight");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == w.sizes(),
+              "out: float32, contiguous, the weight's shape");
+  const auto kind = w.scalar_type();
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf, "a bf16 or fp16 weight");
+  const int64_t n = w.numel(), blocks = n / 16;
+  const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* dst = out.data_ptr<float>();
+  const bool stream = reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+  at::parallel_for(0, blocks, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const __m512 v = kind == torch::kBFloat16 ? BF16::load(src + 16 * b) : F16::load(src + 16 * b);
+      if (stream) {
+        _mm512_stream_ps(dst + 16 * b, v);
+      } else {
+        _mm512_storeu_ps(dst + 16 * b, v);
+      }
+    }
+    if (stream) _mm_sfence();
+  });
+  if (const int64_t tail = n - 16 * blocks) {  // the last n % 16 values
+    const __mmask16 m = (__mmask16)((1u << tail) - 1);
+    const __m512 v = kind == torch::kBFloat16 ? BF16::load_masked(src + 16 * blocks, m) : F16::load_masked(src + 16 * blocks, m);
+    _mm512_mask_storeu_ps(dst + 16 * blocks, m, v);
+  }
 }
 
 // --- quantizing while a checkpoint streams (formats/int8.py, int4.py: the same rule, to the bit) --------------
@@ -407,6 +448,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   m.def("dequantize_int4", &dequantize_int4);
+  m.def("widen_float32", &widen_float32);
   m.def("quantize_int8", &quantize_int8);
   m.def("quantize_int4", &quantize_int4);
   m.def("read_bytes", &read_bytes);

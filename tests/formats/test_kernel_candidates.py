@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowmem_paligemma.formats import int4, int8, registry
+from lowmem_paligemma.formats import int4, int8, native, registry
 from lowmem_paligemma.formats.base import DECODE_ROWS, KernelChoice, Scratch
 from lowmem_paligemma.formats.dense import Linear, dense_linear, pack_weight
 from lowmem_paligemma.formats.int8 import int8_linear
@@ -129,3 +129,24 @@ def test_native_kernels_give_the_reference_tokens_in_float32(tiny_pg2_dir, quant
     pixels = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     run = lambda m: list(generate(m, ids, pixel_values=pixels, max_new_tokens=16, eos_token_ids=[]))  # noqa: E731
     assert run(ours) == run(ref)
+
+
+@pytest.mark.parametrize("offset", [0, 3])  # 3: an output that does not start on a cache line (plain stores)
+def test_native_widening_and_int4_unpacking_are_exact(offset):
+    # The "upcast" prefills' float32 weights (dense: widen_float32; int4: dequantize_int4 into float32) must be the
+    # very values torch's conversions give, whatever the size (tails of n % 16) and the output's alignment.
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = (torch.randn(37, 13, generator=g) * 100).to(dtype)
+        out = torch.empty(offset + w.numel())[offset:].view(w.shape)
+        nk.widen_float32(w, out)
+        assert torch.equal(out, w.float())
+    w = torch.randn(48, 256, generator=g)
+    packed, scale = int4.quantize_int4_packed(w, torch.bfloat16, 128)
+    out = torch.empty(offset + w.numel())[offset:].view(w.shape)
+    nk.dequantize_int4(packed, scale, 128, out)
+    q, _ = int4.quantize_int4(w, torch.bfloat16, 128)
+    assert torch.equal(out, (q.float().view(48, 2, 128) * scale.float()[..., None]).view(48, 256))
