@@ -41,6 +41,7 @@ demo: install
 bench: install
 	$(VENV)/bin/python -m bench.kernels
 	$(VENV)/bin/python -m bench.load_memory
+	$(VENV)/bin/python -m bench.load_speed
 	$(VENV)/bin/python -m bench.generate_speed
 
 clean:
