@@ -1,9 +1,11 @@
 """Our own kernels (native.cpp), built for the running machine, where the libraries' kernels stop short.
 
-On the CPUs this runs on, torch's decode-step products leave DRAM bandwidth unused (docs/results/kernels.md: a
-bf16 matrix-vector product at ~70 % of the measured read rate, `_weight_int8pack_mm` at ~40 %), and a decode step
-is nothing but streaming the weights. native.cpp reads each weight once in its stored format with AVX-512; the
-chooser (chooser.py) times these kernels beside torch's and keeps whichever is faster on this machine.
+On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
+has every candidate's rate on the machine that wrote it: `F.linear` on bf16 and `_weight_int8pack_mm` well below
+the read rate there), and a decode step is nothing but streaming the weights. native.cpp reads each weight once
+in its stored format with AVX-512; the chooser (chooser.py) times these kernels beside torch's and keeps whichever
+is faster on this machine. It also widens and unpacks the "upcast" prefills' float32 weights, and quantizes rows
+while a checkpoint streams (the same bits as the torch rules).
 
 Built once per machine with torch.utils.cpp_extension (g++ and ninja) into the cache directory, keyed by the
 source, torch's version and the CPU flags; `make install` builds it ahead (`native.build()`).
