@@ -78,6 +78,7 @@ def child(name: str, path: Path, tokens: int, out: Path) -> None:
     estimate = weights + request_bytes(cfg, ids.shape[1], 1 + tokens, torch.bfloat16).total
     out.write_text(json.dumps({"prefill_s": prefill, "decode_tps": tokens / (times[-1] - times[0]),
                                "prompt_tokens": ids.shape[1], "peak_rss": peak.hwm or peak.rss, "peak_anon": peak.anon,
+                               "peak_file": peak.file,
                                "estimate": estimate, "rss_loaded": at_load["rss"], "anon_loaded": at_load["anon"],
                                "weights_estimate": weights}))  # fmt: skip
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = c.result if c.status == "ok" else {"error": f"{c.status} {c.note}"}
         print(f"  {results[name]}", file=sys.stderr)
     cols = ("run", "prompt tokens", "prefill + 1 token (s)", "decode (tok/s)", "vs transformers (prefill / decode)",
-            "peak RSS (anon)", "estimate (weights + kernel buffers + request)", "within it")  # fmt: skip
+            "peak RSS (anon / file)", "estimate (weights + kernel buffers + request)", "within it")  # fmt: skip
     rows, targets = [], []
     for name, r in results.items():
         if "error" in r:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         if name.startswith("ours"):
             targets.append([f"{name} peak RSS within the estimate", f"{gb(r['peak_rss'])} / {gb(r['estimate'])}",
                             verdict(within)])  # fmt: skip
-        peak = f"{gb(r['peak_rss'])} ({gb(r['peak_anon'])})"
+        peak = f"{gb(r['peak_rss'])} ({gb(r['peak_anon'])} / {gb(r['peak_file'])})"
         rows.append([name, r["prompt_tokens"], f"{r['prefill_s']:.1f}", f"{r['decode_tps']:.2f}", vs, peak,
                      gb(r["estimate"]), "yes" if within else "no"])  # fmt: skip
     print(text_table(cols, rows))

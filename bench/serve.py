@@ -13,7 +13,7 @@ tokens, greedy, streamed (OpenAI flavour, server-sent events) so that each token
    time to first token against the first question's.
 3. Overhead: one request through the server (non-streamed, end to end on the client) against `run_prompt` on a
    session loaded in this process with the same options after the server stopped (the CLI's path), same image.
-4. The server's peak RSS (psutil, every 50 ms) against its --max-memory.
+4. The server's peak RSS with its anon / file split (/proc, every 50 ms) against its --max-memory.
 Prints the tables and writes docs/results/serve.md (or --out). Nothing else may run meanwhile.
 
     python -m bench.serve
@@ -119,20 +119,24 @@ def _free_port() -> int:
 
 
 class _RssWatch(threading.Thread):
-    """The peak RSS of a process, sampled every 50 ms (the server is another process: read from outside)."""
+    """The peak RSS of a process with its anon / file split at that reading, sampled every 50 ms (the server is
+    another process: read from outside, profiler.current_rss)."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        import psutil
-
-        self.process, self.peak, self.stop = psutil.Process(pid), 0, threading.Event()
+        self.pid, self.stop = pid, threading.Event()
+        self.peak: dict[str, int | None] = {"rss": 0, "anon": None, "file": None}
 
     def run(self) -> None:
+        from lowmem_paligemma.profiling.profiler import current_rss
+
         while not self.stop.wait(0.05):
             try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                now = current_rss(self.pid)
             except Exception:  # the process ended
                 return
+            if now["rss"] > self.peak["rss"]:
+                self.peak = now
 
 
 def run_mode(path: Path, mode: str, budget: str, threads: int) -> dict:
@@ -175,7 +179,8 @@ def run_mode(path: Path, mode: str, budget: str, threads: int) -> dict:
         server.wait(60)
     direct_s = _direct(path, mode, threads)
     return {"mode": mode, "budget": budget, "serial": serial, "together": together, "follow": follow,
-            "served_s": served_s, "direct_s": direct_s, "peak_rss": watch.peak}  # fmt: skip
+            "served_s": served_s, "direct_s": direct_s, "peak_rss": watch.peak["rss"],
+            "peak_anon": watch.peak["anon"], "peak_file": watch.peak["file"]}  # fmt: skip
 
 
 def _ready(url: str) -> bool:
@@ -232,14 +237,16 @@ def main() -> None:
     cols, rows = tables(results)
     lines = [text_table(cols, rows), ""]
     extra_cols = ("mode", "first question TTFT (s)", "follow-up (other question)", "same prompt again",
-                  "one request: server / run_prompt (s)", "overhead", "peak RSS / --max-memory")  # fmt: skip
+                  "one request: server / run_prompt (s)", "overhead",
+                  "peak RSS (anon / file) / --max-memory")  # fmt: skip
     extra = []
     for r in results:
         f = r["follow"]
         extra.append([r["mode"], f"{f['first']:.2f}", f"{f['follow_up']:.2f} ({f['follow_up'] / f['first']:.2f}x)",
                       f"{f['same_prompt']:.2f} ({f['same_prompt'] / f['first']:.2f}x)",
                       f"{r['served_s']:.2f} / {r['direct_s']:.2f}", f"{r['served_s'] / r['direct_s'] - 1:+.1%}",
-                      f"{gb(r['peak_rss'])} / {r['budget']}"])  # fmt: skip
+                      f"{gb(r['peak_rss'])} ({gb(r['peak_anon'])} / {gb(r['peak_file'])}) / "
+                      f"{r['budget']}"])  # fmt: skip
     lines.append(text_table(extra_cols, extra))
     print("\n".join(lines))
     what = (f"`lowmem-paligemma serve` (--parallel {CLIENTS}) on {path.name}; {IMAGES} random 224 x 224 PNG images, "

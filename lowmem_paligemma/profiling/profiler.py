@@ -192,12 +192,17 @@ def _cuda_bytes() -> tuple[int | None, int | None]:
     )
 
 
-def current_rss() -> dict[str, int | None]:
-    """One reading in bytes: rss, anon, file, shmem, hwm (None where the OS does not report it)."""
+def current_rss(pid: int | None = None) -> dict[str, int | None]:
+    """One reading in bytes: rss, anon, file, shmem, hwm (None where the OS does not report it), of this process or
+    of process `pid` (a server measured by its client)."""
     try:
-        return _parse_status(_PROC_STATUS.read_bytes())
+        return _parse_status((_PROC_STATUS if pid is None else Path(f"/proc/{pid}/status")).read_bytes())
     except OSError:
-        return _read_psutil()
+        if pid is None:
+            return _read_psutil()
+        import psutil
+
+        return {"rss": psutil.Process(pid).memory_info().rss, "anon": None, "file": None, "shmem": None, "hwm": None}
 
 
 def peak_rss_bytes() -> int | None:

@@ -205,3 +205,28 @@ def test_plot_comparison_writes_png(tmp_path):
     path = plot_comparison(runs, tmp_path / "cmp.png", title="stream vs plain")
     assert path == tmp_path / "cmp.png"
     _assert_png(path)
+
+
+def test_another_process_is_read_with_its_split():
+    # bench/serve.py watches the server from its client: the reading of a pid is that process's /proc/<pid>/status.
+    import subprocess
+    import sys
+
+    code = "import sys, time; sys.stdin.readline(); b = bytearray(300_000_000); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        before = profiler.current_rss(child.pid)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        deadline = time.monotonic() + 20
+        while (after := profiler.current_rss(child.pid))["rss"] - before["rss"] < 300_000_000:
+            assert time.monotonic() < deadline, "the child's allocation never showed in its reading"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    if after["anon"] is None:
+        pytest.skip("this OS does not split RSS")
+    assert after["anon"] - before["anon"] >= 300_000_000  # the child's bytearray, anonymous memory
+    assert after["rss"] == after["anon"] + after["file"] + after["shmem"]
