@@ -5,7 +5,7 @@ on the meta model, from parameter shapes and checkpoint headers, before anything
 - always held: the weights outside the layers (the tied embedding / logits table, the projector, norms, the
   patch and position embeddings), the request (KV cache for prompt + new tokens and the prefill's
   activations, memory.request_bytes), this process as it is now (interpreter, torch, tokenizer: its RSS is
-  measured), a dequantization buffer where a kernel uses one (`scratch_bytes`), and a little allocator slack;
+  measured), the kernel buffers where a kernel uses one (`scratch_bytes`), and a little allocator slack;
 - streamed: layers (Gemma decoder layers, SigLIP encoder layers) that do not fit. They are read into a pool
   of `buffers` layer-sized buffers, the next one read while the current one computes (streamer.py);
 - the rest of the budget keeps layers resident. A decoder layer is read once per generated token, a vision
@@ -39,7 +39,7 @@ from .layout import layer_layout
 
 RUN_SLACK_BYTES = 64 << 20  # allocator rounding, oneDNN's primitive caches, sampling: measured in tests
 STREAM_BUFFERS = 2  # one layer computing, the next one being read
-# What a plan always holds besides the slack and a dequantization buffer (ResidencyPlan.parts' keys).
+# What a plan always holds besides the slack and the kernel buffers (ResidencyPlan.parts' keys).
 OUTSIDE, REQUEST, PROCESS = "weights outside the layers", "request (KV cache, activations)", "process now"
 KERNEL_BUFFERS = "kernel buffers"  # formats.base.Scratch: int8 dequantized to 16 bits, 16-bit weights widened
 GROUPS = {GemmaDecoderLayer: "decoder", SiglipEncoderLayer: "vision"}  # the layers that can be streamed
@@ -197,8 +197,8 @@ def plan_residency(
 ) -> ResidencyPlan:
     """The residency plan for `model` (on meta) in `budget` bytes of peak RSS, in `dtype`, for a request needing
     `request` bytes (memory.request_bytes(...).total). `load_plan`: the checkpoint matched to the model (stored
-    sizes, dtype conversion); `process_bytes`: this process's RSS now (None: measured); `scratch`: a
-    dequantization buffer the kernels use (`scratch_bytes`). Two buffers where the budget holds them (one layer
+    sizes, dtype conversion); `process_bytes`: this process's RSS now (None: measured); `scratch`: the
+    kernel buffers the chosen kernels use (`scratch_bytes`). Two buffers where the budget holds them (one layer
     computing, the next being read), else one. Raises InsufficientMemoryError below the minimum, naming it."""
     if process_bytes is None:
         process_bytes = current_rss()["rss"]

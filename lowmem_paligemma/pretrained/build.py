@@ -38,7 +38,7 @@ def quantize_layers(model: nn.Module, name: str) -> nn.Module:
     """Swap `model`'s towers' linear layers and its embedding for layers of format `name`, in place, on meta."""
     fmt = registry.get(name)
     fallback = registry.get(fmt.fallback) if fmt.fallback else None
-    scratch = Scratch()  # one dequantization buffer for the whole model
+    scratch = Scratch()  # one set of kernel buffers for the whole model (base.Scratch)
     for module_name, module in list(model.named_modules()):
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
