@@ -37,9 +37,10 @@ CFLAGS = ["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", 
 
 def cache_dir() -> Path:
     """$XDG_CACHE_HOME/lowmem_paligemma/native/<key> (not the kernel choices' directory: tests point that one at
-    temporary directories, and a build takes a minute)."""
+    temporary directories, and a build takes a minute). The key holds the source's path too: torch's build files
+    name the source by path, so two checkouts sharing one directory would rebuild it each time the other used it."""
     c = cpu()
-    text = f"{SOURCE.read_bytes()!r}|{CFLAGS}|{torch.__version__}|{c.model}|{c.flags}"
+    text = f"{SOURCE.resolve()}|{SOURCE.read_bytes()!r}|{CFLAGS}|{torch.__version__}|{c.model}|{c.flags}"
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "lowmem_paligemma" / "native" / key
