@@ -59,6 +59,12 @@ def kernels() -> ModuleType | None:
 
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
+    # The ninja this package depends on (installed beside the interpreter) before any other on PATH: ninja versions
+    # keep their build logs differently, so a build made by one looks stale to another and is redone (a minute
+    # inside a load) whenever the PATH changes, e.g. `make install` without the virtualenv activated, then a shell
+    # with it.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
         return cpp_extension.load(
             name=f"lowmem_paligemma_native_{build.name}", sources=[str(SOURCE)], build_directory=str(build),
@@ -68,6 +74,8 @@ def kernels() -> ModuleType | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"lowmem_paligemma's native kernels could not be built ({first}); using torch's", stacklevel=2)
         return None
+    finally:
+        os.environ["PATH"] = path
 
 
 def build() -> None:
