@@ -13,119 +13,38 @@
 //
 // Axes: M activation rows, I in features, O out features, G groups per row (I / group).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "native.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+using namespace native;  // native.h: the loads, dense_rows / dense_any, kMaxRows, kGrain
+
 namespace {
 
-constexpr int64_t kMaxRows = 16;  // decode: one token per sequence, at most this many sequences
-constexpr int64_t kGrain = 16;    // output rows per task: enough to hide the task start, small enough to balance
-
-// How each stored weight type becomes 16 fp32 values (a type, not a function pointer: the loads inline).
-struct BF16 {
-  using T = uint16_t;
-  static constexpr int kRows1 = 4;
-  static __m512 load(const T* p) {  // bf16 is the top half of an fp32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+// A layer's scales as stored (float32, bf16 or fp16), read one at a time: converting them to a float32 copy on every
+// call cost 8 ms of a PaliGemma-3B int4 decode step (36 such copies, one of 257216 x 16).
+struct Scales {
+  const void* p;
+  torch::ScalarType kind;
+  explicit Scales(const torch::Tensor& s) : p(s.data_ptr()), kind(s.scalar_type()) {
+    TORCH_CHECK(s.is_contiguous() && (kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kHalf),
+                "contiguous float32, bf16 or fp16 scales");
   }
-  static __m512 load_masked(const T* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  }
-};
-struct F16 {
-  using T = uint16_t;
-  static constexpr int kRows1 = 4;
-  static __m512 load(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-};
-struct F32 {
-  using T = float;
-  static constexpr int kRows1 = 4;
-  static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
-  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-};
-struct I8 {
-  using T = int8_t;
-  static constexpr int kRows1 = 8;  // a byte per weight: more rows in flight to keep the loads coming
-  static __m512 load(const T* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
-  static __m512 load_masked(const T* p, __mmask16 m) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  float operator[](int64_t i) const {
+    if (kind == torch::kFloat32) return static_cast<const float*>(p)[i];
+    if (kind == torch::kBFloat16) return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
+    return static_cast<float>(static_cast<const at::Half*>(p)[i]);
   }
 };
-
-// Activations as fp32, (M, I) contiguous.
-torch::Tensor as_f32_rows(const torch::Tensor& x, int64_t in_features) {
-  TORCH_CHECK(x.size(-1) == in_features, "activations have ", x.size(-1), " features, the weight ", in_features);
-  auto rows = x.reshape({-1, in_features}).to(torch::kFloat32).contiguous();
-  TORCH_CHECK(rows.size(0) >= 1 && rows.size(0) <= kMaxRows, "a decode kernel takes 1 to ", kMaxRows, " rows");
-  return rows;
-}
-
-torch::Tensor shaped_output(const torch::Tensor& x, const torch::Tensor& y32, int64_t out_features) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = out_features;
-  return y32.to(x.scalar_type()).view(sizes);
-}
-
-// y[m, o] = sum_i x[m, i] * W[o, i] for the output rows [o0, o1), W read by `load` 16 values at a time. R output
-// rows at once (their weights stream side by side, each activation load serves all R), M activation rows, both
-// known at compile time so that the R * M accumulators stay in registers.
-template <int M, int R, typename W>
-void dense_rows(const float* x, const typename W::T* w, float* y, int64_t I, int64_t O, int64_t o0, int64_t o1) {
-  const int64_t full = I / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1);
-  int64_t o = o0;
-  for (; o + R <= o1; o += R) {
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < full; i += 16) {
-      __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * I + i);
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = W::load(w + (o + r) * I + i);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-      }
-    }
-    if (full < I) {
-      for (int r = 0; r < R; ++r) {
-        const __m512 wv = W::load_masked(w + (o + r) * I + full, tail);
-        for (int m = 0; m < M; ++m)
-          acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * I + full), acc[r][m]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) y[m * O + o + r] = _mm512_reduce_add_ps(acc[r][m]);
-  }
-  if (o < o1) dense_rows<M, 1, W>(x, w, y, I, O, o, o1);  // the last rows one at a time
-}
-
-// The kernel for a run-time M (1..16): registers for R * M accumulators, R as large as they allow (<= 4).
-template <typename W>
-void dense_any(const float* x, const typename W::T* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o0,
-               int64_t o1) {
-  switch (M) {
-#define CASE(m, r) \
-  case m:          \
-    return dense_rows<m, r, W>(x, w, y, I, O, o0, o1);
-    CASE(1, W::kRows1) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 3) CASE(7, 3) CASE(8, 2)
-    CASE(9, 2) CASE(10, 2) CASE(11, 2) CASE(12, 2) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
-#undef CASE
-  }
-  TORCH_CHECK(false, "1 to ", kMaxRows, " activation rows");
-}
 
 // int4 rows [o0, o1), R at a time sharing each activation load: per group and row a 16-entry table of
 // (q - 8) * scale indexed by each nibble (one permute per 16 values instead of a conversion, a subtraction and a
 // product), multiplied into the even / odd activations.
 template <int M, int R>
-void int4_rows(const float* even, const float* odd, const uint8_t* w, const float* s, float* y, int64_t I, int64_t O,
+void int4_rows(const float* even, const float* odd, const uint8_t* w, const Scales& s, float* y, int64_t I, int64_t O,
                int64_t group, int64_t o0, int64_t o1) {
   const int64_t half = I / 2, G = I / group, ghalf = group / 2;
   const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -134,6 +53,7 @@ void int4_rows(const float* even, const float* odd, const uint8_t* w, const floa
     __m512 acc[R][M], acc2[R][M];  // two chains per output: the even and the odd values
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
+    const int next = R == 1 ? 0 : (int)std::min<int64_t>(R, o1 - o - R);  // the next block's rows, fetched ahead (dense_rows)
     for (int64_t g = 0; g < G; ++g) {
       __m512 table[R];
       for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(levels, _mm512_set1_ps(s[(o + r) * G + g]));
@@ -143,6 +63,8 @@ void int4_rows(const float* even, const float* odd, const uint8_t* w, const floa
           xe[m] = _mm512_loadu_ps(even + m * half + j);
           xo[m] = _mm512_loadu_ps(odd + m * half + j);
         }
+        if (j % 64 == 0)
+          for (int r = 0; r < next; ++r) _mm_prefetch((const char*)(w + (o + R + r) * half + j), _MM_HINT_T0);
         for (int r = 0; r < R; ++r) {
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (o + r) * half + j)));
           const __m512 lo = _mm512_permutexvar_ps(b, table[r]);  // vpermps reads the index's low 4 bits
@@ -192,10 +114,10 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const to
   TORCH_CHECK(scale.numel() == O, "one scale per output row");
   auto xr = as_f32_rows(x, I);
   const int64_t M = xr.size(0);
-  auto s = scale.reshape({O}).to(torch::kFloat32).contiguous();
+  const auto s = scale.reshape({O}).contiguous();
+  const Scales sp(s);
   auto y = torch::empty({M, O}, torch::kFloat32);
   const float* xp = xr.data_ptr<float>();
-  const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
     dense_any<I8>(xp, q.data_ptr<int8_t>(), yp, M, I, O, o0, o1);
@@ -220,11 +142,11 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& packed, con
   const int64_t M = xr.size(0);
   auto even = xr.index({torch::indexing::Slice(), torch::indexing::Slice(0, torch::indexing::None, 2)}).contiguous();
   auto odd = xr.index({torch::indexing::Slice(), torch::indexing::Slice(1, torch::indexing::None, 2)}).contiguous();
-  auto s = scale.to(torch::kFloat32).contiguous();
+  const auto s = scale.contiguous();
+  const Scales sp(s);
   auto y = torch::empty({M, O}, torch::kFloat32);
   const float* ep = even.data_ptr<float>();
   const float* op = odd.data_ptr<float>();
-  const float* sp = s.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
@@ -249,8 +171,8 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, in
   TORCH_CHECK(out.is_contiguous() && out.size(0) == O && out.size(1) == I, "out (O, I) contiguous");
   const auto kind = out.scalar_type();
   TORCH_CHECK(kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kHalf, "a float out");
-  auto s = scale.to(torch::kFloat32).contiguous();
-  const float* sp = s.data_ptr<float>();
+  const auto s = scale.contiguous();
+  const Scales sp(s);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   // float32 out (the "upcast" prefill's GEMM input) is written straight to its rows with non-temporal stores: the
   // layer's float32 copy is far larger than the caches, so reading its lines in before overwriting them (what a
@@ -443,6 +365,10 @@ double read_bytes(const torch::Tensor& buf) {
   return (double)total;
 }
 
+// native_attention.cpp
+torch::Tensor attention_scores(const torch::Tensor& q, const torch::Tensor& k);
+torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_dense", &gemv_dense);
   m.def("gemv_int8", &gemv_int8);
@@ -452,4 +378,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_int8", &quantize_int8);
   m.def("quantize_int4", &quantize_int4);
   m.def("read_bytes", &read_bytes);
+  m.def("attention_scores", &attention_scores);
+  m.def("attention_values", &attention_values);
 }

@@ -1,4 +1,5 @@
-"""Our own kernels (native.cpp), built for the running machine, where the libraries' kernels stop short.
+"""Our own kernels (native.cpp; native_attention.cpp; native.h, what they share), built for the running machine,
+where the libraries' kernels stop short.
 
 On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
 has every candidate's rate on the machine that wrote it: `F.linear` on bf16 and `_weight_int8pack_mm` well below
@@ -27,7 +28,9 @@ import torch
 
 from ..machine import cpu
 
-SOURCE = Path(__file__).with_name("native.cpp")
+SOURCE_DIR = Path(__file__).parent
+SOURCES = ("native.cpp", "native_attention.cpp")  # compiled: the module (native.cpp defines it), then the others
+HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
 NEEDS = ("avx512f", "avx512bw")  # the instructions native.cpp uses
 # -fopenmp compiles at::parallel_for's OpenMP regions in (without it they run on one thread); nothing is added at link
@@ -40,10 +43,15 @@ def cache_dir() -> Path:
     temporary directories, and a build takes a minute). The key holds the source's path too: torch's build files
     name the source by path, so two checkouts sharing one directory would rebuild it each time the other used it."""
     c = cpu()
-    text = f"{SOURCE.resolve()}|{SOURCE.read_bytes()!r}|{CFLAGS}|{torch.__version__}|{c.model}|{c.flags}"
+    files = "|".join(f"{p.resolve()}|{p.read_bytes()!r}" for p in _files(SOURCES + HEADERS))
+    text = f"{files}|{CFLAGS}|{torch.__version__}|{c.model}|{c.flags}"
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "lowmem_paligemma" / "native" / key
+
+
+def _files(names: tuple[str, ...]) -> list[Path]:
+    return [SOURCE_DIR / n for n in names]
 
 
 def supported() -> bool:
@@ -67,8 +75,8 @@ def kernels() -> ModuleType | None:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
         return cpp_extension.load(
-            name=f"lowmem_paligemma_native_{build.name}", sources=[str(SOURCE)], build_directory=str(build),
-            extra_cflags=CFLAGS, verbose=False,
+            name=f"lowmem_paligemma_native_{build.name}", sources=[str(p) for p in _files(SOURCES)],
+            build_directory=str(build), extra_cflags=CFLAGS, verbose=False,
         )  # fmt: skip
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a toolchain that fails
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

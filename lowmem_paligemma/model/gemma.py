@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import defaults
+from ..formats import native
 from ..formats.dense import Embedding, Linear
 from .config import GemmaConfig
 
@@ -170,17 +171,44 @@ class GemmaAttention(nn.Module):
         if self.softcap is None:  # Gemma 1: SDPA with the same additive mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, N, T, H)
         else:  # Gemma 2: tanh cap on the scores before the mask (transformers eager, big_vision); SDPA can't
-            # k.contiguous(): a decode step's k is a view of the cache, rows max_len apart per head; bmm on that
-            # view takes a slow path, several times slower than copying it first at a few thousand keys (the same
-            # products, the same bits; prefill's expanded k is contiguous already, a no-op).
-            w = torch.matmul(q, k.contiguous().transpose(2, 3)) * self.scale  # (B, N, T, S)
+            w = self._scores(q, k, t) * self.scale  # (B, N, T, S); (B, K, G, S) folded
             w = torch.tanh(w / self.softcap) * self.softcap
             if mask is not None:
                 w = w + mask
             w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(w, v)  # (B, N, T, H)
+            out = self._values(w, v, t)  # (B, N, T, H)
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # the folded (B, K, G, H) back to (B, N, 1, H)
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
+
+    # Gemma 2's two products. A decode step's (T = 1) read the cache in place with native_attention.cpp where it
+    # built, else in float32 on exact copies of the 16-bit operands: either way fp32 sums of exact products rounded
+    # once to the model's dtype, what torch's 16-bit bmm computes, but that runs these small shapes at ~2 GFLOP/s on
+    # a CPU without AVX512-BF16 (oneDNN emulates it) and copies the cache's strided view first (its heads lie
+    # max_len rows apart): 14 ms of a PaliGemma 2 step. A prefill keeps torch's 16-bit products (a float32 copy
+    # of its keys would be transient memory the estimates do not hold); its expanded k is contiguous already.
+    @staticmethod
+    def _scores(q: torch.Tensor, k: torch.Tensor, t: int) -> torch.Tensor:
+        if t > 1 or k.device.type != "cpu":
+            return torch.matmul(q, k.contiguous().transpose(2, 3))
+        if (nk := _native_attention(k)) is not None:
+            return nk.attention_scores(q, k).to(q.dtype)
+        return torch.matmul(q.float(), k.float().transpose(2, 3)).to(q.dtype)
+
+    @staticmethod
+    def _values(w: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+        if t > 1 or v.device.type != "cpu":
+            return torch.matmul(w, v)
+        if (nk := _native_attention(v)) is not None:
+            return nk.attention_values(w, v).to(w.dtype)
+        return torch.matmul(w.float(), v.float()).to(w.dtype)
+
+
+def _native_attention(kv: torch.Tensor):
+    """The native kernels where they built and can read `kv` (a view of the cache, (B, K, S, H) with each head's
+    S x H block dense), else None."""
+    if kv.stride(-1) != 1 or (kv.shape[2] > 1 and kv.stride(2) != kv.shape[3]):
+        return None
+    return native.kernels()
 
 
 class GemmaMLP(nn.Module):

@@ -1,0 +1,122 @@
+// What native.cpp's decode products and native_attention.cpp's decode attention share: the loads that widen each
+// stored type to 16 fp32 values, and the product of a few fp32 activation rows with rows of such values.
+//
+// Axes: M activation rows, I in features, O out features.
+
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace native {
+
+inline constexpr int64_t kMaxRows = 16;  // decode: one token per sequence, at most this many sequences
+inline constexpr int64_t kGrain = 16;    // output rows per task: enough to hide the task start, small enough to balance
+
+// How each stored weight type becomes 16 fp32 values (a type, not a function pointer: the loads inline).
+struct BF16 {
+  using T = uint16_t;
+  static constexpr int kRows1 = 4;
+  static __m512 load(const T* p) {  // bf16 is the top half of an fp32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static __m512 load_masked(const T* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+};
+struct F16 {
+  using T = uint16_t;
+  static constexpr int kRows1 = 4;
+  static __m512 load(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct F32 {
+  using T = float;
+  static constexpr int kRows1 = 4;
+  static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct I8 {
+  using T = int8_t;
+  static constexpr int kRows1 = 8;  // a byte per weight: more rows in flight to keep the loads coming
+  static __m512 load(const T* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+  static __m512 load_masked(const T* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  }
+};
+
+// Activations as fp32, (M, I) contiguous.
+inline torch::Tensor as_f32_rows(const torch::Tensor& x, int64_t in_features) {
+  TORCH_CHECK(x.size(-1) == in_features, "activations have ", x.size(-1), " features, the weight ", in_features);
+  auto rows = x.reshape({-1, in_features}).to(torch::kFloat32).contiguous();
+  TORCH_CHECK(rows.size(0) >= 1 && rows.size(0) <= kMaxRows, "a decode kernel takes 1 to ", kMaxRows, " rows");
+  return rows;
+}
+
+inline torch::Tensor shaped_output(const torch::Tensor& x, const torch::Tensor& y32, int64_t out_features) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return y32.to(x.scalar_type()).view(sizes);
+}
+
+// y[m, o] = sum_i x[m, i] * W[o, i] for the output rows [o0, o1), W read by `load` 16 values at a time. R output
+// rows at once (their weights stream side by side, each activation load serves all R), M activation rows, both
+// known at compile time so that the R * M accumulators stay in registers.
+template <int M, int R, typename W>
+void dense_rows(const float* x, const typename W::T* w, float* y, int64_t I, int64_t O, int64_t o0, int64_t o1) {
+  const int64_t full = I / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    // The next block's rows are fetched while this block's are multiplied: R rows read side by side are R short
+    // streams (a row of PaliGemma's MLP is 2-4 KB), too short for the hardware prefetcher to run ahead of. One row
+    // at a time is one stream, which it follows.
+    const int next = R == 1 ? 0 : (int)std::min<int64_t>(R, o1 - o - R);
+    for (int64_t i = 0; i < full; i += 16) {
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * I + i);
+      if ((i * (int64_t)sizeof(typename W::T)) % 64 == 0)
+        for (int r = 0; r < next; ++r) _mm_prefetch((const char*)(w + (o + R + r) * I + i), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = W::load(w + (o + r) * I + i);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    if (full < I) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = W::load_masked(w + (o + r) * I + full, tail);
+        for (int m = 0; m < M; ++m)
+          acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * I + full), acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+  if (o < o1) dense_rows<M, 1, W>(x, w, y, I, O, o, o1);  // the last rows one at a time
+}
+
+// The kernel for a run-time M (1..16): registers for R * M accumulators, R as large as they allow (<= 4).
+template <typename W>
+void dense_any(const float* x, const typename W::T* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o0,
+               int64_t o1) {
+  switch (M) {
+#define CASE(m, r) \
+  case m:          \
+    return dense_rows<m, r, W>(x, w, y, I, O, o0, o1);
+    CASE(1, W::kRows1) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 3) CASE(7, 3) CASE(8, 2)
+    CASE(9, 2) CASE(10, 2) CASE(11, 2) CASE(12, 2) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+#undef CASE
+  }
+  TORCH_CHECK(false, "1 to ", kMaxRows, " activation rows");
+}
+
+}  // namespace native

@@ -1,0 +1,136 @@
+// A decode step's attention products, read in place from the KV cache (model/gemma.py, Gemma 2's soft-capped path).
+//
+// One new query per sequence: each kv head's G query heads are G rows (the GQA fold) against that head's S cached
+// keys, then the G rows of attention weights against its S values. torch would copy the cache's view first (its
+// heads lie max_len rows apart) and, for a bf16 / fp16 cache on a CPU without AVX512-BF16, run oneDNN's emulated
+// 16-bit bmm, ~2 GFLOP/s on these shapes; here the keys and values stream once in their stored type (native.h's
+// loads), products are exact in fp32 and sums accumulate in fp32, as in the 16-bit bmm: only the order of the sums
+// differs. The caller rounds the fp32 results to the model's dtype, where the bmm would have rounded them.
+//
+// Axes: P (sequence, kv head) pairs, G query rows per pair, S keys, H head dim.
+
+#include "native.h"
+
+#include <algorithm>
+#include <cstdint>
+
+using namespace native;
+
+namespace {
+
+// (B, K, S, H) cache view -> its base pointer and the stride between pairs; each pair's S x H block must be dense.
+struct PairBlocks {
+  const void* base;
+  int64_t kv_heads, batch_stride, head_stride;
+};
+
+PairBlocks pair_blocks(const torch::Tensor& kv, const char* what) {
+  TORCH_CHECK(kv.dim() == 4 && kv.device().is_cpu(), what, ": a (B, K, S, H) CPU tensor");
+  TORCH_CHECK(kv.stride(3) == 1 && (kv.size(2) <= 1 || kv.stride(2) == kv.size(3)), what,
+              ": each head's S x H block dense (a view of the cache along S)");
+  return {kv.data_ptr(), kv.size(1), kv.stride(0), kv.stride(1)};
+}
+
+// Element offset of pair p's block.
+inline int64_t pair_offset(const PairBlocks& b, int64_t p) {
+  return (p / b.kv_heads) * b.batch_stride + (p % b.kv_heads) * b.head_stride;
+}
+
+// y (G, H) = w (G, S) @ v (S, H) for one pair, output columns [c0, c1): up to 4 x 16 columns and 4 rows of w at a
+// time, each value row loaded once per 4 rows.
+template <typename W>
+void values_block(const float* w, const typename W::T* v, float* y, int64_t G, int64_t S, int64_t H, int64_t c0,
+                  int64_t c1) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const int rows = (int)std::min<int64_t>(4, G - g0);
+    for (int64_t c = c0; c < c1; c += 64) {
+      __mmask16 mask[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t left = std::clamp<int64_t>(c1 - c - 16 * j, 0, 16);
+        mask[j] = (__mmask16)((1u << left) - 1);
+      }
+      __m512 acc[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        __m512 vv[4];
+        for (int j = 0; j < 4; ++j) vv[j] = W::load_masked(v + s * H + c + 16 * j, mask[j]);
+        for (int r = 0; r < rows; ++r) {
+          const __m512 ws = _mm512_set1_ps(w[(g0 + r) * S + s]);
+          for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(ws, vv[j], acc[r][j]);
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + (g0 + r) * H + c + 16 * j, mask[j], acc[r][j]);
+    }
+  }
+}
+
+}  // namespace
+
+// q (B, K, G, H) of any float dtype against k (B, K, S, H), a bf16 / fp16 / fp32 view of the cache ->
+// scores (B, K, G, S) in fp32: q . k for every query row and key.
+torch::Tensor attention_scores(const torch::Tensor& q, const torch::Tensor& k) {
+  const auto blocks = pair_blocks(k, "k");
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "q (B, K, G, H) against k (B, K, S, H)");
+  const int64_t P = q.size(0) * q.size(1), G = q.size(2), S = k.size(2), H = q.size(3);
+  TORCH_CHECK(G >= 1 && G <= kMaxRows, "1 to ", kMaxRows, " query rows per kv head");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({q.size(0), q.size(1), G, S}, torch::kFloat32);
+  const float* qp = qf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto kind = k.scalar_type();
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 cache");
+  const int64_t per = std::max<int64_t>(S, 1);
+  // Tasks over (pair, key) rows, each pair's keys a dense_rows product: G activation rows against S weight rows.
+  at::parallel_for(0, P * per, kGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t p = r0 / per; p * per < r1 && p < P; ++p) {
+      const int64_t s0 = std::max(r0 - p * per, (int64_t)0), s1 = std::min(r1 - p * per, S);
+      if (s0 >= s1) continue;
+      const float* x = qp + p * G * H;
+      float* out = yp + p * G * S;
+      const int64_t at = pair_offset(blocks, p);
+      if (kind == torch::kBFloat16) {
+        dense_any<BF16>(x, (const uint16_t*)blocks.base + at, out, G, H, S, s0, s1);
+      } else if (kind == torch::kHalf) {
+        dense_any<F16>(x, (const uint16_t*)blocks.base + at, out, G, H, S, s0, s1);
+      } else {
+        dense_any<F32>(x, (const float*)blocks.base + at, out, G, H, S, s0, s1);
+      }
+    }
+  });
+  return y;
+}
+
+// w (B, K, G, S) of any float dtype (the attention weights) times v (B, K, S, H), a view of the cache like k ->
+// (B, K, G, H) in fp32.
+torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v) {
+  const auto blocks = pair_blocks(v, "v");
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == v.size(0) && w.size(1) == v.size(1) && w.size(3) == v.size(2),
+              "w (B, K, G, S) against v (B, K, S, H)");
+  const int64_t P = w.size(0) * w.size(1), G = w.size(2), S = v.size(2), H = v.size(3);
+  auto wf = w.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({w.size(0), w.size(1), G, H}, torch::kFloat32);
+  const float* wp = wf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto kind = v.scalar_type();
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 cache");
+  const int64_t chunks = (H + 63) / 64;  // tasks over (pair, 64 output columns)
+  at::parallel_for(0, P * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t / chunks, c0 = (t % chunks) * 64, c1 = std::min(c0 + 64, H);
+      const float* x = wp + p * G * S;
+      float* out = yp + p * G * H;
+      const int64_t at = pair_offset(blocks, p);
+      if (kind == torch::kBFloat16) {
+        values_block<BF16>(x, (const uint16_t*)blocks.base + at, out, G, S, H, c0, c1);
+      } else if (kind == torch::kHalf) {
+        values_block<F16>(x, (const uint16_t*)blocks.base + at, out, G, S, H, c0, c1);
+      } else {
+        values_block<F32>(x, (const float*)blocks.base + at, out, G, S, H, c0, c1);
+      }
+    }
+  });
+  return y;
+}
