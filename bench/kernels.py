@@ -9,6 +9,8 @@
 - every candidate kernel of every weight format (lowmem_paligemma/formats/) on that shape (16384 x 2048), one row
   (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them (formats/chooser.py: the
   fastest of interleaved rounds), as GB/s of weights read and % of the DRAM ceiling, or GFLOP/s;
+- our decode kernels on a layer small enough to stay in the caches (CACHED_SHAPE): their arithmetic's rate in
+  weights/s, against the same kernels' rate from DRAM;
 - cold disk reads of a checkpoint shard with 1 and 4 reads in flight (the loader keeps 4).
 Each table row is the median of REPEATS measurements taken in turn, since this machine's memory rate moves from
 second to second. Writes docs/results/kernels.md.
@@ -27,6 +29,7 @@ from bench.report import command, header, md_table, set_threads, text_table, wri
 
 THREADS = 2
 SHAPE = (16384, 2048)  # PaliGemma-3B gate_proj / up_proj (out, in)
+CACHED_SHAPE = (512, 2048)  # a layer that stays in the caches (1 MB in int8): the decode kernels' arithmetic rate
 PREFILL_ROWS = 256
 REPEATS = 3
 
@@ -108,10 +111,39 @@ def candidate_rows(dram: float) -> list[list[str]]:
         for key, s in sorted(_measure(fmt, SHAPE, dtype).seconds.items()):
             phase, name = key.split()
             if phase == "decode":
-                rate = f"{weight_bytes / s / 1e9:.1f} GB/s ({weight_bytes / s / dram:.0%} of DRAM)"
+                rate = (f"{weight_bytes / s / 1e9:.1f} GB/s ({weight_bytes / s / dram:.0%} of DRAM), "
+                        f"{o * i / s / 1e9:.1f} G weights/s")  # fmt: skip
             else:
                 rate = f"{2 * PREFILL_ROWS * o * i / s / 1e9:.0f} GFLOP/s"
             rows.append([f"{fmt_name} {str(dtype).removeprefix('torch.')} {phase}", name, f"{s * 1e3:.2f}", rate])
+    return rows
+
+
+def cached_rows() -> list[list[str]]:
+    """Our decode kernels on CACHED_SHAPE, warm in the caches: the rate their arithmetic allows, in weights/s, beside
+    the same kernels streaming SHAPE from DRAM (candidate_rows): which of the two holds a format's decode."""
+    import torch
+
+    from lowmem_paligemma.formats import native
+    from lowmem_paligemma.formats.chooser import time_candidates
+    from lowmem_paligemma.formats.int4 import quantize_int4_packed
+    from lowmem_paligemma.formats.int8 import quantize_int8
+
+    if (nk := native.kernels()) is None:
+        return []
+    o, i = CACHED_SHAPE
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(o, i, generator=g)
+    x = torch.randn(1, i, generator=g).bfloat16()
+    wb, (q8, s8), (p4, s4) = w.bfloat16(), quantize_int8(w, torch.bfloat16), quantize_int4_packed(w, torch.bfloat16)
+    calls = {"dense bfloat16": lambda: nk.gemv_dense(x, wb), "int8 bfloat16": lambda: nk.gemv_int8(x, q8, s8),
+             "int4 bfloat16": lambda: nk.gemv_int4(x, p4, s4, p4.shape[1] * 2 // s4.shape[1])}  # fmt: skip
+    with torch.inference_mode():
+        seconds = time_candidates(calls).seconds
+    rows = []
+    for name, s in seconds.items():
+        label, rate = f"{name} decode, {o} x {i} in the caches", f"{o * i / s / 1e9:.1f} G weights/s"
+        rows.append([label, "native", f"{s * 1e3:.3f}", rate])
     return rows
 
 
@@ -127,7 +159,7 @@ def main() -> None:
         rate = statistics.median(g[name] for g in gemm)
         rows.append([f"{name} ceiling, {PREFILL_ROWS} x {SHAPE[1]} @ {SHAPE[1]} x {SHAPE[0]}", "-", "-",
                      f"{rate / 1e9:.0f} GFLOP/s"])  # fmt: skip
-    rows += candidate_rows(dram)
+    rows += candidate_rows(dram) + cached_rows()
     shard = max(ensure_checkpoint("bf16").glob("*.safetensors"), key=lambda f: f.stat().st_size)
     size = shard.stat().st_size
     for readers in (1, 4):
