@@ -10,7 +10,7 @@
   (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them (formats/chooser.py: the
   fastest of interleaved rounds), as GB/s of weights read and % of the DRAM ceiling, or GFLOP/s;
 - our decode kernels on a layer small enough to stay in the caches (CACHED_SHAPE): their arithmetic's rate in
-  weights/s, against the same kernels' rate from DRAM;
+  weights/s; and on SHAPE streamed from DRAM through copies of the layer (STREAM_BYTES);
 - cold disk reads of a checkpoint shard with 1 and 4 reads in flight (the loader keeps 4).
 Each table row is the median of REPEATS measurements taken in turn, since this machine's memory rate moves from
 second to second. Writes docs/results/kernels.md.
@@ -30,6 +30,7 @@ from bench.report import command, header, md_table, set_threads, text_table, wri
 THREADS = 2
 SHAPE = (16384, 2048)  # PaliGemma-3B gate_proj / up_proj (out, in)
 CACHED_SHAPE = (512, 2048)  # a layer that stays in the caches (1 MB in int8): the decode kernels' arithmetic rate
+STREAM_BYTES = 512 << 20  # copies of SHAPE's layer passing this many bytes: no last-level cache holds them
 PREFILL_ROWS = 256
 REPEATS = 3
 
@@ -119,9 +120,11 @@ def candidate_rows(dram: float) -> list[list[str]]:
     return rows
 
 
-def cached_rows() -> list[list[str]]:
-    """Our decode kernels on CACHED_SHAPE, warm in the caches: the rate their arithmetic allows, in weights/s, beside
-    the same kernels streaming SHAPE from DRAM (candidate_rows): which of the two holds a format's decode."""
+def native_rows() -> list[list[str]]:
+    """Our decode kernels twice: on CACHED_SHAPE warm in the caches (the rate their arithmetic allows, in
+    weights/s), and on SHAPE streamed from DRAM through copies that together pass STREAM_BYTES (a 16384 x 2048
+    int4 layer, 17 MB, stays in a 32 MB L3 otherwise, as it does in the candidate rows above): which of the two
+    holds a format's decode."""
     import torch
 
     from lowmem_paligemma.formats import native
@@ -131,19 +134,35 @@ def cached_rows() -> list[list[str]]:
 
     if (nk := native.kernels()) is None:
         return []
-    o, i = CACHED_SHAPE
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(o, i, generator=g)
-    x = torch.randn(1, i, generator=g).bfloat16()
-    wb, (q8, s8), (p4, s4) = w.bfloat16(), quantize_int8(w, torch.bfloat16), quantize_int4_packed(w, torch.bfloat16)
-    calls = {"dense bfloat16": lambda: nk.gemv_dense(x, wb), "int8 bfloat16": lambda: nk.gemv_int8(x, q8, s8),
-             "int4 bfloat16": lambda: nk.gemv_int4(x, p4, s4, p4.shape[1] * 2 // s4.shape[1])}  # fmt: skip
-    with torch.inference_mode():
-        seconds = time_candidates(calls).seconds
     rows = []
-    for name, s in seconds.items():
-        label, rate = f"{name} decode, {o} x {i} in the caches", f"{o * i / s / 1e9:.1f} G weights/s"
-        rows.append([label, "native", f"{s * 1e3:.3f}", rate])
+    for (o, i), streamed in ((CACHED_SHAPE, False), (SHAPE, True)):
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(o, i, generator=g)
+        x = torch.randn(1, i, generator=g).bfloat16()
+        layers = {"dense bfloat16": (w.bfloat16(),), "int8 bfloat16": quantize_int8(w, torch.bfloat16),
+                  "int4 bfloat16": quantize_int4_packed(w, torch.bfloat16)}  # fmt: skip
+        del w
+        kernels = {"dense bfloat16": [("native", lambda x, t: nk.gemv_dense(x, *t))],
+                   "int8 bfloat16": [("native", lambda x, t: nk.gemv_int8(x, *t))],
+                   "int4 bfloat16": [("native", lambda x, t: nk.gemv_int4(x, *t, 128))]}  # fmt: skip
+        if nk.has_vnni():
+            kernels["int4 bfloat16"].append(("vnni", lambda x, t: nk.gemv_int4_vnni(x, *t, 128)))
+        for name, tensors in layers.items():
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            copies = [tensors] + [
+                tuple(t.clone() for t in tensors) for _ in range(STREAM_BYTES // size if streamed else 0)
+            ]
+            calls = {}
+            for kernel, call in kernels[name]:
+                turn = iter(range(1 << 62))
+                calls[kernel] = lambda call=call, turn=turn, x=x, c=copies: call(x, c[next(turn) % len(c)])
+            with torch.inference_mode():
+                seconds = time_candidates(calls).seconds
+            where = f"{len(copies)} copies streamed from DRAM" if streamed else "in the caches"
+            for kernel, sec in seconds.items():
+                rate = f"{o * i / sec / 1e9:.1f} G weights/s" + (f", {size / sec / 1e9:.1f} GB/s" if streamed else "")
+                rows.append([f"{name} decode, {o} x {i}, {where}", kernel, f"{sec * 1e3:.3f}", rate])
+            del copies, calls
     return rows
 
 
@@ -159,7 +178,7 @@ def main() -> None:
         rate = statistics.median(g[name] for g in gemm)
         rows.append([f"{name} ceiling, {PREFILL_ROWS} x {SHAPE[1]} @ {SHAPE[1]} x {SHAPE[0]}", "-", "-",
                      f"{rate / 1e9:.0f} GFLOP/s"])  # fmt: skip
-    rows += candidate_rows(dram) + cached_rows()
+    rows += candidate_rows(dram) + native_rows()
     shard = max(ensure_checkpoint("bf16").glob("*.safetensors"), key=lambda f: f.stat().st_size)
     size = shard.stat().st_size
     for readers in (1, 4):

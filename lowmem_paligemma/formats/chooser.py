@@ -316,7 +316,9 @@ def _format_choice(
         return Measured(what, "", f"{names[0]}/{names[0]}", {}, "the only candidate"), 0.0
     key = f"{fmt.name}|{dtype_name(dtype)}|{shape[0]}x{shape[1]}|rows {prompt_rows}|{machine_key()}"
     cached = entries.get(key)
-    if not retune and _valid(fmt, cached):
+    # An entry that did not time a candidate available now (a kernel added by an upgrade, or built since) is stale.
+    candidates = {f"{phase} {n}" for phase, kernels in _phases(fmt).items() for n in kernels if n in names}
+    if not retune and _valid(fmt, cached) and candidates <= set(cached["seconds"]):
         seconds, source = cached["seconds"], "cache"
         choice = _best(fmt, seconds, prompt_rows, relayout)
     else:

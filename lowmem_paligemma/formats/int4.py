@@ -13,7 +13,14 @@ Kernels (the chooser times them on the running machine):
 - "upcast": dequantized into a float32 buffer, then a float32 GEMM (for CPUs whose 16-bit GEMM is slow); exact
   products, as every other kernel here;
 - "native": our decode kernel (native.cpp): nibbles looked up in a per-group table of (q - 8) * scale and
-  multiplied into fp32 sums, the weights read once (decode only).
+  multiplied into fp32 sums, the weights read once (decode only);
+- "vnni": our integer decode kernel (native_vnni.cpp, CPUs with AVX512-VNNI, groups of a multiple of 128): the
+  activations quantized to int8 in blocks of VNNI_BLOCK inputs (scale = max|x| / 127, q = round-half-even(x /
+  scale), llama.cpp's Q8_0 and OpenVINO's dynamic activation groups), multiplied with the stored nibbles in
+  exact int32 sums, each block's sum scaled in fp32. Its rounding is the weights' and the activations' (at most
+  half a step of 1/127 of each block's largest value): the one kernel here that is not exact in its products,
+  offered, as int8's "int_mm" prefill is, because a decode step in int4 is bound by the arithmetic of widening
+  every weight to fp32, not by memory.
 
 The shape rules (`accepts`): out features a multiple of 16 and in features of the group size hold for every
 PaliGemma layer but SigLIP's second MLP layer (4304-wide input): it falls back to int8. The tied embedding's
@@ -38,6 +45,8 @@ from . import native
 from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
 
 GROUP = 128  # compressed-tensors' and gpt-fast's default; every PaliGemma decoder width is a multiple
+VNNI_BLOCK = 32  # inputs sharing one activation scale in the "vnni" kernel (native_vnni.cpp kBlock)
+VNNI_CHUNK = 128  # its groups are whole multiples of this (a pair of vpdpbusd: 64 weight bytes)
 PER_INT32 = 8  # values in one compressed-tensors int32 word
 
 
@@ -108,7 +117,10 @@ def int4_linear(
     rows, o = x.shape[:-1].numel(), packed.shape[0]
     x2 = x.reshape(rows, x.shape[-1])
     name = kernels.pick(rows)
-    if name == "native" and rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None:
+    decode = rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None
+    if decode and name == "vnni" and group % VNNI_CHUNK == 0 and nk.has_vnni():
+        y = nk.gemv_int4_vnni(x2, packed, scale, group)
+    elif decode and name in ("native", "vnni"):
         y = nk.gemv_int4(x2, packed, scale, group)
     else:
         wide = name == "upcast" and x.device.type == "cpu"
@@ -182,7 +194,7 @@ class Int4Embedding(Int4Linear):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if self.kernels.decode == "native" and rows <= DECODE_ROWS:
+        if self.kernels.decode in ("native", "vnni") and rows <= DECODE_ROWS:
             return int4_linear(x, self.weight_packed, self.weight_scale, self.group, None, self.kernels)
         parts, xf = [], x.float()
         for r0 in range(0, self.out_features, self.LOGIT_ROWS):  # float32 rows: each w = q * scale exactly
@@ -195,7 +207,7 @@ class Int4Embedding(Int4Linear):
 
 class Int4Format(WeightFormat):
     name = "int4"
-    decode_kernels = ("dequant", "native")
+    decode_kernels = ("dequant", "native", "vnni")
     prefill_kernels = ("dequant", "upcast")
     reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
@@ -220,8 +232,11 @@ class Int4Format(WeightFormat):
 
     def available_kernels(self, dtype: torch.dtype) -> tuple[str, ...]:
         names = set(super().available_kernels(dtype))
-        if native.kernels() is None:
+        nk = native.kernels()
+        if nk is None:
             names.discard("native")
+        if nk is None or not nk.has_vnni() or GROUP % VNNI_CHUNK:
+            names.discard("vnni")
         if dtype == torch.float32:
             names.discard("upcast")  # "dequant" is it
         return tuple(sorted(names))

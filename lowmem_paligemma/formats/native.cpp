@@ -20,25 +20,9 @@
 #include <cstdint>
 #include <vector>
 
-using namespace native;  // native.h: the loads, dense_rows / dense_any, kMaxRows, kGrain
+using namespace native;  // native.h: the loads, dense_rows / dense_any, Scales, kMaxRows, kGrain
 
 namespace {
-
-// A layer's scales as stored (float32, bf16 or fp16), read one at a time: converting them to a float32 copy on every
-// call cost 8 ms of a PaliGemma-3B int4 decode step (36 such copies, one of 257216 x 16).
-struct Scales {
-  const void* p;
-  torch::ScalarType kind;
-  explicit Scales(const torch::Tensor& s) : p(s.data_ptr()), kind(s.scalar_type()) {
-    TORCH_CHECK(s.is_contiguous() && (kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kHalf),
-                "contiguous float32, bf16 or fp16 scales");
-  }
-  float operator[](int64_t i) const {
-    if (kind == torch::kFloat32) return static_cast<const float*>(p)[i];
-    if (kind == torch::kBFloat16) return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
-    return static_cast<float>(static_cast<const at::Half*>(p)[i]);
-  }
-};
 
 // int4 rows [o0, o1), R at a time sharing each activation load: per group and row a 16-entry table of
 // (q - 8) * scale indexed by each nibble (one permute per 16 values instead of a conversion, a subtraction and a
@@ -368,6 +352,9 @@ double read_bytes(const torch::Tensor& buf) {
 // native_attention.cpp
 torch::Tensor attention_scores(const torch::Tensor& q, const torch::Tensor& k);
 torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
+// native_vnni.cpp
+bool has_vnni();
+torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_dense", &gemv_dense);
@@ -380,4 +367,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bytes", &read_bytes);
   m.def("attention_scores", &attention_scores);
   m.def("attention_values", &attention_values);
+  m.def("has_vnni", &has_vnni);
+  m.def("gemv_int4_vnni", &gemv_int4_vnni);
 }

@@ -1,5 +1,5 @@
-"""Our own kernels (native.cpp; native_attention.cpp; native.h, what they share), built for the running machine,
-where the libraries' kernels stop short.
+"""Our own kernels (native.cpp; native_attention.cpp; native_vnni.cpp; native.h, what they share), built for the
+running machine, where the libraries' kernels stop short.
 
 On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
 has every candidate's rate on the machine that wrote it: `F.linear` on bf16 and `_weight_int8pack_mm` well below
@@ -29,7 +29,8 @@ import torch
 from ..machine import cpu
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = ("native.cpp", "native_attention.cpp")  # compiled: the module (native.cpp defines it), then the others
+# compiled: the module (native.cpp defines it), then the others (native_vnni.cpp's kernel where the CPU has VNNI)
+SOURCES = ("native.cpp", "native_attention.cpp", "native_vnni.cpp")
 HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
 NEEDS = ("avx512f", "avx512bw")  # the instructions native.cpp uses

@@ -132,6 +132,19 @@ def test_retune_times_anew_and_replaces_the_entry(cache, monkeypatch):
     assert now.keys() == stamps.keys() and now != stamps  # new timings written over the old
 
 
+def test_an_entry_without_a_candidate_available_now_is_timed_again(cache, monkeypatch):
+    """A kernel added since the entry was written (an upgrade, a native build that failed before) gets timed."""
+    _choose()
+    doc = json.loads(cache.read_text())
+    for entry in doc["entries"].values():
+        entry["seconds"].pop(next(iter(sorted(entry["seconds"]))))
+    cache.write_text(json.dumps(doc))
+    again = _choose()
+    assert {m.source for m in again.details} == {"measured"}
+    assert all(len(e["seconds"]) > len(d["seconds"]) for e, d in zip(
+        json.loads(cache.read_text())["entries"].values(), doc["entries"].values(), strict=True))  # fmt: skip
+
+
 def test_a_noisy_clock_is_seen_as_noise():
     """The timer of a busy machine (random 10x intervals) gives spreads the chooser calls noisy."""
     timing = kernels.time_candidates({"a": lambda: None, "b": lambda: None}, clock=_NoisyClock())

@@ -92,6 +92,25 @@ def test_int4_layer_matches_dequantized_linear(dtype, out_in, rows):
     _close(got, F.linear(x.float(), dense, layer.bias.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS, DECODE_ROWS + 1])
+@pytest.mark.parametrize("name", registry.get("int4").available_kernels(torch.bfloat16))
+def test_int4_kernels_match_dequantized_linear(dtype, rows, name):
+    o, i = 48, 384
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(o, i, generator=g)
+    layer = int4.Int4Linear(i, o, bias=False).to(dtype)
+    layer._fill(w, 0)
+    layer.kernels = KernelChoice(name, name)
+    dense = registry.dequantize(layer)
+    x = torch.randn(rows, i, generator=g).to(dtype)
+    got, want = layer(x), F.linear(x.float(), dense)
+    if name == "vnni" and rows <= DECODE_ROWS:  # activations quantized too: blocks of 32, ~1/254 of each block's max
+        assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
+    else:
+        _close(got, want, dtype)
+
+
 def test_streamed_layers_keep_the_plain_layout():
     """A layer on meta (streamed per forward, residency.py) is not reordered into a layout its bytes arrive
     without each pass: it takes the reference kernels where the choice needs a layout, and stays on meta."""

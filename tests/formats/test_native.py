@@ -42,3 +42,53 @@ def test_decode_attention_refuses_a_view_it_cannot_read():
     keys = torch.randn(1, 2, 16, 8).transpose(2, 3)  # (B, K, S=8, H=16) with S and H swapped in memory
     with pytest.raises(RuntimeError, match="dense"):
         nk.attention_scores(torch.randn(1, 2, 1, 16), keys)
+
+
+def _int4_layer(o: int, i: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from lowmem_paligemma.formats import int4
+
+    w = torch.randn(o, i, generator=torch.Generator().manual_seed(seed))
+    packed, scale = int4.quantize_int4_packed(w, dtype, int4.GROUP)
+    dense = torch.empty(o, i)
+    int4.dequantize_int4(packed, scale, int4.GROUP, dense)
+    return packed, scale, dense
+
+
+def _blocks_quantized(x: torch.Tensor) -> torch.Tensor:
+    """The activations as native_vnni.cpp rounds them: blocks of 32 inputs, scale max|x| / 127, round half to even."""
+    from lowmem_paligemma.formats.int4 import VNNI_BLOCK
+
+    xb = x.float().reshape(*x.shape[:-1], -1, VNNI_BLOCK)
+    s = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(xb / s.clamp_min(torch.finfo(torch.float32).tiny)), 0).clamp(-127, 127)
+    return (q * s).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])  # each row count's register blocking (R x M), 16 the most
+@pytest.mark.parametrize("o, i", [(16, 128), (52 * 16, 384), (48, 2048)])  # output rows not a multiple of R or kGrain
+def test_int4_vnni_is_the_blockwise_int8_product(dtype, rows, o, i):
+    """native_vnni.cpp's product equals F.linear of the block-quantized activations and the dequantized weights up
+    to the order of fp32 sums, whatever the stored scale dtype: its integer sums lose nothing."""
+    nk = native.kernels()
+    if nk is None or not nk.has_vnni():
+        pytest.skip("no AVX512-VNNI kernel on this machine")
+    packed, scale, dense = _int4_layer(o, i, dtype, seed=o + i)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
+    x[:, 32:64] = 0  # an all-zero block (scale 0)
+    x[0, 5] = 300.0  # an outlier: only its block's scale may grow
+    got = nk.gemv_int4_vnni(x.to(dtype), packed, scale, 128)
+    assert got.shape == (rows, o) and got.dtype == dtype
+    want = torch.nn.functional.linear(_blocks_quantized(x.to(dtype)), dense)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # the output's own rounding
+    assert (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_int4_vnni_refuses_groups_it_cannot_step_through():
+    nk = native.kernels()
+    if nk is None or not nk.has_vnni():
+        pytest.skip("no AVX512-VNNI kernel on this machine")
+    packed = torch.zeros(16, 64, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        nk.gemv_int4_vnni(torch.zeros(1, 128), packed, torch.ones(16, 2), 64)
