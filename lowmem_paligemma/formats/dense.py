@@ -167,12 +167,23 @@ class DenseFormat(WeightFormat):
             return 0
         return max((m.weight.numel() for m in modules if isinstance(m, Linear)), default=0) * 4
 
+    def plain(self, choice: KernelChoice, dtype: torch.dtype) -> KernelChoice:
+        """`choice` for a weight kept in the plain layout: a layout's kernel replaced by the plain one's."""
+        if choice.decode not in self.layouts and choice.prefill not in self.layouts:
+            return choice
+        decode = "native" if "native" in self.available_kernels(dtype) else self.reference.decode
+        return KernelChoice(decode if choice.decode in self.layouts else choice.decode,
+                            self.reference.prefill if choice.prefill in self.layouts else choice.prefill)  # fmt: skip
+
     def use(self, module: nn.Module, choice: KernelChoice) -> None:
         """Reorder the weight into the layout `choice` needs (or back to the plain one); embeddings stay plain
-        (their rows are gathered)."""
-        module.kernels = choice
+        (their rows are gathered), so where the choice is a layout's kernel their logits take the fastest of the
+        plain layout's (ours where it built: F.linear on the 257k x 2048 table read it at 30 GB/s where our
+        kernel reads 45-60, AMD EPYC, docs/performance.md)."""
         if not isinstance(module, Linear):
+            module.kernels = self.plain(choice, module.weight.dtype)
             return
+        module.kernels = choice
         packed = self.layouts.get(choice.decode) == "onednn"
         if packed != module.weight.is_mkldnn:
             w = pack_weight(module.weight) if packed else module.weight.to_dense()

@@ -111,6 +111,24 @@ def test_int4_kernels_match_dequantized_linear(dtype, rows, name):
         _close(got, want, dtype)
 
 
+def test_a_tied_table_under_a_layout_choice_takes_the_plain_layouts_kernels(monkeypatch):
+    """The embedding is never packed (its rows are gathered): under "packed/packed" its logits run our decode kernel
+    where it built (not F.linear, which read the 257k-row table at half the rate) and F.linear for a prefill."""
+    from lowmem_paligemma.formats.dense import Embedding
+
+    dense = registry.get("dense")
+    table = Embedding(64, 32).to(torch.bfloat16)
+    table.weight.data.normal_(generator=torch.Generator().manual_seed(0))
+    use_kernels(table, {"dense": KernelChoice("packed", "packed")})
+    want = "native" if "native" in dense.available_kernels(torch.bfloat16) else "linear"
+    assert table.kernels == KernelChoice(want, "linear") and not table.weight.is_mkldnn
+    use_kernels(table, {"dense": KernelChoice("mv", "upcast")})
+    assert table.kernels == KernelChoice("mv", "upcast")  # a plain layout's choice is kept as it is
+    use_kernels(table, {"dense": KernelChoice("packed", "packed")})
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    _close(table.logits(x), F.linear(x.float(), table.weight.float()), torch.bfloat16)
+
+
 def test_streamed_layers_keep_the_plain_layout():
     """A layer on meta (streamed per forward, residency.py) is not reordered into a layout its bytes arrive
     without each pass: it takes the reference kernels where the choice needs a layout, and stays on meta."""
