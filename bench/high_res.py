@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, bench_prompt, ensure_checkpoint, hf_token_times, token_times
-from bench.load_speed import KERNELS
+from bench.common import ROOT, bench_prompt, ensure_checkpoint, hf_token_times, machine_kernels, token_times
 from bench.report import command, gb, header, md_table, set_threads, text_table, verdict, write
 from bench.supervise import protect_the_machine, run_child
 
@@ -33,7 +32,7 @@ RUNS = {"ours-448": ("ours", 448), "hf-448": ("hf", 448), "ours-896": ("ours", 8
 DEFAULT_RUNS = ("ours-448", "hf-448", "ours-896")
 
 
-def child(name: str, path: Path, tokens: int, out: Path) -> None:
+def child(name: str, path: Path, tokens: int, kernels: str, out: Path) -> None:
     protect_the_machine()
     import torch
 
@@ -50,7 +49,7 @@ def child(name: str, path: Path, tokens: int, out: Path) -> None:
     if impl == "ours":
         from lowmem_paligemma import generate, load_model
 
-        loaded = load_model(path, dtype=torch.bfloat16, kernels=KERNELS)
+        loaded = load_model(path, dtype=torch.bfloat16, kernels=kernels)
         model, buffers = loaded.model, scratch_bytes(loaded.model, loaded.kernels.plan, torch.bfloat16)
 
         def run(n: int) -> tuple[list[float], list[int]]:
@@ -90,17 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--kernels", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child, args.checkpoint, args.tokens, args.out)
+        child(args.child, args.checkpoint, args.tokens, args.kernels, args.out)
         return
     out_dir = ROOT / "out" / "high_res"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, plans = {}, {}
     for name in args.runs.split(","):
         path = ensure_checkpoint("bf16", f"paligemma2-3b-{RUNS[name][1]}")
+        plans[name] = machine_kernels(path) if name.startswith("ours") else ""
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        c = run_child("bench.high_res", ["--child", name, "--checkpoint", str(path), "--tokens", str(args.tokens)],
+        c = run_child("bench.high_res", ["--child", name, "--checkpoint", str(path), "--tokens", str(args.tokens),
+                                         "--kernels", plans[name]],
                       out_dir / f"{name}.json", out_dir / f"{name}.log", timeout_s=3600)  # fmt: skip
         results[name] = c.result if c.status == "ok" else {"error": f"{c.status} {c.note}"}
         print(f"  {results[name]}", file=sys.stderr)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                      gb(r["estimate"]), "yes" if within else "no"])  # fmt: skip
     print(text_table(cols, rows))
     what = (f"PaliGemma 2 3B at 448 and 896 px, full-size synthetic bfloat16 checkpoints; {THREADS} threads; greedy; "
-            f"{args.tokens} decoded tokens; ours with kernels {KERNELS}.")  # fmt: skip
+            f"{args.tokens} decoded tokens; ours with this machine's kernels (bench/common.py `machine_kernels`): "
+            + "; ".join(f"{n}: {k}" for n, k in plans.items() if k) + ".")  # fmt: skip
     doc = header("High resolutions", command("bench.high_res", argv), what)
     doc += [*md_table(cols, rows), "", "## Targets", "", *md_table(("target", "this run", "verdict"), targets)]
     write("high_res", doc)

@@ -3,7 +3,8 @@
     python -m bench.load_speed [--checkpoint DIR]
 
 Each load runs in a fresh process (bench/supervise.py) with its kernel plan given (`--kernels`, what the chooser
-picked on this machine: a load that times kernels first measures the chooser, not the load), and reports its
+picks on this machine, decided before the loads by bench/common.py `machine_kernels`: a load that times kernels
+first measures the chooser, not the load), and reports its
 wall time, the bytes loaded, GB/s and its peak RSS (anon / file):
 - warm: the checkpoint read into the page cache first; `load_model(dtype=bfloat16)` (preads into the parameters),
   `--zero-copy` (the shards mapped), `--quantize int8` and `int4` (quantized as read), and the same checkpoint
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, checkpoint_bytes, ensure_checkpoint
+from bench.common import ROOT, checkpoint_bytes, ensure_checkpoint, machine_kernels
 from bench.kernels import cold_read
 from bench.pagecache import set_page_cache
 from bench.report import command, gb, header, md_table, set_threads, text_table, verdict, write
@@ -34,7 +35,6 @@ from bench.supervise import protect_the_machine, run_child
 
 THREADS = 2
 REPEATS = 3
-KERNELS = "dense=native/upcast,int8=native/int_mm,int4=native/upcast"  # this machine's choice (bench/kernels.py)
 # name -> (cache, load options, which checkpoint)
 RUNS = {
     "warm bf16": ("warm", {}, "bf16"),
@@ -46,7 +46,7 @@ RUNS = {
 }
 
 
-def child(name: str, path: Path, out: Path) -> None:
+def child(name: str, path: Path, kernels: str, out: Path) -> None:
     protect_the_machine()
     import torch
 
@@ -58,7 +58,7 @@ def child(name: str, path: Path, out: Path) -> None:
     set_page_cache(path, cache)
     with MemoryProfiler(interval=0.02) as prof:
         t0 = time.perf_counter()
-        loaded = load_model(path, dtype=torch.bfloat16, kernels=KERNELS, **options)
+        loaded = load_model(path, dtype=torch.bfloat16, kernels=kernels, **options)
         seconds = time.perf_counter() - t0
     peak = prof.peak()
     out.write_text(json.dumps({"seconds": seconds, "weight_bytes": loaded.weight_bytes, "file_bytes":
@@ -119,16 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, help="a bf16 checkpoint (default: the full-size PaliGemma-3B)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--kernels", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "page-cache":
         page_cache_read(args.checkpoint, args.out)
         return
     if args.child:
-        child(args.child, args.checkpoint, args.out)
+        child(args.child, args.checkpoint, args.kernels, args.out)
         return
     set_threads(THREADS)
     source = args.checkpoint or ensure_checkpoint("bf16")
     paths = {"bf16": source, "int8-stored": converted(source)}
+    plans = {name: machine_kernels(paths[which], options.get("quantize"), options.get("zero_copy", False))
+             for name, (_, options, which) in RUNS.items()}  # fmt: skip
     shard = max(source.glob("*.safetensors"), key=lambda f: f.stat().st_size)
     disk = statistics.median(shard.stat().st_size / cold_read(shard, 4) for _ in range(REPEATS))
     out_dir = ROOT / "out" / "load_speed"
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (_, _, which) in RUNS.items():
         runs = []
         for k in range(REPEATS):
-            c = run_child("bench.load_speed", ["--child", name, "--checkpoint", str(paths[which])],
+            args_ = ["--child", name, "--checkpoint", str(paths[which]), "--kernels", plans[name]]
+            c = run_child("bench.load_speed", args_,
                           out_dir / f"{k}.json", out_dir / f"{k}.log", timeout_s=900)  # fmt: skip
             if c.status != "ok":
                 raise SystemExit(f"{name}: {c.status} {c.note}")
@@ -172,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ]  # fmt: skip
     cols = ("load", "seconds (median; runs)", "checkpoint bytes", "GB/s of the file", "peak RSS (anon / file)")
     print(text_table(cols, rows))
-    what = (f"{source.name} (bfloat16 {gb(checkpoint_bytes(source))}) loaded as bfloat16 with kernels {KERNELS}; "
+    kernels = "; ".join(f"{name}: {plan}" for name, plan in plans.items())
+    what = (f"{source.name} (bfloat16 {gb(checkpoint_bytes(source))}) loaded as bfloat16 with this machine's "
+            f"kernels ({kernels}); "
             f"{THREADS} threads; each load in a fresh process, median of {REPEATS}; the disk reads "
             f"{disk / 1e9:.2f} GB/s cold (largest shard, 4 reads in flight, median of {REPEATS}); the page cache "
             f"reads {fresh / 1e9:.2f} GB/s into fresh memory, {touched / 1e9:.2f} GB/s into touched memory (the "
