@@ -45,6 +45,14 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return q, scale.to(dtype)
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (M, I) -> q (M, I) int8, scale (M, 1) float32 for `int_mm`: scale = max(max|x_row|, 1e-12) / 127,
+    q = round(x / scale) (native.cpp `quantize_rows_int8` computes the same bits)."""
+    xf = x.float()
+    x_scale = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127  # (M, 1)
+    return torch.round(xf / x_scale).to(torch.int8), x_scale
+
+
 def int8pack_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
     # _weight_int8pack_mm (CPU) was seen to segfault for in-features not a multiple of 16.
     return x.device.type == "cpu" and q.shape[1] % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -74,10 +82,13 @@ def int8_linear(
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
-        xf = x2.float()
-        x_scale = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127  # (M, 1)
-        xq = torch.round(xf / x_scale).to(torch.int8)
-        y = torch._int_mm(xq, q.t()).float().mul_(x_scale).mul_(scale.float()).to(x.dtype)
+        # native.cpp does each side in one pass (the same bits): torch's five passes were a fifth of a prefill.
+        if (nk := native.kernels()) is not None:
+            xq, x_scale = nk.quantize_rows_int8(x2)
+            y = nk.rescale_int32(torch._int_mm(xq, q.t()), x_scale, scale, x.dtype)
+        else:
+            xq, x_scale = quantize_rows_int8(x2)
+            y = torch._int_mm(xq, q.t()).float().mul_(x_scale).mul_(scale.float()).to(x.dtype)
     else:
         w = (scratch or Scratch()).get((o, i), x.dtype, x.device)
         y = F.linear(x2, dequantize_int8(q, scale, w))

@@ -355,6 +355,9 @@ torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
 // native_vnni.cpp
 bool has_vnni();
 torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
+std::vector<torch::Tensor> quantize_rows_int8(const torch::Tensor& x);
+torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
+                            torch::ScalarType kind);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_dense", &gemv_dense);
@@ -369,4 +372,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_values", &attention_values);
   m.def("has_vnni", &has_vnni);
   m.def("gemv_int4_vnni", &gemv_int4_vnni);
+  m.def("quantize_rows_int8", &quantize_rows_int8);
+  m.def("rescale_int32", &rescale_int32);
 }

@@ -92,3 +92,27 @@ def test_int4_vnni_refuses_groups_it_cannot_step_through():
     packed = torch.zeros(16, 64, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="multiple of 128"):
         nk.gemv_int4_vnni(torch.zeros(1, 128), packed, torch.ones(16, 2), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, i, o", [(17, 64, 48), (40, 37, 21), (3, 4304, 130)])  # tails of I % 16 and O % 16
+def test_int_mm_passes_give_the_torch_bits(dtype, m, i, o):
+    """int8's `int_mm` prefill: native.cpp's activation quantization and int32 rescale are the torch expressions'
+    bits (formats/int8.py `quantize_rows_int8`, and `.float().mul_(x_scale).mul_(scale).to(dtype)`)."""
+    from lowmem_paligemma.formats.int8 import quantize_int8, quantize_rows_int8
+
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    gen = torch.Generator().manual_seed(m + i)
+    x = (torch.randn(m, i, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
+    x[1] = 0  # a zero row: the scale's floor
+    with torch.inference_mode():  # as a model runs them (no torch op inside their threads)
+        xq, xs = nk.quantize_rows_int8(x)
+    want_q, want_s = quantize_rows_int8(x)
+    assert torch.equal(xq, want_q) and torch.equal(xs, want_s)
+    q, scale = quantize_int8(torch.randn(o, i, generator=gen), dtype)
+    y = torch._int_mm(xq, q.t()) if i % 8 == 0 else xq.int() @ q.int().t()
+    with torch.inference_mode():
+        got = nk.rescale_int32(y.contiguous(), xs, scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, y.float().mul_(xs).mul_(scale.float()).to(dtype))
