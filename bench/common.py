@@ -51,15 +51,18 @@ def ensure_checkpoint(kind: str = "fp32", preset: str = PRESET) -> Path:
     return path
 
 
-def machine_kernels(path: Path, quantize: str | None = None, zero_copy: bool = False) -> str:
+def machine_kernels(
+    path: Path, quantize: str | None = None, zero_copy: bool = False, requests: int | None = None
+) -> str:
     """This machine's kernel plan for the model at `path` loaded in bfloat16 (quantized to `quantize`), as a
     `--kernels` spec ("dense=packed/packed,..."): what `load_model` would choose (formats/chooser.py: its cache, or
     timed now), decided here, before any timed run, so that a timed load does not time the kernels too. Never a
-    fixed spec: the choice differs from one CPU to the next."""
+    fixed spec: the choice differs from one CPU to the next. `requests`: as LoadOptions.requests (the CLI's
+    generate loads for 1)."""
     from lowmem_paligemma.pretrained.build import build_model, choose_compute
 
     model, _ = build_model(path, quantize)
-    _, report = choose_compute(model, "bfloat16", "cpu", zero_copy=zero_copy)
+    _, report = choose_compute(model, "bfloat16", "cpu", zero_copy=zero_copy, requests=requests)
     return ",".join(f"{fmt}={choice}" for fmt, choice in sorted(report.plan.items()))
 
 

@@ -9,7 +9,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -105,7 +105,8 @@ def generate_command(
             check_draw(prompt, draw, image)
         img = load_image(image)  # before the (slow) model load, so a bad image fails at once
         decoder = VQVAEDecoder.from_npz(vae) if vae else None
-        session = _load(model_dir, load, prompt=prompt, sampling=sampling)
+        # One answer per load: a layout's reorder is weighed against what it saves this one request.
+        session = _load(model_dir, replace(load, requests=1), prompt=prompt, sampling=sampling)
         gen = run_prompt(session, session.encode(img), prompt, sampling, on_text=None if as_json else echo_text)
         found = draw_output(to_rgb(img), gen.text, draw, decoder) if draw else None
     peak = prof.peak()

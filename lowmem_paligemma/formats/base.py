@@ -132,6 +132,11 @@ class WeightFormat:
         """A random (out, in) layer of this format in `dtype`, as a call the chooser can time per kernel."""
         raise NotImplementedError
 
+    def relayout_seconds(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, float]:
+        """Seconds to put one (out, in) layer into each layout kernel's layout ({kernel: s}), what a load pays per
+        layer for choosing it (none without layouts)."""
+        return {}
+
     def use(self, module: nn.Module, choice: KernelChoice) -> None:
         """Give a loaded layer its kernels, putting its weight in the layout they need."""
         module.kernels = choice

@@ -120,7 +120,8 @@ def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _phases(fmt: WeightFormat) -> dict[str, tuple[str, ...]]:
-    return {"decode": fmt.decode_kernels, "prefill": fmt.prefill_kernels}
+    """The timed parts of a choice: each phase's candidates, and the reorder into each layout at load."""
+    return {"decode": fmt.decode_kernels, "prefill": fmt.prefill_kernels, "relayout": tuple(fmt.layouts)}
 
 
 def _valid(fmt: WeightFormat, entry: Any) -> bool:
@@ -235,14 +236,31 @@ def _measure(fmt: WeightFormat, shape: tuple[int, int], dtype: torch.dtype) -> T
             if name in fmt.available_kernels(dtype):
                 calls[f"{phase} {name}"] = lambda name=name, x=x: layer(x, name)
     with torch.inference_mode():
-        return time_candidates(calls, phase=lambda name: name.split()[0])
+        timing = time_candidates(calls, phase=lambda name: name.split()[0])
+    timed = {key.split()[1] for key in calls}
+    relayout = {f"relayout {k}": v for k, v in fmt.relayout_seconds(shape, dtype).items() if k in timed}
+    return Timing({**timing.seconds, **relayout}, timing.spread, timing.others_busy)
 
 
-def _best(fmt: WeightFormat, seconds: dict[str, float], prompt_rows: int, relayout: bool = True) -> KernelChoice:
-    """The valid (decode, prefill) pair with the least time for a request: prefill + DECODE_TOKENS steps.
-    `relayout` False keeps the weights as loaded (zero-copy: they are views of the checkpoint file)."""
+def _best(
+    fmt: WeightFormat,
+    seconds: dict[str, float],
+    prompt_rows: int,
+    relayout: bool = True,
+    requests: int | None = None,
+    layers: float = 1.0,
+) -> KernelChoice:
+    """The valid (decode, prefill) pair with the least time for a request: prefill + DECODE_TOKENS steps, plus,
+    when the load will serve only `requests` requests (the CLI's generate: 1), its share of reordering the
+    weights into the pair's layout (`layers` timed layers' worth). `relayout` False keeps the weights as loaded
+    (zero-copy: they are views of the checkpoint file)."""
+
+    def reorder(d: str, p: str) -> float:
+        kernel = d if d in fmt.layouts else p if p in fmt.layouts else None
+        return 0.0 if kernel is None or not requests else seconds.get(f"relayout {kernel}", 0.0) * layers / requests
+
     pairs = [
-        (_request_seconds(seconds, d, p, prompt_rows), d, p)
+        (_request_seconds(seconds, d, p, prompt_rows) + reorder(d, p), d, p)
         for d in fmt.decode_kernels
         for p in fmt.prefill_kernels
         if fmt.valid_choice(d, p)
@@ -299,6 +317,16 @@ def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def format_weights(model: nn.Module) -> dict[str, int]:
+    """Each weight format -> the weights of its linear layers in `model` (what a layout's reorder goes through)."""
+    total: dict[str, int] = {}
+    for module in model.modules():
+        fmt = registry.of(module)
+        if fmt is not None and hasattr(module, "in_features") and not hasattr(module, "lookup"):
+            total[fmt.name] = total.get(fmt.name, 0) + module.out_features * module.in_features
+    return total
+
+
 def _format_choice(
     fmt: WeightFormat,
     shape: tuple[int, int],
@@ -307,6 +335,8 @@ def _format_choice(
     entries: dict[str, Any],
     relayout: bool,
     retune: bool,
+    requests: int | None = None,
+    layers: float = 1.0,
 ) -> tuple[Measured, float]:
     """The format's best kernels, from the cache or timed now (then added to `entries` unless noisy), with the
     request time that pair takes on one layer (for comparing dtypes)."""
@@ -320,11 +350,11 @@ def _format_choice(
     candidates = {f"{phase} {n}" for phase, kernels in _phases(fmt).items() for n in kernels if n in names}
     if not retune and _valid(fmt, cached) and candidates <= set(cached["seconds"]):
         seconds, source = cached["seconds"], "cache"
-        choice = _best(fmt, seconds, prompt_rows, relayout)
+        choice = _best(fmt, seconds, prompt_rows, relayout, requests, layers)
     else:
         timing = _measure(fmt, shape, dtype)
         seconds, source = timing.seconds, "measured"
-        choice = _best(fmt, seconds, prompt_rows, relayout)
+        choice = _best(fmt, seconds, prompt_rows, relayout, requests, layers)
         if timing.noisy:
             reference = fmt.reference
             gain = _request_seconds(seconds, reference.decode, reference.prefill, prompt_rows) / _request_seconds(
@@ -350,23 +380,27 @@ def choose_kernels(
     prompt_rows: int,
     relayout: bool = True,
     retune: bool = False,
+    requests: int | None = None,
 ) -> KernelReport:
     """The kernel plan for `model` (built on meta is enough) on this machine; see the module docstring.
     `prompt_rows` weighs prefill against decode when a layout serves both; `relayout` False excludes kernels
-    that reorder the weights (zero-copy loads keep them as file views); `retune` times anew, whatever is cached."""
+    that reorder the weights (zero-copy loads keep them as file views); `retune` times anew, whatever is cached;
+    `requests`, when the load serves that many requests only, charges a layout's reorder at load to them."""
     spec = spec if spec is not None else os.environ.get(ENV_KERNELS)
     override = parse_spec(spec) if spec else {}
     report = KernelReport()
     path = cache_path()
     entries = _read_cache(path)
     before = dict(entries)
+    weights = format_weights(model)
     for name, shape in layer_shapes(model).items():
         fmt = registry.get(name)
         if name in override or torch.device(device).type != "cpu":  # GPU: the reference (cuBLAS for products)
             choice, source = (override[name], "override") if name in override else (fmt.reference, "reference")
             measured = Measured(f"{name} kernels (decode/prefill)", "", str(choice), {}, source)
         else:
-            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries, relayout, retune)
+            layers = weights[name] / (shape[0] * shape[1])  # the timed layer's reorder, scaled to the model's
+            measured, _ = _format_choice(fmt, shape, dtype, prompt_rows, entries, relayout, retune, requests, layers)
         report.plan[name] = KernelChoice(*measured.choice.split("/"))
         report.details.append(measured)
     if entries != before:

@@ -81,10 +81,12 @@ def choose_compute(
     kernels: str | None = None,
     zero_copy: bool = False,
     retune: bool = False,
+    requests: int | None = None,
 ) -> tuple[torch.dtype, KernelReport]:
     """The compute dtype (a torch dtype, a name, or "auto": the 16-bit dtype measured fastest here) and the
     kernel plan for `model` (on meta is enough); the report says what was chosen and why. Zero-copy weights
-    stay views of the file: no kernel that reorders them. `retune` times anew whatever the cache holds."""
+    stay views of the file: no kernel that reorders them. `retune` times anew whatever the cache holds; `requests`
+    (the requests this load will serve, when known) weighs a layout's reorder at load."""
     rows = defaults.assumed_prompt_tokens(model.cfg.num_image_tokens)
     why = None
     if dtype == "auto":
@@ -94,6 +96,6 @@ def choose_compute(
     if isinstance(dtype, str):
         dtype = WEIGHT_DTYPES[dtype]
     report = choose_kernels(model, dtype, device, spec=kernels, prompt_rows=rows, relayout=not zero_copy,
-                            retune=retune)  # fmt: skip
+                            retune=retune, requests=requests)  # fmt: skip
     report.details[:0] = [why] if why else []
     return dtype, report

@@ -127,7 +127,9 @@ def load_model(
         verify_checkpoint(model_dir, None if options.verify is True else options.verify)
     phase("build")
     model, quantize = build_model(model_dir, options.quantize, device)
-    dtype, report = choose_compute(model, options.dtype, device, options.kernels, options.zero_copy)
+    dtype, report = choose_compute(
+        model, options.dtype, device, options.kernels, options.zero_copy, requests=options.requests
+    )
     reserve = request.parts() if request is not None else None
     plan, streamed, load_plan = None, set(), None
     if options.max_memory is not None or residency is not None:

@@ -34,6 +34,9 @@ class LoadOptions:
     max_memory: int | None = None  # peak RSS budget in bytes ("12GB" is taken): layers that do not fit are streamed
     prefetch: bool = True  # read the next streamed layer while one computes (False: the ablation)
     verify: bool | Path = False  # check shard checksums first: True the Hub's records, a path a sums file
+    # The requests this load will serve, when known (the CLI's generate: 1): the kernel choice then charges a layout's
+    # reorder at load (oneDNN's packed bf16: seconds for a 3B model) to them; None: many (a server, a library user).
+    requests: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
@@ -52,6 +55,9 @@ class LoadOptions:
             _reraise(lambda: parse_spec(self.kernels), "kernels")
         if isinstance(self.max_memory, str):
             set_("max_memory", _reraise(lambda: parse_size(self.max_memory), "max_memory"))
+        if self.requests is not None and (isinstance(self.requests, bool) or not isinstance(self.requests, int)
+                                          or self.requests < 1):  # fmt: skip
+            raise OptionError(f"requests {self.requests!r} is not a positive number of requests", "requests")
         if self.max_memory is not None and (isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int)
                                             or self.max_memory <= 0):  # fmt: skip
             raise OptionError(f"max_memory {self.max_memory!r} is not a positive size such as 12GB", "max_memory")

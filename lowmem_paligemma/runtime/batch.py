@@ -39,7 +39,7 @@ from .session import Session, run_prompts
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # LoadOptions fields that change how a model runs but not what it answers; every other field (dtype, and any
 # added later) is part of a record's settings, so a run with another value does the work again.
-RUN_ONLY_LOAD_FIELDS = ("device", "zero_copy", "preflight", "max_memory", "prefetch", "verify")
+RUN_ONLY_LOAD_FIELDS = ("device", "zero_copy", "preflight", "max_memory", "prefetch", "verify", "requests")
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -177,6 +177,16 @@ def test_quantize_and_kernel_options_reach_the_model(tiny_pg1_dir, images):
     assert "kernel spec" in line and "int8pack" in line
 
 
+def test_generate_loads_for_one_request(tiny_pg1_dir, images, monkeypatch):
+    """One answer per load: the kernel choice charges a layout's reorder to that one request (LoadOptions.requests)."""
+    seen = []
+    real = session_module.load_model
+    monkeypatch.setattr(session_module, "load_model", lambda path, options, **kw: seen.append(options) or real(
+        path, options, **kw))  # fmt: skip
+    ok(run("generate", tiny_pg1_dir, images["a"], "caption en", "--max-new-tokens", 2))
+    assert [o.requests for o in seen] == [1]
+
+
 def test_info_shows_the_machine_and_the_choices(tiny_pg1_dir):
     text = ok(run("info")).stdout
     assert "cpu" in text and "torch" in text and "kernel cache" in text

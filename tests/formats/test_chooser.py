@@ -145,6 +145,30 @@ def test_an_entry_without_a_candidate_available_now_is_timed_again(cache, monkey
         json.loads(cache.read_text())["entries"].values(), doc["entries"].values(), strict=True))  # fmt: skip
 
 
+def test_a_layouts_reorder_is_charged_to_the_requests_a_load_serves():
+    """oneDNN's packed layout wins each request by a little and costs a reorder at load: worth it for a server (many
+    requests: None), not for one answer per load (the CLI's generate) when the reorder outweighs the gain."""
+    seconds = {"decode packed": 0.8e-3, "decode native": 1.0e-3, "decode linear": 3e-3, "decode mv": 3e-3,
+               "prefill packed": 18e-3, "prefill linear": 20e-3, "prefill upcast": 100e-3,
+               "relayout packed": 40e-3}  # fmt: skip
+    assert kernels._best(DENSE, seconds, 256) == KernelChoice("packed", "packed")
+    assert kernels._best(DENSE, seconds, 256, requests=1000, layers=50) == KernelChoice("packed", "packed")
+    assert kernels._best(DENSE, seconds, 256, requests=1, layers=50) == KernelChoice("native", "linear")
+    assert kernels._best(DENSE, seconds, 256, requests=1, layers=0.01) == KernelChoice("packed", "packed")
+
+
+def test_the_reorder_is_timed_and_reaches_the_choice(cache):
+    if "packed" not in DENSE.available_kernels(torch.bfloat16):
+        pytest.skip("oneDNN cannot pack weights on this machine")
+    report = _choose()
+    dense = next(m for m in report.details if m.what.startswith("dense"))
+    assert dense.seconds["relayout packed"] > 0
+    model = _model()
+    assert kernels.format_weights(model) == {"dense": 64 * 48 + 32 * 16, "int8": 96 * 64}
+    one = kernels.choose_kernels(model, torch.bfloat16, "cpu", prompt_rows=256, requests=1)
+    assert {m.source for m in one.details} == {"cache"}  # the same timings, weighed for one request
+
+
 def test_a_noisy_clock_is_seen_as_noise():
     """The timer of a busy machine (random 10x intervals) gives spreads the chooser calls noisy."""
     timing = kernels.time_candidates({"a": lambda: None, "b": lambda: None}, clock=_NoisyClock())

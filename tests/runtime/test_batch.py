@@ -33,7 +33,12 @@ def _write(path, records, tail=""):
 def test_settings_hold_what_changes_the_answer_and_pass_new_load_fields_through():
     assert JOB.settings == {"model": "tiny", "max_new_tokens": 6, "temperature": 0.0, "top_k": None, "top_p": None,
                             "seed": None, "dtype": "float32", "quantize": None, "kernels": None}  # fmt: skip
-    for how in ({"device": "cuda", "preflight": False}, {"zero_copy": True}, {"max_memory": 10**9, "prefetch": False}):
+    for how in (
+        {"device": "cuda", "preflight": False},
+        {"zero_copy": True},
+        {"max_memory": 10**9, "prefetch": False},
+        {"requests": 1},
+    ):
         same = BatchJob.of("tiny", "caption en", SamplingOptions(max_new_tokens=6), LoadOptions("float32", **how))
         assert same.key("/a.png") == JOB.key("/a.png")  # how the model runs is not part of the answer
 
