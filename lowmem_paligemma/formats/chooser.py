@@ -18,8 +18,14 @@ that takes 2.8 ms on a quiet machine, and five kernels at the same 12 ms: a sche
   explain (DECISIVE); otherwise the reference is used, so a busy machine neither flip-flops between choices from
   one run to the next nor keeps a bad one. It is never cached: the next load times again. `info --retune`
   (`retune=True`) times anew whatever the cache holds.
-A cache entry is only trusted if it has exactly the expected form; a corrupt or foreign file is ignored and
-rewritten.
+A cache entry is only trusted if it has exactly the expected form and timed every candidate available now; a
+corrupt or foreign file is ignored and rewritten.
+
+A layout kernel (dense `packed`: oneDNN's blocked layout) makes the load reorder every weight; the chooser times
+that reorder on the same layer (`relayout packed`), and a load that says how many requests it serves
+(`LoadOptions.requests`: the CLI's generate, 1) charges each request its share, so a one-answer load does not
+pay seconds of reordering to save milliseconds. With `requests` None (a server, a library user) the fastest pair
+per request wins.
 
 Overrides, for ablations and for a user who knows better: `LOWMEM_PALIGEMMA_KERNELS` or the `kernels`
 load option, e.g. "dense=linear/linear,int8=int8pack/dequant" (format=decode/prefill), or "reference" for
