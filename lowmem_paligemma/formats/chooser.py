@@ -14,10 +14,10 @@ that takes 2.8 ms on a quiet machine, and five kernels at the same 12 ms: a sche
 - a measurement is *noisy* when a candidate's runs spread by more than SPREAD_LIMIT (median over fastest), or
   when other processes used more than BUSY_LIMIT of the machine's CPU time while it ran (/proc/stat through
   psutil, minus this process's own);
-- a noisy measurement decides this load only where its winner beats the reference by more than noise could
-  explain (DECISIVE); otherwise the reference is used, so a busy machine neither flip-flops between choices from
-  one run to the next nor keeps a bad one. It is never cached: the next load times again. `info --retune`
-  (`retune=True`) times anew whatever the cache holds.
+- a noisy measurement decides this load only where a phase's winner beats the reference's kernel of that phase by
+  more than noise could explain (DECISIVE); otherwise that phase keeps the reference's, so a busy machine neither
+  flip-flops between choices from one run to the next nor keeps a bad one. It is never cached: the next load
+  times again. `info --retune` (`retune=True`) times anew whatever the cache holds.
 A cache entry is only trusted if it has exactly the expected form and timed every candidate available now; a
 corrupt or foreign file is ignored and rewritten.
 
@@ -278,6 +278,26 @@ def _best(
     return KernelChoice(decode, prefill)
 
 
+def _noisy_choice(
+    fmt: WeightFormat,
+    seconds: dict[str, float],
+    prompt_rows: int,
+    relayout: bool,
+    requests: int | None,
+    layers: float,
+) -> KernelChoice:
+    """A noisy measurement's choice: in each phase the reference's kernel, or a candidate that beats it by more than
+    DECISIVE in that phase alone (so a decode kernel twice as fast is not given up because a prefill, which a
+    request's time is mostly made of, shows no decisive winner); of those pairs, the best as `_best` rates them."""
+    kept = {}
+    for key, s in seconds.items():
+        phase, name = key.split()
+        reference = getattr(fmt.reference, phase, None)
+        if reference is None or name == reference or seconds.get(f"{phase} {reference}", 0.0) > DECISIVE * s:
+            kept[key] = s  # a relayout time, the reference, or a decisive winner
+    return _best(fmt, kept, prompt_rows, relayout, requests, layers)
+
+
 def _request_seconds(seconds: dict[str, float], decode: str, prefill: str, prompt_rows: int) -> float:
     return seconds[f"prefill {prefill}"] * prompt_rows / PREFILL_ROWS + DECODE_TOKENS * seconds[f"decode {decode}"]
 
@@ -362,11 +382,7 @@ def _format_choice(
         seconds, source = timing.seconds, "measured"
         choice = _best(fmt, seconds, prompt_rows, relayout, requests, layers)
         if timing.noisy:
-            reference = fmt.reference
-            gain = _request_seconds(seconds, reference.decode, reference.prefill, prompt_rows) / _request_seconds(
-                seconds, choice.decode, choice.prefill, prompt_rows
-            )
-            choice = choice if gain > DECISIVE else reference
+            choice = _noisy_choice(fmt, seconds, prompt_rows, relayout, requests, layers)
             source = f"measured, noisy ({timing.why_noisy()}): not cached, timed again next load"
         else:
             best = _best(fmt, seconds, prompt_rows)

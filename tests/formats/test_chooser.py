@@ -107,6 +107,21 @@ def test_a_noisy_timing_decides_this_load_but_is_never_cached(cache, monkeypatch
     assert {m.source for m in quiet.details} == {"measured"} and cache.exists()
 
 
+def test_a_noisy_choice_keeps_each_phases_decisive_winner_only():
+    """Under noise a phase keeps the reference's kernel unless a candidate beats it by DECISIVE in that phase: a
+    decode twice as fast is kept though the prefill (most of a request) has no decisive winner, and a layout that
+    ties both phases is given up when only one phase wins decisively."""
+    seconds = {"decode packed": 0.8e-3, "decode native": 1.0e-3, "decode linear": 2.0e-3, "decode mv": 2.2e-3,
+               "prefill packed": 18e-3, "prefill linear": 20e-3, "prefill upcast": 100e-3,
+               "relayout packed": 1e-3}  # fmt: skip
+    assert kernels._best(DENSE, seconds, 256) == KernelChoice("packed", "packed")
+    assert kernels._noisy_choice(DENSE, seconds, 256, True, None, 1.0) == KernelChoice("native", "linear")
+    close = seconds | {"decode native": 1.6e-3, "decode packed": 1.5e-3}  # 1.25x, 1.33x: within the noise
+    assert kernels._noisy_choice(DENSE, close, 256, True, None, 1.0) == DENSE.reference
+    both = seconds | {"prefill packed": 10e-3}  # 2x in both phases: the layout is decisive
+    assert kernels._noisy_choice(DENSE, both, 256, True, None, 1.0) == KernelChoice("packed", "packed")
+
+
 def test_other_processes_busy_make_a_timing_noisy(cache, monkeypatch):
     monkeypatch.setattr(kernels, "BUSY_LIMIT", 0.15)
     monkeypatch.setattr(kernels._BusyMeter, "share", lambda self: 0.6)
