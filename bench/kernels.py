@@ -8,7 +8,8 @@
   (`torch._int_mm`, VNNI / AMX where the CPU has them);
 - every candidate kernel of every weight format (lowmem_paligemma/formats/) on that shape (16384 x 2048), one row
   (decode) and 256 rows (prefill), timed exactly as the runtime's chooser times them (formats/chooser.py: the
-  fastest of interleaved rounds), as GB/s of weights read and % of the DRAM ceiling, or GFLOP/s;
+  fastest of interleaved rounds), as GB/s of weights read and % of the DRAM ceiling, or GFLOP/s; and the reorder
+  into a layout kernel's layout (dense `packed`), what a load pays per layer for choosing it;
 - our decode kernels on a layer small enough to stay in the caches (CACHED_SHAPE): their arithmetic's rate in
   weights/s; and on SHAPE streamed from DRAM through copies of the layer (STREAM_BYTES);
 - cold disk reads of a checkpoint shard with 1 and 4 reads in flight (the loader keeps 4).
@@ -114,6 +115,8 @@ def candidate_rows(dram: float) -> list[list[str]]:
             if phase == "decode":
                 rate = (f"{weight_bytes / s / 1e9:.1f} GB/s ({weight_bytes / s / dram:.0%} of DRAM), "
                         f"{o * i / s / 1e9:.1f} G weights/s")  # fmt: skip
+            elif phase == "relayout":  # the reorder into the kernel's layout, once per layer at load
+                rate = f"{weight_bytes / s / 1e9:.1f} GB/s reordered"
             else:
                 rate = f"{2 * PREFILL_ROWS * o * i / s / 1e9:.0f} GFLOP/s"
             rows.append([f"{fmt_name} {str(dtype).removeprefix('torch.')} {phase}", name, f"{s * 1e3:.2f}", rate])
