@@ -39,7 +39,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -330,26 +330,29 @@ def parse_spec(text: str) -> dict[str, KernelChoice]:
     return plan
 
 
+def _linear_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(format name, (out, in)) of each linear layer of `model` that has a weight format. Embeddings are left out:
+    their logits take the decode kernel whatever is chosen, and their table is never reordered."""
+    for module in model.modules():
+        fmt = registry.of(module)
+        if fmt is not None and hasattr(module, "in_features") and not hasattr(module, "lookup"):
+            yield fmt.name, (module.out_features, module.in_features)
+
+
 def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Each weight format in `model` -> its largest linear layer's (out, in): the shape that dominates the time."""
     shapes: dict[str, tuple[int, int]] = {}
-    for module in model.modules():
-        fmt = registry.of(module)
-        if fmt is None or not hasattr(module, "in_features") or hasattr(module, "lookup"):
-            continue  # embeddings: their logits take the decode kernel whatever is chosen here
-        shape = (module.out_features, module.in_features)
-        if fmt.name not in shapes or shape[0] * shape[1] > shapes[fmt.name][0] * shapes[fmt.name][1]:
-            shapes[fmt.name] = shape
+    for name, shape in _linear_shapes(model):
+        if name not in shapes or shape[0] * shape[1] > shapes[name][0] * shapes[name][1]:
+            shapes[name] = shape
     return shapes
 
 
 def format_weights(model: nn.Module) -> dict[str, int]:
     """Each weight format -> the weights of its linear layers in `model` (what a layout's reorder goes through)."""
     total: dict[str, int] = {}
-    for module in model.modules():
-        fmt = registry.of(module)
-        if fmt is not None and hasattr(module, "in_features") and not hasattr(module, "lookup"):
-            total[fmt.name] = total.get(fmt.name, 0) + module.out_features * module.in_features
+    for name, (o, i) in _linear_shapes(model):
+        total[name] = total.get(name, 0) + o * i
     return total
 
 

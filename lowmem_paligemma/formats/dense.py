@@ -191,8 +191,8 @@ class DenseFormat(WeightFormat):
     def use(self, module: nn.Module, choice: KernelChoice) -> None:
         """Reorder the weight into the layout `choice` needs (or back to the plain one); embeddings stay plain
         (their rows are gathered), so where the choice is a layout's kernel their logits take the fastest of the
-        plain layout's (ours where it built: F.linear on the 257k x 2048 table read it at 30 GB/s where our
-        kernel reads 45-60, AMD EPYC, docs/performance.md)."""
+        plain layout's (ours where it built: F.linear read the 257k x 2048 table at about half its rate,
+        docs/performance.md))."""
         if not isinstance(module, Linear):
             module.kernels = self.plain(choice, module.weight.dtype)
             return

@@ -47,7 +47,7 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations (M, I) -> q (M, I) int8, scale (M, 1) float32 for `int_mm`: scale = max(max|x_row|, 1e-12) / 127,
-    q = round(x / scale) (native.cpp `quantize_rows_int8` computes the same bits)."""
+    q = round(x / scale) (native_vnni.cpp `quantize_rows_int8` computes the same bits)."""
     xf = x.float()
     x_scale = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127  # (M, 1)
     return torch.round(xf / x_scale).to(torch.int8), x_scale
@@ -82,7 +82,8 @@ def int8_linear(
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
-        # native.cpp does each side in one pass (the same bits): torch's five passes were a fifth of a prefill.
+        # native_vnni.cpp does each side in one pass (the same bits): torch's five passes each were most of what an
+        # int8 prefill spent outside the GEMM.
         if (nk := native.kernels()) is not None:
             xq, x_scale = nk.quantize_rows_int8(x2)
             y = nk.rescale_int32(torch._int_mm(xq, q.t()), x_scale, scale, x.dtype)

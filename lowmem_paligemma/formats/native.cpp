@@ -77,16 +77,10 @@ torch::Tensor gemv_dense(const torch::Tensor& x, const torch::Tensor& w) {
   auto y = torch::empty({M, O}, torch::kFloat32);
   const float* xp = xr.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const auto kind = w.scalar_type();
-  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 weight");
-  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
-    if (kind == torch::kBFloat16) {
-      dense_any<BF16>(xp, (const uint16_t*)w.data_ptr(), yp, M, I, O, o0, o1);
-    } else if (kind == torch::kHalf) {
-      dense_any<F16>(xp, (const uint16_t*)w.data_ptr(), yp, M, I, O, o0, o1);
-    } else {
-      dense_any<F32>(xp, w.data_ptr<float>(), yp, M, I, O, o0, o1);
-    }
+  with_load(w.scalar_type(), "weight", [&](auto load) {
+    using W = decltype(load);
+    const auto* wp = static_cast<const typename W::T*>(w.data_ptr());
+    at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) { dense_any<W>(xp, wp, yp, M, I, O, o0, o1); });
   });
   return shaped_output(x, y, O);
 }
@@ -134,14 +128,9 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& packed, con
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
-    switch (M) {
-#define CASE(m, r) \
-  case m:          \
-    return int4_rows<m, r>(ep, op, wp, sp, yp, I, O, group, o0, o1);
-      CASE(1, 4) CASE(2, 4) CASE(3, 3) CASE(4, 2) CASE(5, 2) CASE(6, 2) CASE(7, 1) CASE(8, 1)
-      CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
-#undef CASE
-    }
+    int4_blocking(M, [&](auto m, auto r) {
+      int4_rows<decltype(m)::value, decltype(r)::value>(ep, op, wp, sp, yp, I, O, group, o0, o1);
+    });
   });
   return shaped_output(x, y, O);
 }
@@ -185,13 +174,7 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, in
           }
         }
       }
-      if (kind == torch::kBFloat16) {
-        auto* dst = out.data_ptr<at::BFloat16>() + o * I;
-        for (int64_t i = 0; i < I; ++i) dst[i] = at::BFloat16(row[i]);
-      } else if (kind == torch::kHalf) {
-        auto* dst = out.data_ptr<at::Half>() + o * I;
-        for (int64_t i = 0; i < I; ++i) dst[i] = at::Half(row[i]);
-      }
+      if (direct == nullptr) round_row(kind, row, static_cast<char*>(out.data_ptr()) + o * I * out.element_size(), I);
     }
     if (stream) _mm_sfence();  // the streamed lines are visible before the GEMM reads them
   });

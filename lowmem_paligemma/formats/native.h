@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace native {
@@ -67,6 +68,43 @@ struct Scales {
     return static_cast<float>(static_cast<const at::Half*>(p)[i]);
   }
 };
+
+// f(W{}) with W the load (above) for a tensor of type `kind`, bf16, fp16 or fp32: the one dispatch of every kernel
+// that reads such a tensor in its stored type.
+template <typename F>
+void with_load(torch::ScalarType kind, const char* what, F&& f) {
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 ",
+              what);
+  if (kind == torch::kBFloat16) return f(BF16{});
+  if (kind == torch::kHalf) return f(F16{});
+  f(F32{});
+}
+
+// The int4 kernels' register blocking: f(M, R) as std::integral_constants, R output rows at a time for M (1..16)
+// activation rows (both known at compile time, so that the accumulators stay in registers).
+template <typename F>
+void int4_blocking(int64_t M, F&& f) {
+  switch (M) {
+#define CASE(m, r) \
+  case m:          \
+    return f(std::integral_constant<int, m>{}, std::integral_constant<int, r>{});
+    CASE(1, 4) CASE(2, 4) CASE(3, 3) CASE(4, 2) CASE(5, 2) CASE(6, 2) CASE(7, 1) CASE(8, 1)
+    CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+#undef CASE
+  }
+  TORCH_CHECK(false, "1 to ", kMaxRows, " activation rows");
+}
+
+// n fp32 values rounded once to `kind` at dst (bf16 or fp16; an fp32 destination is written in place by callers).
+inline void round_row(torch::ScalarType kind, const float* src, void* dst, int64_t n) {
+  if (kind == torch::kBFloat16) {
+    auto* d = static_cast<at::BFloat16*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = at::BFloat16(src[i]);
+  } else if (kind == torch::kHalf) {
+    auto* d = static_cast<at::Half*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = at::Half(src[i]);
+  }
+}
 
 // Activations as fp32, (M, I) contiguous.
 inline torch::Tensor as_f32_rows(const torch::Tensor& x, int64_t in_features) {

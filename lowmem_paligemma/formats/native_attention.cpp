@@ -80,25 +80,18 @@ torch::Tensor attention_scores(const torch::Tensor& q, const torch::Tensor& k) {
   auto y = torch::empty({q.size(0), q.size(1), G, S}, torch::kFloat32);
   const float* qp = qf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const auto kind = k.scalar_type();
-  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 cache");
   const int64_t per = std::max<int64_t>(S, 1);
   // Tasks over (pair, key) rows, each pair's keys a dense_rows product: G activation rows against S weight rows.
-  at::parallel_for(0, P * per, kGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t p = r0 / per; p * per < r1 && p < P; ++p) {
-      const int64_t s0 = std::max(r0 - p * per, (int64_t)0), s1 = std::min(r1 - p * per, S);
-      if (s0 >= s1) continue;
-      const float* x = qp + p * G * H;
-      float* out = yp + p * G * S;
-      const int64_t at = pair_offset(blocks, p);
-      if (kind == torch::kBFloat16) {
-        dense_any<BF16>(x, (const uint16_t*)blocks.base + at, out, G, H, S, s0, s1);
-      } else if (kind == torch::kHalf) {
-        dense_any<F16>(x, (const uint16_t*)blocks.base + at, out, G, H, S, s0, s1);
-      } else {
-        dense_any<F32>(x, (const float*)blocks.base + at, out, G, H, S, s0, s1);
+  with_load(k.scalar_type(), "cache", [&](auto load) {
+    using W = decltype(load);
+    at::parallel_for(0, P * per, kGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t p = r0 / per; p * per < r1 && p < P; ++p) {
+        const int64_t s0 = std::max(r0 - p * per, (int64_t)0), s1 = std::min(r1 - p * per, S);
+        if (s0 >= s1) continue;
+        const auto* keys = static_cast<const typename W::T*>(blocks.base) + pair_offset(blocks, p);
+        dense_any<W>(qp + p * G * H, keys, yp + p * G * S, G, H, S, s0, s1);
       }
-    }
+    });
   });
   return y;
 }
@@ -114,23 +107,16 @@ torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v) {
   auto y = torch::empty({w.size(0), w.size(1), G, H}, torch::kFloat32);
   const float* wp = wf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const auto kind = v.scalar_type();
-  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kHalf || kind == torch::kFloat32, "a bf16, fp16 or fp32 cache");
   const int64_t chunks = (H + 63) / 64;  // tasks over (pair, 64 output columns)
-  at::parallel_for(0, P * chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t / chunks, c0 = (t % chunks) * 64, c1 = std::min(c0 + 64, H);
-      const float* x = wp + p * G * S;
-      float* out = yp + p * G * H;
-      const int64_t at = pair_offset(blocks, p);
-      if (kind == torch::kBFloat16) {
-        values_block<BF16>(x, (const uint16_t*)blocks.base + at, out, G, S, H, c0, c1);
-      } else if (kind == torch::kHalf) {
-        values_block<F16>(x, (const uint16_t*)blocks.base + at, out, G, S, H, c0, c1);
-      } else {
-        values_block<F32>(x, (const float*)blocks.base + at, out, G, S, H, c0, c1);
+  with_load(v.scalar_type(), "cache", [&](auto load) {
+    using W = decltype(load);
+    at::parallel_for(0, P * chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / chunks, c0 = (t % chunks) * 64, c1 = std::min(c0 + 64, H);
+        const auto* values = static_cast<const typename W::T*>(blocks.base) + pair_offset(blocks, p);
+        values_block<W>(wp + p * G * S, values, yp + p * G * H, G, S, H, c0, c1);
       }
-    }
+    });
   });
   return y;
 }

@@ -150,14 +150,9 @@ torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
-    switch (M) {
-#define CASE(m, r) \
-  case m:          \
-    return int4_vnni_rows<m, r>(a, wp, sp, yp, I, O, group, o0, o1);
-      CASE(1, 4) CASE(2, 4) CASE(3, 3) CASE(4, 2) CASE(5, 2) CASE(6, 2) CASE(7, 1) CASE(8, 1)
-      CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
-#undef CASE
-    }
+    int4_blocking(M, [&](auto m, auto r) {
+      int4_vnni_rows<decltype(m)::value, decltype(r)::value>(a, wp, sp, yp, I, O, group, o0, o1);
+    });
   });
   return shaped_output(x, y, O);
 #else
@@ -224,13 +219,7 @@ torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale
         _mm512_storeu_ps(op + o, _mm512_mul_ps(v, _mm512_loadu_ps(wsp + o)));
       }
       for (; o < O; ++o) op[o] = ((float)yp[m * O + o] * xsp[m]) * wsp[o];
-      if (kind == torch::kBFloat16) {
-        auto* dst = out.data_ptr<at::BFloat16>() + m * O;
-        for (int64_t k = 0; k < O; ++k) dst[k] = at::BFloat16(op[k]);
-      } else if (kind == torch::kHalf) {
-        auto* dst = out.data_ptr<at::Half>() + m * O;
-        for (int64_t k = 0; k < O; ++k) dst[k] = at::Half(op[k]);
-      }
+      if (kind != torch::kFloat32) round_row(kind, op, static_cast<char*>(out.data_ptr()) + m * O * out.element_size(), O);
     }
   });
   return out;
