@@ -14,13 +14,15 @@ Kernels (the chooser times them on the running machine):
   products, as every other kernel here;
 - "native": our decode kernel (native.cpp): nibbles looked up in a per-group table of (q - 8) * scale and
   multiplied into fp32 sums, the weights read once (decode only);
-- "vnni": our integer decode kernel (native_vnni.cpp, CPUs with AVX512-VNNI, groups of a multiple of 128): the
-  activations quantized to int8 in blocks of VNNI_BLOCK inputs (scale = max|x| / 127, q = round-half-even(x /
-  scale), llama.cpp's Q8_0 and OpenVINO's dynamic activation groups), multiplied with the stored nibbles in
-  exact int32 sums, each block's sum scaled in fp32. Its rounding is the weights' and the activations' (at most
-  half a step of 1/127 of each block's largest value): the one kernel here that is not exact in its products,
-  offered, as int8's "int_mm" prefill is, because a decode step in int4 is bound by the arithmetic of widening
-  every weight to fp32, not by memory.
+- "vnni": our integer kernels (CPUs with AVX512-VNNI, groups of a multiple of 128), a decode (native_vnni.cpp)
+  and a prefill (native_vnni_gemm.cpp): the activations quantized to int8 in blocks of inputs (scale = max|x| /
+  127, q = round-half-even(x / scale); VNNI_BLOCK = 32 inputs in a decode step, llama.cpp's Q8_0 and OpenVINO's
+  dynamic activation groups; VNNI_PREFILL_BLOCK = 128 in a prefill, one weight group, so that each group's int32
+  sum is scaled once), multiplied with the stored nibbles in exact int32 sums, each block's sum scaled in fp32.
+  Its rounding is the weights' and the activations' (at most half a step of 1/127 of each block's largest value):
+  the kernels here that are not exact in their products, offered, as int8's "int_mm" prefill is, because widening
+  every weight to fp32 bounds a decode step in int4, and a prefill runs twice as many integer products a second
+  as bf16 ones on CPUs with VNNI.
 
 The shape rules (`accepts`): out features a multiple of 16 and in features of the group size hold for every
 PaliGemma layer but SigLIP's second MLP layer (4304-wide input): it falls back to int8. The tied embedding's
@@ -47,6 +49,7 @@ from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratc
 GROUP = 128  # compressed-tensors' and gpt-fast's default; every PaliGemma decoder width is a multiple
 VNNI_BLOCK = 32  # inputs sharing one activation scale in the "vnni" kernel (native_vnni.cpp kBlock)
 VNNI_CHUNK = 128  # its groups are whole multiples of this (a pair of vpdpbusd: 64 weight bytes)
+VNNI_PREFILL_BLOCK = 128  # inputs sharing one activation scale in its prefill (native_vnni_gemm.cpp kChunk)
 PER_INT32 = 8  # values in one compressed-tensors int32 word
 
 
@@ -117,11 +120,15 @@ def int4_linear(
     rows, o = x.shape[:-1].numel(), packed.shape[0]
     x2 = x.reshape(rows, x.shape[-1])
     name = kernels.pick(rows)
-    decode = rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None
-    if decode and name == "vnni" and group % VNNI_CHUNK == 0 and nk.has_vnni():
+    nk = native.kernels() if x.device.type == "cpu" else None
+    decode = rows <= DECODE_ROWS and nk is not None
+    vnni = name == "vnni" and nk is not None and group % VNNI_CHUNK == 0 and nk.has_vnni()
+    if decode and vnni:
         y = nk.gemv_int4_vnni(x2, packed, scale, group)
     elif decode and name in ("native", "vnni"):
         y = nk.gemv_int4(x2, packed, scale, group)
+    elif vnni:
+        y = nk.gemm_int4_vnni(x2, packed, scale, group)
     else:
         wide = name == "upcast" and x.device.type == "cpu"
         dtype = torch.float32 if wide else x.dtype
@@ -208,7 +215,7 @@ class Int4Embedding(Int4Linear):
 class Int4Format(WeightFormat):
     name = "int4"
     decode_kernels = ("dequant", "native", "vnni")
-    prefill_kernels = ("dequant", "upcast")
+    prefill_kernels = ("dequant", "upcast", "vnni")
     reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
     cpu_only = True

@@ -341,6 +341,8 @@ torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed
 std::vector<torch::Tensor> quantize_rows_int8(const torch::Tensor& x);
 torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
                             torch::ScalarType kind);
+// native_vnni_gemm.cpp
+torch::Tensor gemm_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_dense", &gemv_dense);
@@ -357,4 +359,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int4_vnni", &gemv_int4_vnni);
   m.def("quantize_rows_int8", &quantize_rows_int8);
   m.def("rescale_int32", &rescale_int32);
+  m.def("gemm_int4_vnni", &gemm_int4_vnni);
 }

@@ -53,6 +53,16 @@ struct I8 {
   }
 };
 
+#ifdef __AVX512VNNI__
+// acc + a's unsigned bytes times b's signed bytes, summed in fours into 16 int32 lanes (vpdpbusd), as inline
+// assembly: GCC 12 copies the accumulators around every _mm512_dpbusd_epi32 of a register-blocked loop, and a
+// 6 x 4 block of them ran at half the rate (by hand on AMD EPYC: 3.3 against 6.6 instructions a nanosecond).
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+#endif
+
 // A layer's scales as stored (float32, bf16 or fp16), read one at a time: converting them to a float32 copy on every
 // call cost 8 ms of a PaliGemma-3B int4 decode step (36 such copies, one of 257216 x 16).
 struct Scales {
@@ -95,14 +105,27 @@ void int4_blocking(int64_t M, F&& f) {
   TORCH_CHECK(false, "1 to ", kMaxRows, " activation rows");
 }
 
-// n fp32 values rounded once to `kind` at dst (bf16 or fp16; an fp32 destination is written in place by callers).
+// n fp32 values rounded once to `kind` at dst (bf16 or fp16; an fp32 destination is written in place by callers):
+// round to nearest even, as at::BFloat16 / at::Half do (the scalar loop finishes the tail; a NaN stays a NaN), 16
+// at a time: a scalar conversion per value cost a prefill's output more than its writing.
 inline void round_row(torch::ScalarType kind, const float* src, void* dst, int64_t n) {
+  int64_t i = 0;
   if (kind == torch::kBFloat16) {
     auto* d = static_cast<at::BFloat16*>(dst);
-    for (int64_t i = 0; i < n; ++i) d[i] = at::BFloat16(src[i]);
+    const __m512i lsb = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(src + i);
+      const __m512i u = _mm512_castps_si512(v);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb))), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+      _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtepi32_epi16(r));
+    }
+    for (; i < n; ++i) d[i] = at::BFloat16(src[i]);
   } else if (kind == torch::kHalf) {
     auto* d = static_cast<at::Half*>(dst);
-    for (int64_t i = 0; i < n; ++i) d[i] = at::Half(src[i]);
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) d[i] = at::Half(src[i]);
   }
 }
 

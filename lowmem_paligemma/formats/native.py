@@ -29,8 +29,8 @@ import torch
 from ..machine import cpu
 
 SOURCE_DIR = Path(__file__).parent
-# compiled: the module (native.cpp defines it), then the others (native_vnni.cpp's kernel where the CPU has VNNI)
-SOURCES = ("native.cpp", "native_attention.cpp", "native_vnni.cpp")
+# compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp's kernels where the CPU has VNNI)
+SOURCES = ("native.cpp", "native_attention.cpp", "native_vnni.cpp", "native_vnni_gemm.cpp")
 HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
 NEEDS = ("avx512f", "avx512bw")  # the instructions native.cpp uses

@@ -54,11 +54,12 @@ def _int4_layer(o: int, i: int, dtype: torch.dtype, seed: int) -> tuple[torch.Te
     return packed, scale, dense
 
 
-def _blocks_quantized(x: torch.Tensor) -> torch.Tensor:
-    """The activations as native_vnni.cpp rounds them: blocks of 32 inputs, scale max|x| / 127, round half to even."""
+def _blocks_quantized(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The activations as native_vnni.cpp rounds them: blocks of 32 inputs (native_vnni_gemm.cpp: 128), scale
+    max|x| / 127, round half to even."""
     from lowmem_paligemma.formats.int4 import VNNI_BLOCK
 
-    xb = x.float().reshape(*x.shape[:-1], -1, VNNI_BLOCK)
+    xb = x.float().reshape(*x.shape[:-1], -1, block or VNNI_BLOCK)
     s = xb.abs().amax(-1, keepdim=True) / 127
     q = torch.where(s > 0, torch.round(xb / s.clamp_min(torch.finfo(torch.float32).tiny)), 0).clamp(-127, 127)
     return (q * s).reshape(x.shape)
@@ -92,6 +93,69 @@ def test_int4_vnni_refuses_groups_it_cannot_step_through():
     packed = torch.zeros(16, 64, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="multiple of 128"):
         nk.gemv_int4_vnni(torch.zeros(1, 128), packed, torch.ones(16, 2), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# rows: fewer than one register block (6), not a multiple of it, past one pass of 240; outputs: one register of
+# 16, a 64-row task plus a 16-row tail, 5 tasks and a 48-row tail; groups of 128 and 256
+@pytest.mark.parametrize(
+    "rows, o, i, group", [(17, 16, 128, 128), (23, 80, 384, 128), (247, 368, 512, 256), (5, 48, 256, 128)]
+)
+def test_int4_vnni_prefill_is_the_blockwise_int8_product(dtype, rows, o, i, group):
+    """native_vnni_gemm.cpp's product equals F.linear of the activations quantized in blocks of 128 and the
+    dequantized weights up to the order of fp32 sums: its panels, transposes and int32 sums lose nothing."""
+    from lowmem_paligemma.formats import int4
+
+    nk = native.kernels()
+    if nk is None or not nk.has_vnni():
+        pytest.skip("no AVX512-VNNI kernel on this machine")
+    w = torch.randn(o, i, generator=torch.Generator().manual_seed(o))
+    packed, scale = int4.quantize_int4_packed(w, dtype, group)
+    dense = torch.empty(o, i)
+    int4.dequantize_int4(packed, scale, group, dense)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
+    x[:-1, :128] = 0  # an all-zero block (scale 0); the last row keeps it
+    x[-1, 3] = 300.0  # an outlier: only its block's scale may grow
+    got = nk.gemm_int4_vnni(x.to(dtype), packed, scale, group)
+    assert got.shape == (rows, o) and got.dtype == dtype
+    want = torch.nn.functional.linear(_blocks_quantized(x.to(dtype), int4.VNNI_PREFILL_BLOCK), dense)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # the output's own rounding
+    assert (got.float() - want).abs().max() <= tol * want.abs().max()
+    if i > 128:  # one scale a row would spread the outlier's: the test tells the block size
+        coarse = torch.nn.functional.linear(_blocks_quantized(x.to(dtype), i), dense)
+        assert (coarse - want).abs().max() > 3 * tol * want.abs().max()
+
+
+def test_int4_vnni_prefill_refuses_shapes_it_cannot_tile():
+    nk = native.kernels()
+    if nk is None or not nk.has_vnni():
+        pytest.skip("no AVX512-VNNI kernel on this machine")
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        nk.gemm_int4_vnni(torch.zeros(20, 128), torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2), 64)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        nk.gemm_int4_vnni(torch.zeros(20, 128), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 1), 128)
+    with pytest.raises(RuntimeError, match="activation"):
+        nk.gemm_int4_vnni(torch.zeros(20, 128, dtype=torch.int32), torch.zeros(16, 64, dtype=torch.uint8),
+                          torch.ones(16, 1), 128)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_to_16_bits_is_torchs(dtype):
+    """native.h's round_row (16 values at a time, then a scalar tail): round half to even, infinities, NaN, the
+    largest values and subnormals give torch's bits (through rescale_int32, whose scales pick the values)."""
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    bits = torch.randint(-(2**31), 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    special = torch.tensor([257.0, 259.0, 65520.0, 65504.0, 3.4e38, float("inf"), -float("inf"), float("nan"), 1e-40,
+                            -0.0, 2049.0, 2051.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8])  # fmt: skip
+    values = torch.cat([bits.view(torch.float32), special, special])  # 4124: the specials in both loops
+    ones = torch.ones(len(values), dtype=torch.int32).view(1, -1)
+    got = nk.rescale_int32(ones, torch.ones(1, 1), values, dtype)
+    want = values.view(1, -1).to(dtype)
+    assert torch.equal(got.view(torch.int16)[~want.isnan()], want.view(torch.int16)[~want.isnan()])
+    assert torch.equal(got.isnan(), want.isnan())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
