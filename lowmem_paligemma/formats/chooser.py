@@ -4,7 +4,8 @@ The machines this runs on differ: bf16 `torch.mv` was 1.3x faster than `F.linear
 slower on an AVX512-BF16 EPYC; float16 GEMMs were 5x slower than bfloat16 on one and fp16 products the
 fastest decode on the other. So at first use the runtime times each weight format's candidate kernels (the
 format's `decode_kernels` / `prefill_kernels`, registry.py) on the model's own largest layer shape, for a decode
-step (1 row) and a prefill (PREFILL_ROWS rows), in a second or two, keeps the fastest, and caches the choice in a
+step (1 row) and a prefill (PREFILL_ROWS rows; that layer and its transpose in turn, as a model's layers follow
+each other), in a second or two, keeps the fastest, and caches the choice in a
 JSON file keyed by the CPU model and flags, the torch version, the thread count, the format, dtype and shape.
 
 A busy machine must not decide for ever (a laptop is a busy machine; a cache once recorded an 11.9 ms decode
@@ -57,7 +58,9 @@ from .base import KernelChoice, WeightFormat
 
 ENV_KERNELS = "LOWMEM_PALIGEMMA_KERNELS"
 ENV_CACHE = "LOWMEM_PALIGEMMA_CACHE"  # a directory; default $XDG_CACHE_HOME/lowmem_paligemma or ~/.cache/...
-CACHE_VERSION = 3  # 3: fastest-of-rounds timings, noisy measurements never cached (older entries are re-timed)
+# 3: fastest-of-rounds timings, noisy measurements never cached; 4: prefills timed on two shapes in turn (older
+# entries are re-timed)
+CACHE_VERSION = 4
 PREFILL_ROWS = 256  # about a 224-px prompt (256 image tokens + text)
 DECODE_TOKENS = defaults.MAX_NEW_TOKENS  # a request's decode share when kernels and dtype are chosen
 ROUNDS = 5  # interleaved timing rounds per candidate (after one warm-up call each)
@@ -233,16 +236,31 @@ def time_candidates(
 
 
 def _measure(fmt: WeightFormat, shape: tuple[int, int], dtype: torch.dtype) -> Timing:
-    """Every available candidate of both phases: {"decode linear": s, "prefill packed": s, ...}."""
+    """Every available candidate of both phases: {"decode linear": s, "prefill packed": s, ...}.
+
+    A prefill is timed on the layer and its transpose in turn (an MLP's up and down projections; the layer alone
+    where the format cannot hold the transpose), per layer: a model's prefill runs layers of different shapes one
+    after the other, and oneDNN's int8 GEMM ran at 1.36x its one-shape time when two shapes alternated (by hand on
+    AMD EPYC, 884 against 1200 GFLOP/s for our own), which a single layer timed again and again does not show."""
     layer = fmt.bench(shape, dtype)
+    turn = (shape[1], shape[0])
+    other = fmt.bench(turn, dtype) if turn != shape and fmt.accepts(*turn) else None
     calls = {}
     for phase, rows in (("decode", 1), ("prefill", PREFILL_ROWS)):
         x = torch.randn(rows, shape[1]).to(dtype)
         for name in _phases(fmt)[phase]:
-            if name in fmt.available_kernels(dtype):
+            if name not in fmt.available_kernels(dtype):
+                continue
+            if phase == "prefill" and other is not None:
+                y = torch.randn(rows, turn[1]).to(dtype)
+                calls[f"{phase} {name}"] = lambda name=name, x=x, y=y: (layer(x, name), other(y, name))
+            else:
                 calls[f"{phase} {name}"] = lambda name=name, x=x: layer(x, name)
     with torch.inference_mode():
         timing = time_candidates(calls, phase=lambda name: name.split()[0])
+    if other is not None:  # two layers a call: per layer, as the decode's
+        timing = Timing({k: v / 2 if k.startswith("prefill") else v for k, v in timing.seconds.items()},
+                        timing.spread, timing.others_busy)  # fmt: skip
     timed = {key.split()[1] for key in calls}
     relayout = {f"relayout {k}": v for k, v in fmt.relayout_seconds(shape, dtype).items() if k in timed}
     return Timing({**timing.seconds, **relayout}, timing.spread, timing.others_busy)

@@ -11,7 +11,10 @@ Kernels (the chooser times them on the running machine):
 - "int_mm": activations quantized per row on the fly, int8 x int8 -> int32 `torch._int_mm` (VNNI / AMX-INT8
   where the CPU has them), prefill only;
 - "native": our own decode kernel (native.cpp): the int8 weight widened in registers, fp32 sums, the row's scale
-  applied to its sum (exact products, as "int8pack").
+  applied to its sum (exact products, as "int8pack");
+- "vnni": "int_mm"'s product in our own GEMM (native_vnni_gemm.cpp, CPUs with AVX512-VNNI, prefill only): the same
+  activation rows, the same exact int32 sums and rescale, so the same bits; each weight read once per pass over
+  the activations, where oneDNN's int8 GEMM ran at half its single-layer rate inside a whole model.
 The private torch kernels crash (not raise) on shapes they do not support, so each is used only where its
 shape rules hold (`int8pack_ok`) and "dequant" otherwise. The tied embedding in int8 gathers and dequantizes
 rows for the lookup and computes the logits with the chosen decode kernel, or "int8pack" (never the scratch
@@ -64,6 +67,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     return out.mul_(scale.to(out.dtype)[:, None])
 
 
+def _has_vnni() -> bool:
+    return (nk := native.kernels()) is not None and nk.has_vnni()
+
+
 def int8_linear(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -80,6 +87,9 @@ def int8_linear(
         y = nk.gemv_int8(x2, q, scale)
     elif name == "int8pack" and int8pack_ok(x, q):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+    elif name == "vnni" and x.device.type == "cpu" and rows > DECODE_ROWS and o % 16 == 0 and _has_vnni():
+        xq, x_scale = native.kernels().quantize_rows_int8(x2)
+        y = native.kernels().gemm_int8_vnni(xq, x_scale, q, scale, x.dtype)
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
         # native_vnni.cpp does each side in one pass (the same bits): torch's five passes each were most of what an
@@ -144,7 +154,7 @@ class Int8Embedding(Int8Linear):
 class Int8Format(WeightFormat):
     name = "int8"
     decode_kernels = ("int8pack", "dequant", "native")
-    prefill_kernels = ("dequant", "int_mm", "int8pack")
+    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni")
     reference = KernelChoice("dequant", "dequant")
     compressed = CompressedScheme(
         "naive-quantized",
@@ -164,6 +174,8 @@ class Int8Format(WeightFormat):
         names = set(super().available_kernels(dtype))
         if native.kernels() is None:
             names.discard("native")
+        if not _has_vnni():
+            names.discard("vnni")
         return tuple(sorted(names))
 
     def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:

@@ -1,25 +1,32 @@
-// int4 prefill products in integers (the int4 format's "vnni" prefill): the activations quantized to int8 once per
-// call and multiplied with the stored nibbles by AVX512-VNNI, 64 byte products an instruction.
+// Prefill products in integers (the int4 and int8 formats' "vnni" prefills): activations quantized to int8 once per
+// call and multiplied with the stored weights by AVX512-VNNI, 64 byte products an instruction.
 //
-// A prefill is a GEMM: every weight meets hundreds of activation rows, so what bounds it is arithmetic. int4's other
-// prefills dequantize the layer to 16 bits and run oneDNN's bf16 GEMM (docs/results/kernels.md: about half the
-// machine's int8 rate on AVX512-BF16 CPUs); here the weights stay 4-bit integers and the products run at the int8
-// rate. Each activation row is quantized in blocks of 128 inputs (scale = max|x| / 127, q = round-half-even(x /
-// scale)); per block and output the 128 products are summed exactly in int32, then scaled by the block's
-// activation scale times the weight group's scale and accumulated in fp32. formats/int4.py documents this rounding.
+// A prefill is a GEMM: every weight meets hundreds of activation rows, so arithmetic bounds it. int4's other
+// prefills dequantize the layer to 16 bits for oneDNN's bf16 GEMM (about half the int8 rate on AVX512-BF16 CPUs,
+// docs/results/kernels.md); int8's `int_mm` is oneDNN's int8 GEMM, which in a whole model ran at about half the
+// rate it reaches on one layer timed again and again. Here each weight is read once per pass over the activations.
+// - int4: each activation row quantized in blocks of 128 inputs (scale = max|x| / 127, q = round-half-even(x /
+//   scale)); per block and output the 128 products are summed exactly in int32, then scaled by the block's
+//   activation scale times the weight group's scale and accumulated in fp32 (formats/int4.py documents it).
+// - int8: the rows quantized as int8.py's `int_mm` prefill does (one scale a row: native_vnni.cpp
+//   `quantize_rows_int8`), the whole row's products summed in int32, then (float(sum) * x_scale) * w_scale: the
+//   same bits as `int_mm` and `rescale_int32`.
 //
-// Layout. vpdpbusd sums 4 byte products into each of 16 int32 lanes; the lanes here are 16 output rows, so a
-// weight register holds 4 consecutive inputs of 16 rows (a "panel", built per 128-input chunk from the stored
-// rows: nibbles split, then 16 x 16 dword transposes), and the activation operand is one row's 4 inputs broadcast.
-// The nibbles are used as stored (q + 8, vpdpbusd's unsigned operand); each block's sum starts at -8 * sum(x_q)
-// to take the 8s off. A stored byte holds inputs 2b (low nibble) and 2b + 1 (high): a chunk's panel takes the 64
-// low nibbles first, then the 64 high ones, and the activations are permuted the same way when quantized.
+// Layout. vpdpbusd sums 4 byte products (unsigned x signed) into each of 16 int32 lanes; the lanes here are 16
+// output rows, so a weight register holds 4 consecutive inputs of 16 rows (a "panel", built per 128-input chunk
+// from the stored rows by 16 x 16 dword transposes), and the activation operand is one row's 4 inputs broadcast.
+// - int4: the nibbles are the unsigned operand as stored (q + 8); each block's sum starts at -8 * sum(x_q). A
+//   stored byte holds inputs 2b (low nibble) and 2b + 1 (high): a chunk's panel takes the 64 low nibbles first,
+//   then the 64 high ones, and the activations are permuted the same way when quantized.
+// - int8: the weights are the signed operand; the activations are made unsigned (q + 128, an exclusive or of the
+//   top bit), and each chunk's sum starts at -128 * the sum of its weights (computed from the panel).
 //
 // Blocking: a task owns 64 output rows (4 registers of lanes) and walks the activation rows 6 at a time: 24 int32
-// sums in registers, fp32 sums for up to kPass activation rows in a buffer (L2), each chunk's panel (8 KB, L1)
-// reused by all of them.
+// sums in registers, fp32 (int4) or int32 (int8) sums for up to kPass activation rows in a buffer (L2), each
+// chunk's panel (8 KB, L1) reused by all of them.
 //
-// Axes: M activation rows, I in features, O out features, C chunks of 128 inputs per row.
+// Axes: M activation rows, I in features, O out features, C chunks of 128 inputs per row (int8: the last one
+// zero-padded where I is not a multiple of 128).
 
 #include "native.h"
 
@@ -37,57 +44,85 @@ constexpr int64_t kSteps = 32;    // vpdpbusd steps per chunk (4 inputs each)
 constexpr int kMR = 6;            // activation rows per register block
 constexpr int kNR = 4;            // registers of 16 output rows per block (64 rows: a task)
 constexpr int64_t kCols = 16 * kNR;
-constexpr int64_t kPass = 240;    // activation rows whose fp32 sums a task keeps at once (a multiple of kMR)
+constexpr int64_t kPass = 522;    // activation rows a task's sums cover at once (a multiple of kMR; 130 KB, L2):
+                                  // each pass reads the weights again, and a 224-px prompt (261 rows) is one pass
 
 #ifdef __AVX512VNNI__
 
-// x (M, I) in its stored type (W: native.h's loads, no fp32 copy of the rows) -> int8 rows in the panels' input
-// order, with each block's scale and -8 * sum(q).
-struct Quantized {
-  int64_t C;
-  std::vector<int8_t> q;       // (M, I): chunk c holds its even inputs, then its odd ones
-  std::vector<float> scale;    // (M, C)
-  std::vector<int32_t> bias;   // (M, C)
-
-  template <typename W>
-  Quantized(W, const typename W::T* x, int64_t M, int64_t I) : C(I / kChunk), q(M * I), scale(M * C), bias(M * C) {
-    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-      alignas(64) int8_t natural[kChunk];
-      __m512 v[kChunk / 16];
-      for (int64_t m = m0; m < m1; ++m) {
-        for (int64_t c = 0; c < C; ++c) {
-          const typename W::T* row = x + m * I + c * kChunk;
-          __m512 mx = _mm512_setzero_ps();
-          for (int64_t j = 0; j < kChunk / 16; ++j) {
-            v[j] = W::load(row + 16 * j);
-            mx = _mm512_max_ps(mx, _mm512_abs_ps(v[j]));
-          }
-          const float amax = _mm512_reduce_max_ps(mx), s = amax / 127.0f;
-          int8_t* out = q.data() + m * I + c * kChunk;
-          scale[m * C + c] = s;
-          if (!(amax > 0)) {  // an all-zero block (or one with a NaN): nothing to add, as native_vnni.cpp does
-            std::memset(out, 0, kChunk);
-            bias[m * C + c] = 0;
-            continue;
-          }
-          const __m512 sv = _mm512_set1_ps(s);
-          __m512i sum = _mm512_setzero_si512();
-          for (int64_t j = 0; j < kChunk / 16; ++j) {
-            const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v[j], sv), _MM_FROUND_TO_NEAREST_INT);
-            const __m512i qi = _mm512_cvtps_epi32(t);  // |x / s| <= 127: no clamp needed
-            sum = _mm512_add_epi32(sum, qi);
-            _mm_store_si128((__m128i*)(natural + 16 * j), _mm512_cvtepi32_epi8(qi));
-          }
-          for (int64_t b = 0; b < kChunk / 2; ++b) {
-            out[b] = natural[2 * b];
-            out[kChunk / 2 + b] = natural[2 * b + 1];
-          }
-          bias[m * C + c] = -8 * _mm512_reduce_add_epi32(sum);
-        }
-      }
-    });
-  }
+// The activations as the kernel reads them: `stride` bytes a row (C chunks), and the scales and starts of the sums.
+struct Acts {
+  int64_t C = 0, stride = 0;
+  std::vector<uint8_t> q;      // (M, stride): int4: int8 values, permuted as above; int8: q + 128
+  std::vector<float> scale;    // int4: (M, C) block scales; int8: (M) row scales
+  std::vector<int32_t> bias;   // int4: (M, C) -8 * the block's sum of q; int8: none
 };
+
+// int4's activations: x (M, I) in its stored type (W: native.h's loads, no fp32 copy of the rows), I % 128 == 0.
+template <typename W>
+Acts int4_acts(const typename W::T* x, int64_t M, int64_t I) {
+  Acts a;
+  a.C = I / kChunk;
+  a.stride = I;
+  a.q.resize(M * I);
+  a.scale.resize(M * a.C);
+  a.bias.resize(M * a.C);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    alignas(64) int8_t natural[kChunk];
+    __m512 v[kChunk / 16];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t c = 0; c < a.C; ++c) {
+        const typename W::T* row = x + m * I + c * kChunk;
+        __m512 mx = _mm512_setzero_ps();
+        for (int64_t j = 0; j < kChunk / 16; ++j) {
+          v[j] = W::load(row + 16 * j);
+          mx = _mm512_max_ps(mx, _mm512_abs_ps(v[j]));
+        }
+        const float amax = _mm512_reduce_max_ps(mx), s = amax / 127.0f;
+        uint8_t* out = a.q.data() + m * I + c * kChunk;
+        a.scale[m * a.C + c] = s;
+        if (!(amax > 0)) {  // an all-zero block (or one with a NaN): nothing to add, as native_vnni.cpp does
+          std::memset(out, 0, kChunk);
+          a.bias[m * a.C + c] = 0;
+          continue;
+        }
+        const __m512 sv = _mm512_set1_ps(s);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t j = 0; j < kChunk / 16; ++j) {
+          const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v[j], sv), _MM_FROUND_TO_NEAREST_INT);
+          const __m512i qi = _mm512_cvtps_epi32(t);  // |x / s| <= 127: no clamp needed
+          sum = _mm512_add_epi32(sum, qi);
+          _mm_store_si128((__m128i*)(natural + 16 * j), _mm512_cvtepi32_epi8(qi));
+        }
+        for (int64_t b = 0; b < kChunk / 2; ++b) {
+          out[b] = (uint8_t)natural[2 * b];
+          out[kChunk / 2 + b] = (uint8_t)natural[2 * b + 1];
+        }
+        a.bias[m * a.C + c] = -8 * _mm512_reduce_add_epi32(sum);
+      }
+    }
+  });
+  return a;
+}
+
+// int8's activations: q (M, I) int8 and scale (M) from quantize_rows_int8, made unsigned, rows padded to chunks
+// with q = 0 (128; they meet zero weights).
+Acts int8_acts(const int8_t* q, const float* scale, int64_t M, int64_t I) {
+  Acts a;
+  a.C = (I + kChunk - 1) / kChunk;
+  a.stride = a.C * kChunk;
+  a.q.resize(M * a.stride);
+  a.scale.assign(scale, scale + M);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    const __m512i top = _mm512_set1_epi8((char)0x80);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t i = 0; i < a.stride; i += 64) {  // past I: masked off, 0 ^ 0x80
+        const __mmask64 in = I - i >= 64 ? ~0ULL : I <= i ? 0 : (1ULL << (I - i)) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi8(in, q + m * I + i);
+        _mm512_storeu_si512((void*)(a.q.data() + m * a.stride + i), _mm512_xor_si512(v, top));
+      }
+  });
+  return a;
+}
 
 // r[j] <- column j of the 16 x 16 dwords r (lane i of the result: row i's dword j).
 inline void transpose16(__m512i r[16]) {
@@ -113,37 +148,58 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// panel (kSteps, kCols) dwords <- chunk c of weight rows o0 .. o0 + 16 * nr: step s holds inputs 4s .. 4s + 3 of
-// the chunk in the panels' order (the 64 low nibbles, then the 64 high ones), one row per lane.
-void build_panel(const uint8_t* w, int64_t half, int64_t o0, int nr, int64_t c, int32_t* panel) {
+// A layer's weights as the kernel reads them: `w` (O, row_bytes) bytes, I inputs a row.
+struct Weights {
+  const uint8_t* w;
+  int64_t row_bytes, I;
+};
+
+// panel (kSteps, kCols) dwords <- chunk c of weight rows o0 .. o0 + 16 * nr, one row per lane: step s holds the
+// chunk's inputs 4s .. 4s + 3 (int4: in the panels' order, the 64 low nibbles, then the 64 high ones; int8: bytes
+// past I are zero). int8 also sets corr[nb] = -128 * each lane's sum of the chunk's weights.
+template <bool kInt8>
+void build_panel(const Weights& wt, int64_t o0, int nr, int64_t c, int32_t* panel, __m512i* corr) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const int64_t left = wt.I - c * kChunk;  // int8: inputs of this chunk in the row (the last may be short)
+  const __mmask64 first = left >= 64 ? ~0ULL : (1ULL << left) - 1;
+  const __mmask64 second = left >= 128 ? ~0ULL : left <= 64 ? 0 : (1ULL << (left - 64)) - 1;
   for (int nb = 0; nb < nr; ++nb) {
     __m512i lo[16], hi[16];
     for (int r = 0; r < 16; ++r) {
-      const __m512i b = _mm512_loadu_si512((const void*)(w + (o0 + 16 * nb + r) * half + c * 64));
-      lo[r] = _mm512_and_si512(b, nibble);
-      hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+      const uint8_t* row = wt.w + (o0 + 16 * nb + r) * wt.row_bytes;
+      if constexpr (kInt8) {
+        lo[r] = _mm512_maskz_loadu_epi8(first, row + c * kChunk);
+        hi[r] = _mm512_maskz_loadu_epi8(second, row + c * kChunk + 64);
+      } else {
+        const __m512i b = _mm512_loadu_si512((const void*)(row + c * 64));
+        lo[r] = _mm512_and_si512(b, nibble);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+      }
     }
     transpose16(lo);
     transpose16(hi);
+    __m512i sum = _mm512_setzero_si512();
+    const __m512i ones = _mm512_set1_epi8(1);
     for (int s = 0; s < 16; ++s) {
       _mm512_store_si512((void*)(panel + s * kCols + 16 * nb), lo[s]);
       _mm512_store_si512((void*)(panel + (16 + s) * kCols + 16 * nb), hi[s]);
+      if constexpr (kInt8) sum = dpbusd(dpbusd(sum, ones, lo[s]), ones, hi[s]);
     }
+    if constexpr (kInt8) corr[nb] = _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128));
   }
 }
 
-// acc (MR rows of kCols fp32, stride kCols) += chunk c's products of activation rows m0 .. m0 + MR with the panel's
-// 16 * NR rows; ws (kCols): the rows' weight scales for this chunk.
-template <int MR, int NR>
-void chunk_block(const Quantized& a, int64_t I, int64_t m0, int64_t c, const int32_t* panel, const float* ws,
-                 float* acc) {
+// Chunk c's products of activation rows m0 .. m0 + MR with the panel's 16 * NR rows, added to acc (MR rows of
+// kCols, stride kCols): int4 scales each sum by its block's and its group's scales (ws, kCols) into fp32; int8 adds
+// the int32 sums.
+template <bool kInt8, int MR, int NR>
+void chunk_block(const Acts& a, int64_t m0, int64_t c, const int32_t* panel, const __m512i* corr, const float* ws,
+                 void* acc) {
   __m512i sum[MR][NR];
-  const int8_t* x[MR];
+  const uint8_t* x[MR];
   for (int m = 0; m < MR; ++m) {
-    const __m512i start = _mm512_set1_epi32(a.bias[(m0 + m) * a.C + c]);
-    for (int n = 0; n < NR; ++n) sum[m][n] = start;
-    x[m] = a.q.data() + (m0 + m) * I + c * kChunk;
+    for (int n = 0; n < NR; ++n) sum[m][n] = kInt8 ? corr[n] : _mm512_set1_epi32(a.bias[(m0 + m) * a.C + c]);
+    x[m] = a.q.data() + (m0 + m) * a.stride + c * kChunk;
   }
   for (int64_t s = 0; s < kSteps; ++s) {
     __m512i wv[NR];
@@ -152,40 +208,104 @@ void chunk_block(const Quantized& a, int64_t I, int64_t m0, int64_t c, const int
       int32_t four;
       std::memcpy(&four, x[m] + 4 * s, 4);  // 4 inputs of row m, broadcast
       const __m512i xb = _mm512_set1_epi32(four);
-      for (int n = 0; n < NR; ++n) sum[m][n] = dpbusd(sum[m][n], wv[n], xb);
+      for (int n = 0; n < NR; ++n) sum[m][n] = kInt8 ? dpbusd(sum[m][n], xb, wv[n]) : dpbusd(sum[m][n], wv[n], xb);
     }
   }
   for (int m = 0; m < MR; ++m) {
-    const __m512 xs = _mm512_set1_ps(a.scale[(m0 + m) * a.C + c]);
-    for (int n = 0; n < NR; ++n) {
-      float* p = acc + m * kCols + 16 * n;
-      const __m512 f = _mm512_cvtepi32_ps(sum[m][n]);
-      _mm512_store_ps(p, _mm512_fmadd_ps(f, _mm512_mul_ps(xs, _mm512_load_ps(ws + 16 * n)), _mm512_load_ps(p)));
+    if constexpr (kInt8) {
+      int32_t* p = static_cast<int32_t*>(acc) + m * kCols;
+      for (int n = 0; n < NR; ++n) {
+        const __m512i old = _mm512_load_si512((const void*)(p + 16 * n));
+        _mm512_store_si512((void*)(p + 16 * n), _mm512_add_epi32(old, sum[m][n]));
+      }
+    } else {
+      float* p = static_cast<float*>(acc) + m * kCols;
+      const __m512 xs = _mm512_set1_ps(a.scale[(m0 + m) * a.C + c]);
+      for (int n = 0; n < NR; ++n) {
+        const __m512 f = _mm512_cvtepi32_ps(sum[m][n]), scales = _mm512_mul_ps(xs, _mm512_load_ps(ws + 16 * n));
+        _mm512_store_ps(p + 16 * n, _mm512_fmadd_ps(f, scales, _mm512_load_ps(p + 16 * n)));
+      }
     }
   }
 }
 
-template <int NR>
-void rows_block(int64_t mr, const Quantized& a, int64_t I, int64_t m0, int64_t c, const int32_t* panel,
-                const float* ws, float* acc) {
-  switch (mr) {
-    case 6: return chunk_block<6, NR>(a, I, m0, c, panel, ws, acc);
-    case 5: return chunk_block<5, NR>(a, I, m0, c, panel, ws, acc);
-    case 4: return chunk_block<4, NR>(a, I, m0, c, panel, ws, acc);
-    case 3: return chunk_block<3, NR>(a, I, m0, c, panel, ws, acc);
-    case 2: return chunk_block<2, NR>(a, I, m0, c, panel, ws, acc);
-    default: return chunk_block<1, NR>(a, I, m0, c, panel, ws, acc);
+// chunk_block for run-time mr (1..6) and nr (1..4): both compile-time inside, so the sums stay in registers.
+template <bool kInt8>
+void block(int nr, int64_t mr, const Acts& a, int64_t m0, int64_t c, const int32_t* panel, const __m512i* corr,
+           const float* ws, void* acc) {
+  auto rows = [&](auto n) {
+    constexpr int NR = decltype(n)::value;
+    switch (mr) {
+      case 6: return chunk_block<kInt8, 6, NR>(a, m0, c, panel, corr, ws, acc);
+      case 5: return chunk_block<kInt8, 5, NR>(a, m0, c, panel, corr, ws, acc);
+      case 4: return chunk_block<kInt8, 4, NR>(a, m0, c, panel, corr, ws, acc);
+      case 3: return chunk_block<kInt8, 3, NR>(a, m0, c, panel, corr, ws, acc);
+      case 2: return chunk_block<kInt8, 2, NR>(a, m0, c, panel, corr, ws, acc);
+      default: return chunk_block<kInt8, 1, NR>(a, m0, c, panel, corr, ws, acc);
+    }
+  };
+  switch (nr) {
+    case 4: return rows(std::integral_constant<int, 4>{});
+    case 3: return rows(std::integral_constant<int, 3>{});
+    case 2: return rows(std::integral_constant<int, 2>{});
+    default: return rows(std::integral_constant<int, 1>{});
   }
 }
 
-void block(int nr, int64_t mr, const Quantized& a, int64_t I, int64_t m0, int64_t c, const int32_t* panel,
-           const float* ws, float* acc) {
-  switch (nr) {
-    case 4: return rows_block<4>(mr, a, I, m0, c, panel, ws, acc);
-    case 3: return rows_block<3>(mr, a, I, m0, c, panel, ws, acc);
-    case 2: return rows_block<2>(mr, a, I, m0, c, panel, ws, acc);
-    default: return rows_block<1>(mr, a, I, m0, c, panel, ws, acc);
-  }
+// y (M, O) in `kind` = the activations a times the weights, kInt8 or int4 (group_scale(o, c): row o's scale for
+// chunk c; int8: its row scale). Tasks of 64 output rows; a task walks the activation rows kPass at a time.
+template <bool kInt8, typename GroupScale>
+torch::Tensor gemm(const Acts& a, const Weights& wt, int64_t M, int64_t O, torch::ScalarType kind,
+                   GroupScale group_scale) {
+  auto y = torch::empty({M, O}, kind);
+  char* yp = static_cast<char*>(y.data_ptr());
+  const int64_t item = y.element_size(), tiles = (O + kCols - 1) / kCols;
+  // No torch op inside the parallel region: its threads do not carry the caller's inference mode.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) int32_t panel[kSteps * kCols];  // 8 KB
+    alignas(64) float ws[kCols];
+    __m512i corr[kNR];
+    std::vector<float> out(kCols);
+    std::vector<int32_t> store(kPass * kCols + 16);  // fp32 or int32 sums, 64-byte aligned below
+    void* acc = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t(63));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * kCols;
+      const int nr = (int)std::min<int64_t>(kNR, (O - o0) / 16), cols = 16 * nr;
+      for (int64_t p0 = 0; p0 < M; p0 += kPass) {
+        const int64_t rows = std::min(kPass, M - p0);
+        std::memset(acc, 0, rows * kCols * 4);  // 0 is 0.0f and 0
+        for (int64_t c = 0; c < a.C; ++c) {
+          build_panel<kInt8>(wt, o0, nr, c, panel, corr);
+          if (!kInt8)
+            for (int n = 0; n < cols; ++n) ws[n] = group_scale(o0 + n, c);
+          for (int64_t m = 0; m < rows; m += kMR)
+            block<kInt8>(nr, std::min<int64_t>(kMR, rows - m), a, p0 + m, c, panel, corr, ws,
+                         static_cast<int32_t*>(acc) + m * kCols);
+        }
+        if (kInt8)
+          for (int n = 0; n < cols; ++n) ws[n] = group_scale(o0 + n, 0);
+        for (int64_t m = 0; m < rows; ++m) {
+          char* dst = yp + ((p0 + m) * O + o0) * item;
+          const void* row = static_cast<int32_t*>(acc) + m * kCols;
+          const float* f = static_cast<const float*>(row);
+          if (kInt8) {  // rescale_int32's two fp32 products, in its order
+            const int32_t* sums = static_cast<const int32_t*>(row);
+            const __m512 xs = _mm512_set1_ps(a.scale[p0 + m]);
+            for (int n = 0; n < cols; n += 16) {
+              const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void*)(sums + n))), xs);
+              _mm512_storeu_ps(out.data() + n, _mm512_mul_ps(v, _mm512_load_ps(ws + n)));
+            }
+            f = out.data();
+          }
+          if (kind == torch::kFloat32)
+            std::memcpy(dst, f, cols * sizeof(float));
+          else
+            round_row(kind, f, dst, cols);
+        }
+      }
+    }
+  });
+  return y;
 }
 
 #endif  // __AVX512VNNI__
@@ -199,55 +319,47 @@ torch::Tensor gemm_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed
 #ifdef __AVX512VNNI__
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == torch::kUInt8,
               "a contiguous (O, I/2) uint8 weight");
-  const int64_t O = packed.size(0), I = packed.size(1) * 2, half = I / 2;
+  const int64_t O = packed.size(0), I = packed.size(1) * 2;
   TORCH_CHECK(O % 16 == 0, "output rows a multiple of 16");
   TORCH_CHECK(group % kChunk == 0 && I % group == 0, "groups of a multiple of 128 that divide the row");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == O && scale.size(1) == I / group, "scale (O, I / group)");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == I, "activations (M, ", I, ")");
-  const auto kind = x.scalar_type();  // with_load below refuses any but bf16, fp16 and fp32
   const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), C = I / kChunk, per_group = group / kChunk;
-  std::optional<Quantized> quantized;
-  with_load(kind, "activation", [&](auto load) {
+  const int64_t M = xc.size(0), per_group = group / kChunk, G = I / group;
+  std::optional<Acts> a;
+  with_load(x.scalar_type(), "activation", [&](auto load) {
     using W = decltype(load);
-    quantized.emplace(load, static_cast<const typename W::T*>(xc.data_ptr()), M, I);
+    a.emplace(int4_acts<W>(static_cast<const typename W::T*>(xc.data_ptr()), M, I));
   });
-  const Quantized& a = *quantized;
   const auto s = scale.contiguous();
   const Scales sp(s);
-  auto y = torch::empty({M, O}, kind);
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  char* yp = static_cast<char*>(y.data_ptr());
-  const int64_t item = y.element_size(), tiles = (O + kCols - 1) / kCols;
-  // No torch op inside the parallel region: its threads do not carry the caller's inference mode.
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) int32_t panel[kSteps * kCols];  // 8 KB
-    alignas(64) float ws[kCols];
-    std::vector<float> acc_store(kPass * kCols + 16);
-    float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(acc_store.data()) + 63) & ~uintptr_t(63));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * kCols;
-      const int nr = (int)std::min<int64_t>(kNR, (O - o0) / 16);
-      for (int64_t p0 = 0; p0 < M; p0 += kPass) {
-        const int64_t rows = std::min(kPass, M - p0);
-        std::fill(acc, acc + rows * kCols, 0.0f);
-        for (int64_t c = 0; c < C; ++c) {
-          build_panel(wp, half, o0, nr, c, panel);
-          for (int64_t n = 0; n < 16 * nr; ++n) ws[n] = sp[(o0 + n) * (I / group) + c / per_group];
-          for (int64_t m = 0; m < rows; m += kMR)
-            block(nr, std::min<int64_t>(kMR, rows - m), a, I, p0 + m, c, panel, ws, acc + m * kCols);
-        }
-        for (int64_t m = 0; m < rows; ++m) {
-          char* dst = yp + ((p0 + m) * O + o0) * item;
-          if (kind == torch::kFloat32)
-            std::memcpy(dst, acc + m * kCols, 16 * nr * sizeof(float));
-          else
-            round_row(kind, acc + m * kCols, dst, 16 * nr);
-        }
-      }
-    }
-  });
-  return y;
+  return gemm<false>(*a, Weights{packed.data_ptr<uint8_t>(), I / 2, I}, M, O, x.scalar_type(),
+                     [&](int64_t o, int64_t c) { return sp[o * G + c / per_group]; });
+#else
+  TORCH_CHECK(false, "built for a CPU without AVX512-VNNI");
+#endif
+}
+
+// int8's `int_mm` prefill in one pass: xq (M, I) int8 and x_scale (M, 1) from quantize_rows_int8, W (O, I) int8
+// with w_scale (O) or (O, 1) -> (float(xq @ W^T) * x_scale) * w_scale rounded once to `kind`: the bits of
+// torch._int_mm followed by rescale_int32.
+torch::Tensor gemm_int8_vnni(const torch::Tensor& xq, const torch::Tensor& x_scale, const torch::Tensor& q,
+                             const torch::Tensor& w_scale, torch::ScalarType kind) {
+#ifdef __AVX512VNNI__
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "a contiguous (O, I) int8 weight");
+  const int64_t O = q.size(0), I = q.size(1);
+  TORCH_CHECK(O % 16 == 0, "output rows a multiple of 16");
+  TORCH_CHECK(xq.dim() == 2 && xq.size(1) == I && xq.is_contiguous() && xq.scalar_type() == torch::kInt8,
+              "contiguous (M, ", I, ") int8 activations");
+  const int64_t M = xq.size(0);
+  const auto xs = x_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(xs.numel() == M && w_scale.numel() == O, "one scale per row and per output");
+  TORCH_CHECK(kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kHalf, "a float out");
+  const Acts a = int8_acts(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), M, I);
+  const auto ws = w_scale.to(torch::kFloat32).contiguous();
+  const float* wsp = ws.data_ptr<float>();
+  return gemm<true>(a, Weights{reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), I, I}, M, O, kind,
+                    [&](int64_t o, int64_t) { return wsp[o]; });
 #else
   TORCH_CHECK(false, "built for a CPU without AVX512-VNNI");
 #endif

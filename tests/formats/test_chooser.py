@@ -184,6 +184,30 @@ def test_the_reorder_is_timed_and_reaches_the_choice(cache):
     assert {m.source for m in one.details} == {"cache"}  # the same timings, weighed for one request
 
 
+def test_a_prefill_is_timed_on_the_layer_and_its_transpose_in_turn(monkeypatch):
+    """A model's prefill runs layers of different shapes one after another (oneDNN's int8 GEMM slowed by a third
+    when two shapes alternated): the prefill candidates see the layer and its transpose in turn, the decode the
+    layer alone, and the prefill's seconds are per layer."""
+    seen: list[tuple[str, tuple[int, int], int]] = []
+
+    def bench(shape, dtype):
+        return lambda x, name: seen.append((name, shape, x.shape[0]))
+
+    monkeypatch.setattr(INT8, "bench", bench)
+    monkeypatch.setattr(kernels, "time_candidates", lambda calls, phase: _run_each(calls))
+    timing = kernels._measure(INT8, (96, 64), torch.bfloat16)
+    prefill = {shape for name, shape, rows in seen if rows == kernels.PREFILL_ROWS}
+    decode = {shape for name, shape, rows in seen if rows == 1}
+    assert prefill == {(96, 64), (64, 96)} and decode == {(96, 64)}
+    assert all(v == (0.5 if k.startswith("prefill") else 1.0) for k, v in timing.seconds.items())
+
+
+def _run_each(calls):
+    for call in calls.values():
+        call()
+    return kernels.Timing({name: 1.0 for name in calls}, {name: 1.0 for name in calls}, 0.0)
+
+
 def test_a_noisy_clock_is_seen_as_noise():
     """The timer of a busy machine (random 10x intervals) gives spreads the chooser calls noisy."""
     timing = kernels.time_candidates({"a": lambda: None, "b": lambda: None}, clock=_NoisyClock())

@@ -140,6 +140,30 @@ def test_int4_vnni_prefill_refuses_shapes_it_cannot_tile():
                           torch.ones(16, 1), 128)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# rows across register blocks and past a pass (522); inputs a multiple of 128, one with a short last chunk (4304:
+# SigLIP's), one under a chunk; outputs with a 16-row tail
+@pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384)])
+def test_int8_vnni_prefill_gives_int_mms_bits(dtype, m, o, i):
+    """native_vnni_gemm.cpp's int8 product is `int_mm`'s: the same int32 sums (the weights signed, the activations
+    made unsigned and the 128s taken off), then rescale_int32's two fp32 products."""
+    from lowmem_paligemma.formats.int8 import quantize_int8
+
+    nk = native.kernels()
+    if nk is None or not nk.has_vnni():
+        pytest.skip("no AVX512-VNNI kernel on this machine")
+    gen = torch.Generator().manual_seed(m + i)
+    x = (torch.randn(m, i, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
+    x[1] = 0  # a zero row
+    q, scale = quantize_int8(torch.randn(o, i, generator=gen), dtype)
+    q[0] = -127  # extreme weights: -128 * their sum is the largest correction
+    with torch.inference_mode():
+        xq, xs = nk.quantize_rows_int8(x)
+        got = nk.gemm_int8_vnni(xq, xs, q, scale, dtype)
+        want = nk.rescale_int32((xq.int() @ q.int().t()).contiguous(), xs, scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rounding_to_16_bits_is_torchs(dtype):
     """native.h's round_row (16 values at a time, then a scalar tail): round half to even, infinities, NaN, the
