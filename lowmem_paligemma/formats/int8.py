@@ -88,8 +88,7 @@ def int8_linear(
     elif name == "int8pack" and int8pack_ok(x, q):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "vnni" and x.device.type == "cpu" and rows > DECODE_ROWS and o % 16 == 0 and _has_vnni():
-        xq, x_scale = native.kernels().quantize_rows_int8(x2)
-        y = native.kernels().gemm_int8_vnni(xq, x_scale, q, scale, x.dtype)
+        y = native.kernels().gemm_int8_vnni(x2, q, scale)  # quantize_rows_int8's rows, fused
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
         # native_vnni.cpp does each side in one pass (the same bits): torch's five passes each were most of what an

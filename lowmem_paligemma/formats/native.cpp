@@ -343,8 +343,7 @@ torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale
                             torch::ScalarType kind);
 // native_vnni_gemm.cpp
 torch::Tensor gemm_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
-torch::Tensor gemm_int8_vnni(const torch::Tensor& xq, const torch::Tensor& x_scale, const torch::Tensor& q,
-                             const torch::Tensor& w_scale, torch::ScalarType kind);
+torch::Tensor gemm_int8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& w_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_dense", &gemv_dense);

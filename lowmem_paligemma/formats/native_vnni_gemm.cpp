@@ -9,8 +9,8 @@
 //   scale)); per block and output the 128 products are summed exactly in int32, then scaled by the block's
 //   activation scale times the weight group's scale and accumulated in fp32 (formats/int4.py documents it).
 // - int8: the rows quantized as int8.py's `int_mm` prefill does (one scale a row: native_vnni.cpp
-//   `quantize_rows_int8`), the whole row's products summed in int32, then (float(sum) * x_scale) * w_scale: the
-//   same bits as `int_mm` and `rescale_int32`.
+//   `quantize_rows_int8`, here fused with the copy the kernel reads), the whole row's products summed in int32,
+//   then (float(sum) * x_scale) * w_scale: the same bits as `int_mm` and `rescale_int32`.
 //
 // Layout. vpdpbusd sums 4 byte products (unsigned x signed) into each of 16 int32 lanes; the lanes here are 16
 // output rows, so a weight register holds 4 consecutive inputs of 16 rows (a "panel", built per 128-input chunk
@@ -30,6 +30,7 @@
 
 #include "native.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -104,22 +105,37 @@ Acts int4_acts(const typename W::T* x, int64_t M, int64_t I) {
   return a;
 }
 
-// int8's activations: q (M, I) int8 and scale (M) from quantize_rows_int8, made unsigned, rows padded to chunks
-// with q = 0 (128; they meet zero weights).
-Acts int8_acts(const int8_t* q, const float* scale, int64_t M, int64_t I) {
+// int8's activations: x (M, I) in its stored type quantized per row as quantize_rows_int8 does (scale =
+// max(max|x_row|, 1e-12) / 127, q = round-half-even(x / scale): the same fp32 operations, so the same bits), made
+// unsigned (q + 128: the top bit flipped) and padded to whole chunks with q = 0, in one pass over the rows.
+template <typename W>
+Acts int8_acts(const typename W::T* x, int64_t M, int64_t I) {
   Acts a;
   a.C = (I + kChunk - 1) / kChunk;
   a.stride = a.C * kChunk;
   a.q.resize(M * a.stride);
-  a.scale.assign(scale, scale + M);
+  a.scale.resize(M);
+  const int64_t full = I / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1);
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    const __m512i top = _mm512_set1_epi8((char)0x80);
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t i = 0; i < a.stride; i += 64) {  // past I: masked off, 0 ^ 0x80
-        const __mmask64 in = I - i >= 64 ? ~0ULL : I <= i ? 0 : (1ULL << (I - i)) - 1;
-        const __m512i v = _mm512_maskz_loadu_epi8(in, q + m * I + i);
-        _mm512_storeu_si512((void*)(a.q.data() + m * a.stride + i), _mm512_xor_si512(v, top));
+    const __m128i top = _mm_set1_epi8((char)0x80);
+    for (int64_t m = m0; m < m1; ++m) {
+      const typename W::T* row = x + m * I;
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t i = 0; i < full; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(W::load(row + i)));
+      if (full < I) mx = _mm512_max_ps(mx, _mm512_abs_ps(W::load_masked(row + full, tail)));
+      const float s = std::max(_mm512_reduce_max_ps(mx), 1e-12f) / 127.0f;
+      a.scale[m] = s;
+      const __m512 sv = _mm512_set1_ps(s);
+      uint8_t* out = a.q.data() + m * a.stride;
+      for (int64_t i = 0; i < a.stride; i += 16) {
+        const __m512 v = i < full ? W::load(row + i) : i == full && full < I ? W::load_masked(row + i, tail)
+                                                                               : _mm512_setzero_ps();
+        const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT);
+        const __m128i b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
+        _mm_storeu_si128((__m128i*)(out + i), _mm_xor_si128(b, top));
       }
+    }
   });
   return a;
 }
@@ -340,26 +356,27 @@ torch::Tensor gemm_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed
 #endif
 }
 
-// int8's `int_mm` prefill in one pass: xq (M, I) int8 and x_scale (M, 1) from quantize_rows_int8, W (O, I) int8
-// with w_scale (O) or (O, 1) -> (float(xq @ W^T) * x_scale) * w_scale rounded once to `kind`: the bits of
-// torch._int_mm followed by rescale_int32.
-torch::Tensor gemm_int8_vnni(const torch::Tensor& xq, const torch::Tensor& x_scale, const torch::Tensor& q,
-                             const torch::Tensor& w_scale, torch::ScalarType kind) {
+// int8's `int_mm` prefill in one call: x (M, I) of a float dtype, W (O, I) int8 with w_scale (O) or (O, 1) ->
+// (float(q(x) @ W^T) * x_scale) * w_scale in x's dtype, q(x) and x_scale as quantize_rows_int8 computes them: the
+// bits of quantize_rows_int8, torch._int_mm and rescale_int32.
+torch::Tensor gemm_int8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& w_scale) {
 #ifdef __AVX512VNNI__
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "a contiguous (O, I) int8 weight");
   const int64_t O = q.size(0), I = q.size(1);
   TORCH_CHECK(O % 16 == 0, "output rows a multiple of 16");
-  TORCH_CHECK(xq.dim() == 2 && xq.size(1) == I && xq.is_contiguous() && xq.scalar_type() == torch::kInt8,
-              "contiguous (M, ", I, ") int8 activations");
-  const int64_t M = xq.size(0);
-  const auto xs = x_scale.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(xs.numel() == M && w_scale.numel() == O, "one scale per row and per output");
-  TORCH_CHECK(kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kHalf, "a float out");
-  const Acts a = int8_acts(xq.data_ptr<int8_t>(), xs.data_ptr<float>(), M, I);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == I, "activations (M, ", I, ")");
+  TORCH_CHECK(w_scale.numel() == O, "one scale per output");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  std::optional<Acts> a;
+  with_load(x.scalar_type(), "activation", [&](auto load) {
+    using W = decltype(load);
+    a.emplace(int8_acts<W>(static_cast<const typename W::T*>(xc.data_ptr()), M, I));
+  });
   const auto ws = w_scale.to(torch::kFloat32).contiguous();
   const float* wsp = ws.data_ptr<float>();
-  return gemm<true>(a, Weights{reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), I, I}, M, O, kind,
-                    [&](int64_t o, int64_t) { return wsp[o]; });
+  return gemm<true>(*a, Weights{reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), I, I}, M, O,
+                    x.scalar_type(), [&](int64_t o, int64_t) { return wsp[o]; });
 #else
   TORCH_CHECK(false, "built for a CPU without AVX512-VNNI");
 #endif

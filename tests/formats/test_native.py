@@ -143,10 +143,11 @@ def test_int4_vnni_prefill_refuses_shapes_it_cannot_tile():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # rows across register blocks and past a pass (522); inputs a multiple of 128, one with a short last chunk (4304:
 # SigLIP's), one under a chunk; outputs with a 16-row tail
-@pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384)])
+@pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384), (20, 32, 37)])
 def test_int8_vnni_prefill_gives_int_mms_bits(dtype, m, o, i):
-    """native_vnni_gemm.cpp's int8 product is `int_mm`'s: the same int32 sums (the weights signed, the activations
-    made unsigned and the 128s taken off), then rescale_int32's two fp32 products."""
+    """native_vnni_gemm.cpp's int8 product is `int_mm`'s: the rows quantized as quantize_rows_int8 does (inputs not
+    a multiple of 16: the masked tail), the same int32 sums (the weights signed, the activations made unsigned and
+    the 128s taken off), then rescale_int32's two fp32 products."""
     from lowmem_paligemma.formats.int8 import quantize_int8
 
     nk = native.kernels()
@@ -158,8 +159,8 @@ def test_int8_vnni_prefill_gives_int_mms_bits(dtype, m, o, i):
     q, scale = quantize_int8(torch.randn(o, i, generator=gen), dtype)
     q[0] = -127  # extreme weights: -128 * their sum is the largest correction
     with torch.inference_mode():
+        got = nk.gemm_int8_vnni(x, q, scale)
         xq, xs = nk.quantize_rows_int8(x)
-        got = nk.gemm_int8_vnni(xq, xs, q, scale, dtype)
         want = nk.rescale_int32((xq.int() @ q.int().t()).contiguous(), xs, scale, dtype)
     assert got.dtype == dtype and torch.equal(got, want)
 
