@@ -9,8 +9,8 @@ Knows nothing of PaliGemma (pretrained/load.py has the entry points). How a tens
    embedding): their shape is checked and their bytes are not read.
 3. The memory pre-flight compares the bytes the parameters will take (from the headers) with the
    memory available now.
-4. The module is cast to the target dtype *on meta* (casting after `to_empty` would commit every page
-   twice), then `to_empty` allocates it once, uninitialised.
+4. The module is cast to the target dtype *on meta* (casting after allocating would commit every page
+   twice), then each tensor is allocated once, uninitialised (as `to_empty` would).
 5. Shards are opened one at a time and read with explicit preads at the header offsets, 4 in flight.
    A tensor stored in the target dtype is read straight into its parameter; any other is read in
    chunks into per-thread staging buffers and converted by `copy_`, so a float32 embedding (2.1 GB)
@@ -177,16 +177,15 @@ def materialize(
     Only floating-point parameters take `dtype` (quantized weights stay int8 / uint8). Parameters named in
     `exclude` stay on meta (residency.py streams them in per forward)."""
     model.to(dtype=dtype)  # on meta: changes the dtype, allocates nothing
-    if not exclude:
-        model.to_empty(device=device)
-    else:
-        for prefix, module in model.named_modules():  # to_empty, one parameter at a time
-            for leaf, p in module.named_parameters(recurse=False):
-                if (f"{prefix}.{leaf}" if prefix else leaf) not in exclude:
-                    empty = torch.empty_like(p, device=device)
-                    module._parameters[leaf] = nn.Parameter(empty, requires_grad=p.requires_grad)
-            for leaf, b in module.named_buffers(recurse=False):
-                module._buffers[leaf] = torch.empty_like(b, device=device)
+    # `to_empty`, one tensor at a time, by `torch.empty`: `empty_like` of a meta tensor runs torch._refs in Python,
+    # whose first use imports sympy (~0.5 s of a 2 s load from the page cache).
+    for prefix, module in model.named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if (f"{prefix}.{leaf}" if prefix else leaf) not in exclude:
+                empty = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[leaf] = nn.Parameter(empty, requires_grad=p.requires_grad)
+        for leaf, b in module.named_buffers(recurse=False):
+            module._buffers[leaf] = torch.empty(b.shape, dtype=b.dtype, device=device)
     for p in model.parameters():  # before the first byte lands: fewer, larger page faults
         if not p.is_meta:
             prefer_huge_pages(p)

@@ -182,3 +182,18 @@ def test_finish_runs_once_per_parameter_after_its_last_byte(tmp_path):
 
     stream_checkpoint(toy, tmp_path, torch.float32, chunk_bytes=256, finish=finish)  # many chunks per weight
     assert sorted(seen) == sorted(src) and all(torch.equal(seen[k], src[k]) for k in src)
+
+
+def test_a_load_imports_no_symbolic_shapes(tiny_pg1_dir):
+    """Allocating the meta model's tensors (`materialize`) must not run torch's Python meta functions: their first
+    use imports sympy, ~0.5 s of a 2 s load from the page cache (the load of a fresh process, e.g. the CLI's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from lowmem_paligemma import load_model; "
+        f"load_model({str(tiny_pg1_dir)!r}, dtype=torch.bfloat16, kernels='dense=native/linear'); "
+        "print('sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
