@@ -90,9 +90,10 @@ void int4_vnni_rows(const Activations& a, const uint8_t* w, const Scales& s, flo
     __m512 acc[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    const int next = R == 1 ? 0 : (int)std::min<int64_t>(R, o1 - o - R);  // the next block's rows (native.h dense_rows)
+    const int next = rows_ahead<R>(o, o1);  // fetched ahead (native.h)
+    const uint8_t* ahead = w + (o + R * kAheadBlocks) * half;
     for (int64_t c = 0; c < C; ++c) {
-      for (int r = 0; r < next; ++r) _mm_prefetch((const char*)(w + (o + R + r) * half + c * 64), _MM_HINT_T0);
+      for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * half + c * 64);
       __m512i lo[R], hi[R];
       __m512 ws[R];
       for (int r = 0; r < R; ++r) {
