@@ -37,8 +37,11 @@ void int4_rows(const float* even, const float* odd, const uint8_t* w, const Scal
     __m512 acc[R][M], acc2[R][M];  // two chains per output: the even and the odd values
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
-    const int next = rows_ahead<R>(o, o1);  // fetched ahead (native.h)
-    const uint8_t* ahead = w + (o + R * kAheadBlocks) * half;
+    // The next block's rows, into L1 (not native.h's fetch_ahead into L2): this kernel's table lookups keep it
+    // short of the memory rate, and with fetch_ahead it streamed 11-12 GB/s in two kernel runs against 17-23 with
+    // this (bench/kernels.py, AMD Zen 4; a noisy VM, so not a finding either way: the code it had stayed).
+    const int next = R == 1 ? 0 : (int)std::min<int64_t>(R, o1 - o - R);
+    const uint8_t* ahead = w + (o + R) * half;
     for (int64_t g = 0; g < G; ++g) {
       __m512 table[R];
       for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(levels, _mm512_set1_ps(s[(o + r) * G + g]));
@@ -49,7 +52,7 @@ void int4_rows(const float* even, const float* odd, const uint8_t* w, const Scal
           xo[m] = _mm512_loadu_ps(odd + m * half + j);
         }
         if (j % 64 == 0)
-          for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * half + j);
+          for (int r = 0; r < next; ++r) _mm_prefetch((const char*)(ahead + r * half + j), _MM_HINT_T0);
         for (int r = 0; r < R; ++r) {
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (o + r) * half + j)));
           const __m512 lo = _mm512_permutexvar_ps(b, table[r]);  // vpermps reads the index's low 4 bits

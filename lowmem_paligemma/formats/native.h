@@ -147,7 +147,8 @@ inline torch::Tensor shaped_output(const torch::Tensor& x, const torch::Tensor& 
 // short for the hardware prefetcher to run ahead of. So while a block of R rows is multiplied, the rows of the block
 // kAheadBlocks further on are fetched, into L2 (_MM_HINT_T1): a fetch into L1 holds one of L1's few miss buffers
 // until its line arrives, which capped two cores at ~60-80 % of the DRAM rate (AMD EPYC Zen 4, layers streamed from
-// DRAM, by hand: int4 `vnni` 0.6 -> 0.8-0.9 of a plain read, int8 0.73 -> 0.93, bf16 0.8 -> 0.95).
+// DRAM, by hand: int4 `vnni` 0.6 -> 0.8-0.9 of a plain read, int8 0.73 -> 0.93, bf16 0.8 -> 0.95). The dense, int8
+// and int4 `vnni` decodes; not native.cpp's int4 lookup kernel (its comment says why).
 inline constexpr int kAheadBlocks = 2;
 
 // How many rows of the block kAheadBlocks ahead of row o exist in [o, o1) (none for one row at a time: one stream,
