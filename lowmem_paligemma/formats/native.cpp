@@ -41,7 +41,7 @@ void int4_rows(const float* even, const float* odd, const uint8_t* w, const Scal
     // short of the memory rate, and with fetch_ahead it streamed 11-12 GB/s in two kernel runs against 17-23 with
     // this (bench/kernels.py, AMD Zen 4; a noisy VM, so not a finding either way: the code it had stayed).
     const int next = R == 1 ? 0 : (int)std::min<int64_t>(R, o1 - o - R);
-    const uint8_t* ahead = w + (o + R) * half;
+    const uint8_t* ahead = next ? w + (o + R) * half : w;  // (no pointer past the weight)
     for (int64_t g = 0; g < G; ++g) {
       __m512 table[R];
       for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(levels, _mm512_set1_ps(s[(o + r) * G + g]));

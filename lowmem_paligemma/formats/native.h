@@ -173,7 +173,7 @@ void dense_rows(const float* x, const typename W::T* w, float* y, int64_t I, int
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     const int next = rows_ahead<R>(o, o1);  // fetched ahead, kAheadBlocks blocks on
-    const typename W::T* ahead = w + (o + R * kAheadBlocks) * I;
+    const typename W::T* ahead = next ? w + (o + R * kAheadBlocks) * I : w;  // (no pointer past the weight)
     for (int64_t i = 0; i < full; i += 16) {
       __m512 xv[M];
       for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * I + i);

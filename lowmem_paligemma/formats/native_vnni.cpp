@@ -91,7 +91,7 @@ void int4_vnni_rows(const Activations& a, const uint8_t* w, const Scales& s, flo
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     const int next = rows_ahead<R>(o, o1);  // fetched ahead (native.h)
-    const uint8_t* ahead = w + (o + R * kAheadBlocks) * half;
+    const uint8_t* ahead = next ? w + (o + R * kAheadBlocks) * half : w;  // (no pointer past the weight)
     for (int64_t c = 0; c < C; ++c) {
       for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * half + c * 64);
       __m512i lo[R], hi[R];
