@@ -40,7 +40,7 @@ void int4_rows(const float* even, const float* odd, const uint8_t* w, const Scal
     // The next block's rows, into L1 (not native.h's fetch_ahead into L2): this kernel's table lookups keep it
     // short of the memory rate, and with fetch_ahead it streamed 11-12 GB/s in two kernel runs against 17-23 with
     // this (bench/kernels.py, AMD Zen 4; a noisy VM, so not a finding either way: the code it had stayed).
-    const int next = R == 1 ? 0 : (int)std::min<int64_t>(R, o1 - o - R);
+    const int next = rows_ahead<R>(o, o1, 1);
     const uint8_t* ahead = next ? w + (o + R) * half : w;  // (no pointer past the weight)
     for (int64_t g = 0; g < G; ++g) {
       __m512 table[R];

@@ -151,11 +151,11 @@ inline torch::Tensor shaped_output(const torch::Tensor& x, const torch::Tensor& 
 // and int4 `vnni` decodes; not native.cpp's int4 lookup kernel (its comment says why).
 inline constexpr int kAheadBlocks = 2;
 
-// How many rows of the block kAheadBlocks ahead of row o exist in [o, o1) (none for one row at a time: one stream,
+// How many rows of the block `blocks` ahead of row o exist in [o, o1) (none for one row at a time: one stream,
 // which the hardware prefetcher follows).
 template <int R>
-inline int rows_ahead(int64_t o, int64_t o1) {
-  return R == 1 ? 0 : (int)std::clamp<int64_t>(o1 - o - R * kAheadBlocks, 0, R);
+inline int rows_ahead(int64_t o, int64_t o1, int blocks = kAheadBlocks) {
+  return R == 1 ? 0 : (int)std::clamp<int64_t>(o1 - o - R * blocks, 0, R);
 }
 
 inline void fetch_ahead(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }

@@ -1,6 +1,8 @@
 """The generic stream: equality with a plain load, any module and key map, zero-copy, pre-flight, phases."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,9 +189,6 @@ def test_finish_runs_once_per_parameter_after_its_last_byte(tmp_path):
 def test_a_load_imports_no_symbolic_shapes(tiny_pg1_dir):
     """Allocating the meta model's tensors (`materialize`) must not run torch's Python meta functions: their first
     use imports sympy, ~0.5 s of a 2 s load from the page cache (the load of a fresh process, e.g. the CLI's)."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, torch; from lowmem_paligemma import load_model; "
         f"load_model({str(tiny_pg1_dir)!r}, dtype=torch.bfloat16, kernels='dense=native/linear'); "
