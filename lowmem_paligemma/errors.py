@@ -42,7 +42,7 @@ class OutputError(LowmemError, ValueError):
 
 
 class OptionError(LowmemError, ValueError):
-    """An option value, or a combination of options, the runtime cannot honour (e.g. int4 on a GPU).
+    """An option value, or a combination of options, the runtime cannot honour (e.g. a memory budget on a GPU).
 
     `option` names the field at fault (a LoadOptions / SamplingOptions field, e.g. "max_memory"), so a front end
     can point at its own spelling of it (the CLI's --max-memory, the server's JSON field)."""

@@ -93,7 +93,6 @@ class WeightFormat:
     reference: KernelChoice  # correct everywhere: the choice before any measurement, and on a GPU
     layouts: Mapping[str, str] = {}  # kernel -> the weight layout it needs (others: the plain one)
     fallback: str | None = None  # the format of layers this one cannot hold (`accepts` False)
-    cpu_only: bool = False  # its kernels are CPU code (int4's machine-dependent packed layout)
     compressed: CompressedScheme | None = None  # None: `convert --quantize` cannot store it
 
     # --- layers ---------------------------------------------------------------------------------------------

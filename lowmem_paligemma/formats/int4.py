@@ -218,7 +218,6 @@ class Int4Format(WeightFormat):
     prefill_kernels = ("dequant", "upcast", "vnni")
     reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
-    cpu_only = True
     compressed = CompressedScheme(
         "pack-quantized",
         {"num_bits": 4, "type": "int", "symmetric": True, "group_size": GROUP, "strategy": "group", "dynamic": False},

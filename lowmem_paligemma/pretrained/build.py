@@ -55,7 +55,7 @@ def quantize_layers(model: nn.Module, name: str) -> nn.Module:
 
 
 def build_model(
-    model_dir: str | Path, quantize: str | None = None, device: torch.device | str = "cpu"
+    model_dir: str | Path, quantize: str | None = None
 ) -> tuple[PaliGemmaForConditionalGeneration, str | None]:
     """Our model for `model_dir`'s config.json on meta, its layers in format `quantize`, or as the checkpoint is
     stored when that is None; with the format in effect (None: dense)."""
@@ -69,8 +69,6 @@ def build_model(
             "quantize",
         )
     quantize = quantize or stored
-    if quantize is not None and registry.get(quantize).cpu_only and torch.device(device).type != "cpu":
-        raise OptionError(f"{quantize} runs on the CPU only (its kernels are CPU code); try int8", "quantize")
     return (quantize_layers(model, quantize) if quantize is not None else model), quantize
 
 

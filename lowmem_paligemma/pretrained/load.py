@@ -126,7 +126,7 @@ def load_model(
         phase("verify")
         verify_checkpoint(model_dir, None if options.verify is True else options.verify)
     phase("build")
-    model, quantize = build_model(model_dir, options.quantize, device)
+    model, quantize = build_model(model_dir, options.quantize)
     dtype, report = choose_compute(
         model, options.dtype, device, options.kernels, options.zero_copy, requests=options.requests
     )

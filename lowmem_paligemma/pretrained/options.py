@@ -70,17 +70,12 @@ class LoadOptions:
                 raise OptionError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
         if self.zero_copy and self.max_memory is not None:
             raise OptionError("zero_copy maps every weight into the process; it cannot keep to max_memory", "zero_copy")
-        if self.device.partition(":")[0] in ("cuda", "mps"):  # asked for a GPU: what only runs on the CPU
-            if self.quantize is not None and registry.get(self.quantize).cpu_only:
-                raise OptionError(
-                    f"{self.quantize} runs on the CPU only (its kernels are CPU code); try int8", "quantize"
-                )
-            if self.max_memory is not None:
-                raise OptionError("max_memory streams layers into CPU memory; it runs on the CPU only", "max_memory")
+        if self.device.partition(":")[0] in ("cuda", "mps") and self.max_memory is not None:  # CPU code
+            raise OptionError("max_memory streams layers into CPU memory; it runs on the CPU only", "max_memory")
 
     def resolved_device(self) -> torch.device:
         """The device to load on: "auto" is cuda when available, else cpu; an unavailable one is an OptionError,
-        as is a combination the device cannot run (int4 and memory budgets are CPU code)."""
+        as is a memory budget on a GPU (budgets stream layers into CPU memory)."""
         kind = self.device.partition(":")[0]
         if kind == "auto":
             kind = "cuda" if torch.cuda.is_available() else "cpu"

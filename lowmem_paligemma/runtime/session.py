@@ -118,7 +118,7 @@ def describe_load(model_dir: str | os.PathLike, options: LoadOptions = LoadOptio
 
     model_dir = resolve_model_dir(model_dir)
     device = options.resolved_device()
-    model, quantize = build_model(model_dir, options.quantize, device)
+    model, quantize = build_model(model_dir, options.quantize)
     dtype, report = choose_compute(model, options.dtype, device, options.kernels, options.zero_copy, retune)
     out = {
         "machine": machine_key(),
