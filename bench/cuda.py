@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,8 +45,11 @@ RUNS = {
     "hf-bf16": ("hf", None, "bf16", "PaliGemma-3B, transformers from_pretrained(device_map='cuda') + generate"),
     "ours-pg2-bf16": ("ours", None, "pg2-bf16", "PaliGemma 2 3B, bf16 weights"),
     "hf-pg2-bf16": ("hf", None, "pg2-bf16", "PaliGemma 2 3B, transformers"),
+    "ours-pg2-10b-bf16": ("ours", None, "pg2-10b-bf16", "PaliGemma 2 10B, bf16 weights"),
+    "hf-pg2-10b-bf16": ("hf", None, "pg2-10b-bf16", "PaliGemma 2 10B, transformers"),
 }
-PRESETS = {"bf16": ("bf16", "paligemma-3b-224"), "pg2-bf16": ("bf16", "paligemma2-3b-224")}
+PRESETS = {"bf16": ("bf16", "paligemma-3b-224"), "pg2-bf16": ("bf16", "paligemma2-3b-224"),
+           "pg2-10b-bf16": ("bf16", "paligemma2-10b-224")}  # fmt: skip
 
 
 def ceilings() -> dict[str, float]:
@@ -95,6 +99,9 @@ def child(name: str, path: Path, out: Path) -> None:
             loaded = load_model(path, dtype=torch.bfloat16, quantize=quantize, device="cuda")
             model, plan = loaded.model, loaded.kernels.lines()
         else:
+            # transformers' own PyTorch modules: with the `kernels` package installed it would fetch CUDA kernels
+            # from the Hub at load, which needs the network (a GPU machine here has none).
+            os.environ["USE_HUB_KERNELS"] = "NO"
             from transformers import PaliGemmaForConditionalGeneration
 
             model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
@@ -154,7 +161,8 @@ def table(results: list[dict], ceiling: dict[str, float]) -> tuple[list[str], li
         if "error" in r:
             rows.append([r["name"], r["error"], *["-"] * (len(cols) - 2)])
             continue
-        hf = by.get("hf-pg2-bf16" if "pg2" in r["name"] else "hf-bf16")
+        source = RUNS[r["name"]][2]  # transformers' row on the same checkpoint
+        hf = next((by[n] for n in by if RUNS[n][0] == "hf" and RUNS[n][2] == source), None)
         rate = r["read_bytes"] * r["decode_tps"]
         rows.append([
             r["name"], f"{r['load_s']:.2f}", f"{gb(r['base_rss'])} / {gb(r['load_rss'])} "
@@ -203,8 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         r = results[-1]
         print("  " + (r.get("error") or f"load {r['load_s']:.1f} s, prefill {r['prefill_s']:.3f} s, decode "
                       f"{r['decode_tps']:.1f} tok/s"), file=sys.stderr, flush=True)  # fmt: skip
+        document(cmd, gpu, tests, ceiling, results)  # after every row: a run stopped early keeps what it measured
+    print(text_table(*table(results, ceiling)))
+
+
+def document(cmd: str, gpu: str, tests: str, ceiling: dict[str, float], results: list[dict]) -> None:
+    import torch
+
     cols, rows = table(results, ceiling)
-    print(text_table(cols, rows))
     what = (
         f"GPU: {gpu}; CUDA {torch.version.cuda}. GPU tests (`pytest {TESTS}`): {tests}. Ceilings measured in this "
         f"run: device-to-device copy {ceiling['copy GB/s']:.0f} GB/s (read + written), bfloat16 matrix product "
@@ -214,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lines = header("PaliGemma on a CUDA GPU: ours against transformers", cmd, what)
     lines += [*md_table(cols, rows), "", "## Rows", ""]
-    lines += [f"- {n}: {RUNS[n][3]}" for n in names]
+    lines += [f"- {r['name']}: {RUNS[r['name']][3]}" for r in results]
     lines += ["", "## Kernels each of our rows used", ""]
     lines += [f"- {r['name']}: " + "; ".join(r.get("kernels") or ["-"]) for r in results if r["name"].startswith("o")]
     lines += ["", "## First greedy tokens", ""]
