@@ -134,7 +134,7 @@ def worker_resources(
             f"a worker needs {format_bytes(memory)} of memory and {cpus} CPU(s); the largest Ray node offers "
             f"{format_bytes(biggest)}. Use a smaller --batch-size or --worker-cpus, a 16-bit --dtype, or bigger nodes"
         )
-    return WorkerResources(cpus, memory, 1 if load.device == "cuda" else 0)
+    return WorkerResources(cpus, memory, 1 if load.device.partition(":")[0] == "cuda" else 0)  # "cuda", "cuda:N"
 
 
 def run_ray_batch(

@@ -91,6 +91,9 @@ def test_worker_resources_come_from_the_loader_estimate(cluster, tiny_pg2_dir):
     assert resources.memory == session_memory_bytes(tiny_pg2_dir, load, "caption en", sampling, 4)
     assert (resources.cpus, resources.gpus) == (2, 0)  # the cluster's CPUs, shared out over one worker
     assert worker_resources(tiny_pg2_dir, load, job, sampling, batch_size=4, workers=2).cpus == 1
+    for device in ("cuda", "cuda:1"):  # a GPU load asks Ray for one GPU a worker, whichever the name
+        gpu = LoadOptions(dtype="bfloat16", device=device)
+        assert worker_resources(tiny_pg2_dir, gpu, job, sampling, batch_size=4, workers=1).gpus == 1
     with pytest.raises(InsufficientMemoryError, match="largest Ray node"):
         worker_resources(tiny_pg2_dir, load, job, sampling, batch_size=10**6, workers=1)
 
