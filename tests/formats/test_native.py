@@ -44,13 +44,15 @@ def test_decode_attention_refuses_a_view_it_cannot_read():
         nk.attention_scores(torch.randn(1, 2, 1, 16), keys)
 
 
-def _int4_layer(o: int, i: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _int4_layer(
+    o: int, i: int, dtype: torch.dtype, seed: int, group: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from lowmem_paligemma.formats import int4
 
     w = torch.randn(o, i, generator=torch.Generator().manual_seed(seed))
-    packed, scale = int4.quantize_int4_packed(w, dtype, int4.GROUP)
+    packed, scale = int4.quantize_int4_packed(w, dtype, group)
     dense = torch.empty(o, i)
-    int4.dequantize_int4(packed, scale, int4.GROUP, dense)
+    int4.dequantize_int4(packed, scale, group, dense)
     return packed, scale, dense
 
 
@@ -67,19 +69,20 @@ def _blocks_quantized(x: torch.Tensor, block: int | None = None) -> torch.Tensor
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])  # each row count's register blocking (R x M), 16 the most
-@pytest.mark.parametrize("o, i", [(16, 128), (52 * 16, 384), (48, 2048)])  # output rows not a multiple of R or kGrain
-def test_int4_vnni_is_the_blockwise_int8_product(dtype, rows, o, i):
+# output rows not a multiple of R or kGrain; groups of one chunk (128) and of two (256: a scale read per two chunks)
+@pytest.mark.parametrize("o, i, group", [(16, 128, 128), (52 * 16, 384, 128), (48, 2048, 128), (40, 1024, 256)])
+def test_int4_vnni_is_the_blockwise_int8_product(dtype, rows, o, i, group):
     """native_vnni.cpp's product equals F.linear of the block-quantized activations and the dequantized weights up
     to the order of fp32 sums, whatever the stored scale dtype: its integer sums lose nothing."""
     nk = native.kernels()
     if nk is None or not nk.has_vnni():
         pytest.skip("no AVX512-VNNI kernel on this machine")
-    packed, scale, dense = _int4_layer(o, i, dtype, seed=o + i)
+    packed, scale, dense = _int4_layer(o, i, dtype, seed=o + i, group=group)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
     x[:, 32:64] = 0  # an all-zero block (scale 0)
     x[0, 5] = 300.0  # an outlier: only its block's scale may grow
-    got = nk.gemv_int4_vnni(x.to(dtype), packed, scale, 128)
+    got = nk.gemv_int4_vnni(x.to(dtype), packed, scale, group)
     assert got.shape == (rows, o) and got.dtype == dtype
     want = torch.nn.functional.linear(_blocks_quantized(x.to(dtype)), dense)
     tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # the output's own rounding
