@@ -78,18 +78,19 @@ class RowCaches:
 
     def __init__(self, caches: list[KVCache], slots: list[int], window: int | None, dtype: torch.dtype):
         self.caches, self.slots = caches, slots
-        self.masks = [(_decode_mask(p, None, dtype), _decode_mask(p, window, dtype)) for p in slots]
+        device = caches[0].k.device  # the model's: each row's mask meets its scores there
+        self.masks = [(_decode_mask(p, None, dtype, device), _decode_mask(p, window, dtype, device)) for p in slots]
 
     def update(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.caches[row].update(layer, self.slots[row], k, v)  # (1, K, S_row, H) views
 
 
-def _decode_mask(slot: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+def _decode_mask(slot: int, window: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive (1, 1, 1, slot + 1) mask of a generated token at `slot` (token type 1: causal): exactly what
     paligemma.make_attn_mask gives that query (0, or the dtype's min before the window), so SDPA takes the same path."""
-    mask = torch.zeros(1, 1, 1, slot + 1, dtype=dtype)
+    mask = torch.zeros(1, 1, 1, slot + 1, dtype=dtype, device=device)
     if window is not None:
-        mask.masked_fill_(torch.arange(slot + 1) <= slot - window, torch.finfo(dtype).min)
+        mask.masked_fill_(torch.arange(slot + 1, device=device) <= slot - window, torch.finfo(dtype).min)
     return mask
 
 

@@ -46,8 +46,11 @@ def prefill(
 ) -> torch.Tensor:
     """Run the whole prompt (B, L), fill the cache, return the next-token logits (B, V).
 
-    Left-padded rows pass `valid` (B, L), False on pads, and their `positions` (B, L).
+    Left-padded rows pass `valid` (B, L), False on pads, and their `positions` (B, L). The tensors may be on the
+    CPU (a processor's output) with the model on a GPU: they go where the model is.
     """
+    ids, token_types, valid, positions = (None if t is None else t.to(model.device)
+                                          for t in (ids, token_types, valid, positions))  # fmt: skip
     return model(
         ids, token_type_ids=token_types, attention_mask=valid, image_features=image_features, cache=cache,
         last_only=True, positions=positions,

@@ -7,18 +7,23 @@ that drops a soft-cap, a (1 + w) norm or the prefix mask moves the logits by who
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from click.testing import CliRunner
 from hf_reference import hf_load, write_hf_checkpoint
 from PIL import Image
 
-from lowmem_paligemma import InsufficientMemoryError, load_model
+from lowmem_paligemma import InsufficientMemoryError, LoadOptions, SamplingOptions, load_model, load_session
 from lowmem_paligemma.checkpoint import preflight
 from lowmem_paligemma.cli import main
 from lowmem_paligemma.model.config import tiny
-from lowmem_paligemma.model.generate import generate
+from lowmem_paligemma.model.gemma import KVCache
+from lowmem_paligemma.model.generate import decode_rows, encode_image, generate, prefill
 from lowmem_paligemma.pretrained.synth import tiny_checkpoint
+from lowmem_paligemma.runtime.server.engine import Engine, Request
+from lowmem_paligemma.runtime.session import run_prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -97,6 +102,67 @@ def test_greedy_tokens_on_cuda_equal_the_cpus(checkpoint, quantize):
         tokens[device] = [int(t) for t in generate(model, ids, pixel_values=pv, max_new_tokens=12, eos_token_ids=[])]
     assert len(tokens["cpu"]) == 12
     assert tokens["cuda"] == tokens["cpu"]
+
+
+def test_requests_decoded_together_on_cuda_give_the_cpus_tokens(checkpoint):
+    """The server's continuous batching (generate.decode_rows: each request with its own cache and mask) on the GPU:
+    two requests of different lengths, the second joining a step later, get the tokens each gets alone on the CPU."""
+    cfg, path = checkpoint
+    prompts = [_inputs(cfg, batch=1, text=t) for t in (4, 9)]
+    alone = []
+    cpu = load_model(path, dtype=torch.float32, device="cpu").model
+    for ids, tt, _, pv in prompts:
+        alone.append([int(t) for t in generate(cpu, ids, tt, pixel_values=pv, max_new_tokens=6, eos_token_ids=[])])
+    gpu = load_model(path, dtype=torch.float32, device="cuda").model
+    caches, slots, tokens, out = [], [], [], [[], []]
+    for step in range(7):
+        if step < 2:  # request `step` joins: its prefill, then it decodes with the others
+            ids, tt, _, pv = prompts[step]
+            cache = KVCache(gpu.cfg.text, 1, ids.shape[1] + 6, torch.float32, "cuda")
+            logits = prefill(gpu, ids.cuda(), tt.cuda(), encode_image(gpu, pv), cache)
+            caches.append(cache), slots.append(ids.shape[1]), tokens.append(int(logits.argmax(-1)))
+            out[step].append(tokens[-1])
+        active = [i for i in range(len(caches)) if len(out[i]) < 6]
+        if not active:
+            break
+        logits = decode_rows(gpu, [tokens[i] for i in active], [caches[i] for i in active], [slots[i] for i in active])
+        assert logits.device.type == "cuda"
+        for row, i in enumerate(active):
+            tokens[i] = int(logits[row].argmax())
+            out[i].append(tokens[i])
+            slots[i] += 1
+    assert out == alone
+
+
+def test_the_servers_engine_on_cuda_gives_each_request_the_cpus_answer(tmp_path):
+    """Requests submitted together to the server's engine (prefill from the processor's CPU tensors, then decoded
+    together) on the GPU: each request's tokens are its tokens alone on the CPU."""
+    path = tiny_checkpoint(tmp_path / "tiny", gemma2=True)
+    cpu = load_session(path, LoadOptions(dtype="float32", device="cpu"))
+    gpu = load_session(path, LoadOptions(dtype="float32", device="cuda"))
+    g = torch.Generator().manual_seed(5)
+    images = [Image.fromarray(torch.randint(0, 256, (24, 32, 3), generator=g, dtype=torch.uint8).numpy()) for _ in "ab"]
+    asks = [("caption en", 8), ("ocr", 5), ("answer en what is this?", 11)]
+    requests = [Request(images[i % 2], f"image {i % 2}", p, SamplingOptions(max_new_tokens=n))
+                for i, (p, n) in enumerate(asks)]  # fmt: skip
+    alone = [run_prompt(cpu, cpu.encode(r.image), r.prompt, r.sampling).token_ids for r in requests]
+    engine = Engine(gpu, parallel=4, max_queue=4)
+    engine.start()
+
+    async def collect(ticket):
+        async for event in ticket.events():
+            result, error = event.result, event.error
+        return result, error
+
+    async def main():
+        return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    finally:
+        engine.stop()
+    assert [error for _, error in got] == [None] * len(requests)
+    assert [result.token_ids for result, _ in got] == alone
 
 
 def test_the_cli_generates_on_cuda_what_it_generates_on_the_cpu(tmp_path):
