@@ -40,3 +40,17 @@ def hf_load(model_dir: Path, dtype: torch.dtype, attn: str | None = "eager"):
     from transformers import PaliGemmaForConditionalGeneration
 
     return PaliGemmaForConditionalGeneration.from_pretrained(model_dir, attn_implementation=attn, dtype=dtype).eval()
+
+
+def prompt_inputs(cfg: PaliGemmaConfig, batch: int = 2, text: int = 12) -> tuple[torch.Tensor, ...]:
+    """ids, token types, attention mask (B, N + 1 + text) and pixels (B, 3, S, S): the image tokens, BOS, random
+    text; a prefix of 6 tokens + "\n", then a causal suffix (token type 1)."""
+    g = torch.Generator().manual_seed(1)
+    n = cfg.num_image_tokens
+    ids = torch.randint(5, 500, (batch, n + 1 + text), generator=g)
+    ids[:, :n] = cfg.image_token_index
+    ids[:, n] = cfg.bos_token_id
+    tt = torch.zeros_like(ids)
+    tt[:, n + 7 :] = 1
+    pv = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return ids, tt, torch.ones_like(ids), pv

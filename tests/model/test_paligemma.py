@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hf_reference import hf_load, write_hf_checkpoint
+from hf_reference import hf_load, prompt_inputs, write_hf_checkpoint
 
 from lowmem_paligemma import load_model
 from lowmem_paligemma.model.config import tiny
@@ -19,19 +19,6 @@ def checkpoint(request, tmp_path_factory):
     return cfg, write_hf_checkpoint(cfg, tmp_path_factory.mktemp(request.param))
 
 
-def _inputs(cfg, batch=2, text=12):
-    g = torch.Generator().manual_seed(1)
-    n = cfg.num_image_tokens
-    ids = torch.randint(5, 500, (batch, n + 1 + text), generator=g)
-    ids[:, :n] = cfg.image_token_index
-    ids[:, n] = cfg.bos_token_id
-    tt = torch.zeros_like(ids)
-    tt[:, n + 7 :] = 1  # prefix of 6 tokens + "\n", then a causal suffix
-    am = torch.ones_like(ids)
-    pv = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
-    return ids, tt, am, pv
-
-
 # Ours uses SDPA where there is no soft-cap, as transformers does by default; against that default it is
 # bit-equal in float32 and bfloat16. Against transformers' eager path the kernels round differently:
 # float32 stays within 1e-5, bfloat16 within bfloat16 noise amplified by the x3 test weights.
@@ -46,7 +33,7 @@ def _inputs(cfg, batch=2, text=12):
 )
 def test_logits_match_transformers(checkpoint, dtype, attn, tol):
     cfg, path = checkpoint
-    ids, tt, am, pv = _inputs(cfg)
+    ids, tt, am, pv = prompt_inputs(cfg)
     ref, ours = hf_load(path, dtype, attn), load_model(path, dtype=dtype).model
     with torch.no_grad():
         want = ref(input_ids=ids, pixel_values=pv, token_type_ids=tt, attention_mask=am).logits.float()
@@ -58,7 +45,7 @@ def test_logits_match_transformers(checkpoint, dtype, attn, tol):
 
 def test_padding_and_last_only_match(checkpoint):
     cfg, path = checkpoint
-    ids, tt, am, pv = _inputs(cfg)
+    ids, tt, am, pv = prompt_inputs(cfg)
     am[1, :3] = 0  # left padding on the second row
     ref, ours = hf_load(path, torch.float32), load_model(path, dtype=torch.float32).model
     with torch.no_grad():
@@ -72,7 +59,7 @@ def test_padding_and_last_only_match(checkpoint):
 def test_ignoring_token_types_changes_logits(checkpoint):
     """The prefix block matters: treating the suffix as prefix gives other logits (the test can fail)."""
     cfg, path = checkpoint
-    ids, tt, am, pv = _inputs(cfg)
+    ids, tt, am, pv = prompt_inputs(cfg)
     ours = load_model(path, dtype=torch.float32).model
     with torch.no_grad():
         a, b = ours(ids, pv, tt, am), ours(ids, pv, torch.zeros_like(tt), am)
@@ -81,7 +68,7 @@ def test_ignoring_token_types_changes_logits(checkpoint):
 
 def test_image_token_count_must_match(checkpoint):
     cfg, path = checkpoint
-    ids, tt, am, pv = _inputs(cfg)
+    ids, tt, am, pv = prompt_inputs(cfg)
     ours = load_model(path, dtype=torch.float32).model
     with pytest.raises(ValueError, match="<image> tokens"):
         ours(ids[:, 1:], pv, tt[:, 1:], am[:, 1:])

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 from click.testing import CliRunner
-from hf_reference import hf_load, write_hf_checkpoint
+from hf_reference import hf_load, prompt_inputs, write_hf_checkpoint
 from PIL import Image
 
 from lowmem_paligemma import InsufficientMemoryError, LoadOptions, SamplingOptions, load_model, load_session
@@ -39,22 +39,10 @@ def checkpoint(request, tmp_path_factory):
     return cfg, write_hf_checkpoint(cfg, tmp_path_factory.mktemp(request.param))
 
 
-def _inputs(cfg, batch=2, text=12):
-    g = torch.Generator().manual_seed(1)
-    n = cfg.num_image_tokens
-    ids = torch.randint(5, 500, (batch, n + 1 + text), generator=g)
-    ids[:, :n] = cfg.image_token_index
-    ids[:, n] = cfg.bos_token_id
-    tt = torch.zeros_like(ids)
-    tt[:, n + 7 :] = 1  # a prefix of 6 tokens + "\n", then a causal suffix
-    pv = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
-    return ids, tt, torch.ones_like(ids), pv
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_on_cuda_match_transformers_on_cuda(checkpoint, dtype):
     cfg, path = checkpoint
-    ids, tt, am, pv = (t.cuda() for t in _inputs(cfg))
+    ids, tt, am, pv = (t.cuda() for t in prompt_inputs(cfg))
     ref = hf_load(path, dtype, attn=None).cuda()
     loaded = load_model(path, dtype=dtype, device="cuda")
     assert loaded.model.device.type == "cuda"
@@ -68,7 +56,7 @@ def test_logits_on_cuda_match_transformers_on_cuda(checkpoint, dtype):
 
 def test_float32_logits_on_cuda_match_the_cpu(checkpoint):
     cfg, path = checkpoint
-    ids, tt, am, pv = _inputs(cfg)
+    ids, tt, am, pv = prompt_inputs(cfg)
     with torch.no_grad():
         cpu = load_model(path, dtype=torch.float32, device="cpu").model(ids, pv, tt, am)
         gpu = load_model(path, dtype=torch.float32, device="cuda").model(ids.cuda(), pv, tt.cuda(), am.cuda())
@@ -80,7 +68,7 @@ def test_quantized_on_cuda_holds_the_cpus_bytes_and_logits(checkpoint, quantize)
     """Quantized while streaming (on the CPU, as the rows pass) into the GPU: the bytes equal a CPU load's; the
     reference kernels (dequantized per layer, then cuBLAS) give the CPU's logits to rounding."""
     cfg, path = checkpoint
-    ids, tt, am, pv = _inputs(cfg)
+    ids, tt, am, pv = prompt_inputs(cfg)
     cpu = load_model(path, dtype=torch.float32, quantize=quantize, device="cpu", kernels="reference").model
     gpu = load_model(path, dtype=torch.float32, quantize=quantize, device="cuda").model
     want, got = dict(cpu.named_parameters()), dict(gpu.named_parameters())
@@ -95,7 +83,7 @@ def test_quantized_on_cuda_holds_the_cpus_bytes_and_logits(checkpoint, quantize)
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_greedy_tokens_on_cuda_equal_the_cpus(checkpoint, quantize):
     cfg, path = checkpoint
-    ids, _, _, pv = _inputs(cfg, batch=1, text=4)
+    ids, _, _, pv = prompt_inputs(cfg, batch=1, text=4)
     tokens = {}
     for device in ("cpu", "cuda"):
         model = load_model(path, dtype=torch.float32, quantize=quantize, device=device, kernels="reference").model
@@ -108,7 +96,7 @@ def test_requests_decoded_together_on_cuda_give_the_cpus_tokens(checkpoint):
     """The server's continuous batching (generate.decode_rows: each request with its own cache and mask) on the GPU:
     two requests of different lengths, the second joining a step later, get the tokens each gets alone on the CPU."""
     cfg, path = checkpoint
-    prompts = [_inputs(cfg, batch=1, text=t) for t in (4, 9)]
+    prompts = [prompt_inputs(cfg, batch=1, text=t) for t in (4, 9)]
     alone = []
     cpu = load_model(path, dtype=torch.float32, device="cpu").model
     for ids, tt, _, pv in prompts:
