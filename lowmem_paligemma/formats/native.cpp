@@ -339,6 +339,10 @@ double read_bytes(const torch::Tensor& buf) {
 // native_attention.cpp
 torch::Tensor attention_scores(const torch::Tensor& q, const torch::Tensor& k);
 torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
+// native_decode.cpp
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up);
 // native_vnni.cpp
 bool has_vnni();
 torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
@@ -360,6 +364,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bytes", &read_bytes);
   m.def("attention_scores", &attention_scores);
   m.def("attention_values", &attention_values);
+  m.def("rms_norm", &rms_norm);
+  m.def("rope", &rope);
+  m.def("gelu_tanh_mul_", &gelu_tanh_mul_);
   m.def("has_vnni", &has_vnni);
   m.def("gemv_int4_vnni", &gemv_int4_vnni);
   m.def("quantize_rows_int8", &quantize_rows_int8);

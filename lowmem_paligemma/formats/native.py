@@ -1,5 +1,5 @@
-"""Our own kernels (native.cpp; native_attention.cpp; native_vnni.cpp; native.h, what they share), built for the
-running machine, where the libraries' kernels stop short.
+"""Our own kernels (native.cpp; native_attention.cpp; native_decode.cpp; native_vnni*.cpp; native.h, what they
+share), built for the running machine, where the libraries' kernels stop short.
 
 On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
 has every candidate's rate on the machine that wrote it: `F.linear` on bf16 and `_weight_int8pack_mm` well below
@@ -30,13 +30,15 @@ from ..machine import cpu
 
 SOURCE_DIR = Path(__file__).parent
 # compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp's kernels where the CPU has VNNI)
-SOURCES = ("native.cpp", "native_attention.cpp", "native_vnni.cpp", "native_vnni_gemm.cpp")
+SOURCES = ("native.cpp", "native_attention.cpp", "native_decode.cpp", "native_vnni.cpp", "native_vnni_gemm.cpp")
 HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
 NEEDS = ("avx512f", "avx512bw")  # the instructions native.cpp uses
 # -fopenmp compiles at::parallel_for's OpenMP regions in (without it they run on one thread); nothing is added at link
 # time, so the regions run on torch's own OpenMP runtime, found through libtorch's dependencies: no second thread pool.
-CFLAGS = ["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-fopenmp"]
+# -ffp-contract=off: a product and a sum written apart stay two roundings, as in torch's ops (native_decode.cpp's rotary
+# gives their bits); the kernels' fused multiply-adds are written as such.
+CFLAGS = ["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 
 def cache_dir() -> Path:

@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # stored as an offset from 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (nk := _native_decode(x)) is not None:  # one call, not ten ops (native_decode.cpp)
+            return nk.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)
@@ -46,6 +48,8 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if (nk := _native_decode(x)) is not None:  # (B, N, 1, H): the same three roundings in one call
+        return nk.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half: halves, not interleaved pairs
     return x * cos + rotated * sin
@@ -169,7 +173,9 @@ class GemmaAttention(nn.Module):
         elif groups > 1:  # query head n reads kv head n // groups
             k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
             v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(b, self.num_heads, -1, self.head_dim)
-        if self.softcap is None:  # Gemma 1: SDPA with the same additive mask
+        if self.softcap is None and t == 1 and (nk := _native_attention(k, v)) is not None:
+            out = self._attend_native(nk, q, k, v, mask)  # (B, K, G, H)
+        elif self.softcap is None:  # Gemma 1: SDPA with the same additive mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, N, T, H)
         else:  # Gemma 2: tanh cap on the scores before the mask (transformers eager, big_vision); SDPA can't
             w = self._scores(q, k, t) * self.scale  # (B, N, T, S); (B, K, G, S) folded
@@ -181,6 +187,16 @@ class GemmaAttention(nn.Module):
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # the folded (B, K, G, H) back to (B, N, 1, H)
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
 
+    def _attend_native(self, nk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+        """Gemma 1's decode step (one query per sequence) as SDPA computes it on a CPU, in float32 from the 16-bit
+        operands and rounded once, but in three calls reading the cache in place (native_attention.cpp) instead of
+        SDPA's blocked kernel, whose set-up cost 54 us a layer against ~5 us of arithmetic (by hand, AMD EPYC Zen 4):
+        q (B, K, G, H) against k, v (B, K, S, H) -> (B, K, G, H). Only the order of the sums differs."""
+        w = nk.attention_scores(q, k).mul_(self.scale)  # (B, K, G, S) float32
+        if mask is not None:
+            w = w.add_(mask)  # (B, 1, 1, S) broadcast over the kv heads and their query rows
+        return nk.attention_values(torch.softmax(w, -1), v).to(q.dtype)
+
     # Gemma 2's two products. A decode step's (T = 1) read the cache in place with native_attention.cpp where it
     # built, else in float32 on exact copies of the 16-bit operands: either way fp32 sums of exact products rounded
     # once to the model's dtype, what torch's 16-bit bmm computes, but that runs these small shapes at ~2 GFLOP/s on
@@ -191,7 +207,7 @@ class GemmaAttention(nn.Module):
     def _scores(q: torch.Tensor, k: torch.Tensor, t: int) -> torch.Tensor:
         if t > 1 or k.device.type != "cpu":
             return torch.matmul(q, k.contiguous().transpose(2, 3))
-        if (nk := _native_attention(k)) is not None:
+        if (nk := _native_attention(k, k)) is not None:
             return nk.attention_scores(q, k).to(q.dtype)
         return torch.matmul(q.float(), k.float().transpose(2, 3)).to(q.dtype)
 
@@ -199,17 +215,30 @@ class GemmaAttention(nn.Module):
     def _values(w: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
         if t > 1 or v.device.type != "cpu":
             return torch.matmul(w, v)
-        if (nk := _native_attention(v)) is not None:
+        if (nk := _native_attention(v, v)) is not None:
             return nk.attention_values(w, v).to(w.dtype)
         return torch.matmul(w.float(), v.float()).to(w.dtype)
 
 
-def _native_attention(kv: torch.Tensor):
-    """The native kernels where they built and can read `kv` (a view of the cache, (B, K, S, H) with each head's
-    S x H block dense), else None."""
-    if kv.stride(-1) != 1 or (kv.shape[2] > 1 and kv.stride(2) != kv.shape[3]):
+def _native_attention(k: torch.Tensor, v: torch.Tensor):
+    """The native kernels where they built and can read `k` and `v` (views of the cache, (B, K, S, H) on the CPU
+    with each head's S x H block dense), else None."""
+    for kv in (k, v):
+        if kv.device.type != "cpu" or kv.stride(-1) != 1 or (kv.shape[2] > 1 and kv.stride(2) != kv.shape[3]):
+            return None
+    return native.kernels()
+
+
+def _native_decode(x: torch.Tensor):
+    """The native kernels for a decode step's pointwise work (native_decode.cpp: one position per sequence, x's
+    axis -2 of length 1, on the CPU, where they built), else None: a prefill keeps torch's ops, and with them the
+    bits transformers computes."""
+    if x.device.type != "cpu" or x.dim() < 2 or x.shape[-2] != 1 or x.dtype not in _NATIVE_DTYPES:
         return None
     return native.kernels()
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class GemmaMLP(nn.Module):
@@ -221,7 +250,10 @@ class GemmaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place: no two more (M, I) activations (68 MB each for a batch-8 prefill of PaliGemma-3B).
-        return self.down_proj(torch.ops.aten.gelu_(self.gate_proj(x), approximate="tanh").mul_(self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if (nk := _native_decode(x)) is not None and gate.is_contiguous() and up.is_contiguous():
+            return self.down_proj(nk.gelu_tanh_mul_(gate, up))
+        return self.down_proj(torch.ops.aten.gelu_(gate, approximate="tanh").mul_(up))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -208,3 +208,91 @@ def test_int_mm_passes_give_the_torch_bits(dtype, m, i, o):
     with torch.inference_mode():
         got = nk.rescale_int32(y.contiguous(), xs, scale, dtype)
     assert got.dtype == dtype and torch.equal(got, y.float().mul_(xs).mul_(scale.float()).to(dtype))
+
+
+_MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def _units_apart(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of the last place of `want`'s dtype at `want`."""
+    mag = want.double().abs().clamp_min(torch.finfo(want.dtype).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - _MANTISSA[want.dtype])
+    return (got.double() - want.double()).abs() / ulp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, d", [(1, 2048), (3, 37), (2, 2304)])  # tails of D % 16
+def test_decode_rms_norm_is_gemmas(dtype, rows, d):
+    """native_decode.cpp's RMSNorm against gemma.RMSNorm's torch ops: only the sum of squares is summed in another
+    order, so at most one unit apart, and rarely."""
+    from lowmem_paligemma.model.gemma import RMSNorm
+
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    gen = torch.Generator().manual_seed(rows * d)
+    norm = RMSNorm(d, 1e-6)
+    norm.weight.data = torch.randn(d, generator=gen) * 0.5
+    norm = norm.to(dtype)
+    x = (torch.randn(rows, 1, d, generator=gen) * 4).to(dtype)
+    h = x.float()  # the torch expression, written out: RMSNorm.forward takes the native path for this shape
+    want = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + norm.weight.float())).to(dtype)
+    got = nk.rms_norm(x, norm.weight, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    apart = _units_apart(got, want)
+    assert apart.max() <= 1 and (apart > 0).float().mean() <= 0.01
+    assert torch.equal(norm(x), got)  # the module's decode path is this kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, h", [(8, 256), (3, 40), (2, 8)])  # half a head: 128, 20 (a masked tail), 4
+def test_decode_rope_gives_torchs_bits(dtype, heads, h):
+    """native_decode.cpp's rotary on a projection's view (B, N, 1, H) (heads H apart, batch rows N * H apart),
+    two sequences at different positions: the bits of gemma.apply_rope's three torch ops, in every dtype."""
+    from lowmem_paligemma.model import gemma
+
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    gen = torch.Generator().manual_seed(heads * h)
+    x = (torch.randn(2, 1, heads, h, generator=gen) * 3).to(dtype).transpose(1, 2)  # (B, N, 1, H), not contiguous
+    cos, sin = gemma.rope_tables(torch.tensor([[5], [1000]]), h, 10000.0, dtype)
+    half = h // 2
+    want = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    got = nk.rope(x, cos, sin)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(gemma.apply_rope(x, cos, sin), want)
+    with pytest.raises(RuntimeError, match=r"\(B, N, 1, H\)"):
+        nk.rope(torch.cat([x, x], 2), cos, sin)  # two positions: a prefill's, not this kernel's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [16384, 9216 + 5, 7])  # whole tasks of 4096, a tail task, one masked vector
+def test_decode_gelu_times_up_is_the_function_rounded(dtype, n):
+    """gelu_tanh(gate) * up in place: the tanh-form gelu to fp32's precision (against float64, written without the
+    cancellation of torch's 1 + tanh form), rounded to the dtype, then times up rounded to the dtype."""
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    gen = torch.Generator().manual_seed(n)
+    gate = (torch.randn(1, 1, n, generator=gen) * 3).to(dtype)
+    gate[0, 0, :4] = torch.tensor([0.0, -30.0, 30.0, float("nan")])  # zero, the two saturated ends, a NaN
+    up = torch.randn(1, 1, n, generator=gen).to(dtype)
+    x = gate.double()  # 0.5 x (1 + tanh(u)) = x sigmoid(2u): float64's 1 + tanh(u) still cancels for x < -7
+    gelu64 = x * torch.sigmoid(2 * 0.7978845608028654 * (x + 0.044715 * x**3))
+    want = (gelu64.to(dtype).double() * up.double()).to(dtype)  # each step correctly rounded
+    out = gate.clone()
+    got = nk.gelu_tanh_mul_(out, up)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype  # in place
+    assert got[0, 0, 3].isnan() and got[0, 0, 1] == 0 and got[0, 0, 2] == want[0, 0, 2]
+    finite = ~want.isnan()
+    apart = _units_apart(got[finite], want[finite])
+    big = want[finite].double().abs() > 1e-30  # tiny products: compared absolutely
+    if dtype == torch.float32:  # fp32 arithmetic: a few units, and e^(-2u)'s condition |2u| where the tail is steep
+        steep = (2 * 0.7978845608028654 * (x + 0.044715 * x**3)).abs()[finite][big]
+        assert (apart[big] / (4 + steep)).max() <= 3  # u comes out of four fp32 roundings
+    else:  # the fp32 gelu lands within a unit of the rounding of the exact one; rarely across it
+        assert apart[big].max() <= 1 and (apart[big] > 0).float().mean() <= 0.03
+    assert ((got[finite] - want[finite]).double().abs()[~big] <= 1e-30).all()
+    with pytest.raises(RuntimeError, match="one shape"):
+        nk.gelu_tanh_mul_(gate.clone(), up[..., :-1].contiguous())

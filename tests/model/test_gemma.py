@@ -34,40 +34,80 @@ def test_kv_cache_writes_in_place_and_refuses_overflow():
         cache.update(1, 5, k, k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemma2_decode_attention_native_equals_torch_path(tiny_pg2_dir, monkeypatch, dtype):
-    """A decode step's two products: native_attention.cpp (where it built) against the float32 torch products, on
-    the same cache: the same logits up to the order of the sums (and, in bf16, a rounding flipped by it)."""
-    from lowmem_paligemma import load_model
-    from lowmem_paligemma.formats import native
-    from lowmem_paligemma.model import gemma
+def _decode_logits(model, steps: int = 3) -> torch.Tensor:
+    """The logits of a prefill and `steps` decode steps after it, (steps, V) in float32."""
     from lowmem_paligemma.model.generate import decode_step, encode_image, prefill
 
-    if native.kernels() is None:
-        pytest.skip("the native kernels are not available on this machine")
-    model = load_model(tiny_pg2_dir, dtype=dtype).model
     cfg = model.cfg
     n = cfg.num_image_tokens + 4
     ids = torch.tensor([[cfg.image_token_index] * cfg.num_image_tokens + [2, 40, 41, 108, 50, 51, 52]])
     types = torch.cat([torch.zeros(1, n, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)], 1)
     pixels = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    features = encode_image(model, pixels)
+    cache = KVCache(cfg.text, 1, n + steps, model.dtype, "cpu")
+    prefill(model, ids[:, :n], types[:, :n], encode_image(model, pixels), cache)
+    return torch.stack([decode_step(model, ids, types, n + i, cache) for i in range(steps)]).float()
 
-    def steps(kernels):
-        monkeypatch.setattr(gemma, "_native_attention", lambda kv: kernels)
-        cache = KVCache(cfg.text, 1, n + 3, model.dtype, "cpu")
-        prefill(model, ids[:, :n], types[:, :n], features, cache)
-        return torch.stack([decode_step(model, ids, types, n + i, cache) for i in range(3)]).float()
 
-    calls = []
+class _Counting:
+    """The native kernels, counting the calls by name."""
 
-    class Counting:  # the native kernels, counting the calls
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(native.kernels(), name)
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, []
 
-    ours, torch_path = steps(Counting()), steps(None)
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.kernels, name)
+
+
+@pytest.mark.parametrize("which", ["pg1", "pg2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_native_equals_torch_path(tiny_pg1_dir, tiny_pg2_dir, monkeypatch, which, dtype):
+    """A decode step's attention: native_attention.cpp (where it built) against torch's (Gemma 1: SDPA; Gemma 2:
+    float32 products around the soft cap), on the same cache: the same logits up to the order of the sums (and, in
+    bf16, a rounding flipped by it)."""
+    from lowmem_paligemma import load_model
+    from lowmem_paligemma.formats import native
+    from lowmem_paligemma.model import gemma
+
+    if native.kernels() is None:
+        pytest.skip("the native kernels are not available on this machine")
+    model = load_model(tiny_pg1_dir if which == "pg1" else tiny_pg2_dir, dtype=dtype).model
+    counting = _Counting(native.kernels())
+    monkeypatch.setattr(gemma, "_native_attention", lambda k, v: counting)
+    ours = _decode_logits(model)
+    monkeypatch.setattr(gemma, "_native_attention", lambda k, v: None)
+    torch_path = _decode_logits(model)
     # every layer of the 3 steps, and the prefill's last layer (`last_only`: one query)
-    assert calls.count("attention_scores") == calls.count("attention_values") == 3 * cfg.text.num_hidden_layers + 1
+    layers = model.cfg.text.num_hidden_layers
+    assert counting.calls.count("attention_scores") == counting.calls.count("attention_values") == 3 * layers + 1
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype] * torch_path.abs().max().item()
+    torch.testing.assert_close(ours, torch_path, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("which", ["pg1", "pg2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_pointwise_native_equals_torch_path(tiny_pg1_dir, tiny_pg2_dir, monkeypatch, which, dtype):
+    """A decode step's norms, rotary and gelu * up: native_decode.cpp (where it built) against torch's ops, each
+    called once per use, and the same logits up to the fp32 rounding those kernels document."""
+    from lowmem_paligemma import load_model
+    from lowmem_paligemma.formats import native
+    from lowmem_paligemma.model import gemma
+
+    if native.kernels() is None:
+        pytest.skip("the native kernels are not available on this machine")
+    model = load_model(tiny_pg1_dir if which == "pg1" else tiny_pg2_dir, dtype=dtype).model
+    counting = _Counting(native.kernels())
+    native_decode = gemma._native_decode
+    monkeypatch.setattr(gemma, "_native_decode", lambda x: counting if native_decode(x) is not None else None)
+    ours = _decode_logits(model)
+    monkeypatch.setattr(gemma, "_native_decode", lambda x: None)
+    torch_path = _decode_logits(model)
+    cfg = model.cfg.text
+    per_layer = 4 if cfg.post_norms else 2
+    # 3 steps, and the prefill's one position after its last layer's attention (`last_only`): that layer's norms
+    # after the attention, its query's rotary, its MLP, and the final norm
+    assert counting.calls.count("rms_norm") == 3 * (per_layer * cfg.num_hidden_layers + 1) + per_layer
+    assert counting.calls.count("rope") == 3 * 2 * cfg.num_hidden_layers + 1
+    assert counting.calls.count("gelu_tanh_mul_") == 3 * cfg.num_hidden_layers + 1
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype] * torch_path.abs().max().item()
     torch.testing.assert_close(ours, torch_path, rtol=0, atol=tol)
