@@ -91,9 +91,10 @@ def int8_linear(
         y = native.kernels().gemm_int8_vnni(x2, q, scale)  # quantize_rows_int8's rows, fused
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
-        # native_vnni.cpp does each side in one pass (the same bits): torch's five passes each were most of what an
-        # int8 prefill spent outside the GEMM.
-        if (nk := native.kernels()) is not None:
+        # native_vnni.cpp (AVX-512 builds) does each side in one pass (the same bits): torch's five passes each were
+        # most of what an int8 prefill spent outside the GEMM.
+        if _has_vnni():
+            nk = native.kernels()
             xq, x_scale = nk.quantize_rows_int8(x2)
             y = nk.rescale_int32(torch._int_mm(xq, q.t()), x_scale, scale, x.dtype)
         else:

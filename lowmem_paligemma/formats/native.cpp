@@ -4,8 +4,8 @@
 // speed is the rate the weights stream from DRAM. These kernels read each weight once in its stored format
 // (bf16, fp16, fp32; int8 with one scale per output row; int4 in compressed-tensors' nibble order with one scale
 // per group of the row), convert it in registers, and multiply-accumulate in fp32 against all M activation rows,
-// over output rows split between torch's threads. AVX-512F/BW intrinsics; built for the running machine by
-// formats/native.py, which offers these kernels only where the CPU has those instructions.
+// over output rows split between torch's threads. Written on native.h's 16-lane vectors (AVX-512F/BW, or AVX2 with
+// FMA and F16C); built for the running machine by formats/native.py, which offers them only where the CPU has one.
 //
 // Rounding: every product is exact in fp32 (a bf16/fp16 weight, or q * x with q small) and sums accumulate in
 // fp32, as the reference kernels do; only the order of the sums differs. int8 and int4 apply their scales to the
@@ -31,41 +31,41 @@ template <int M, int R>
 void int4_rows(const float* even, const float* odd, const uint8_t* w, const Scales& s, float* y, int64_t I, int64_t O,
                int64_t group, int64_t o0, int64_t o1) {
   const int64_t half = I / 2, G = I / group, ghalf = group / 2;
-  const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  alignas(64) static constexpr float kLevels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+  const V levels = vload(kLevels);
   int64_t o = o0;
   for (; o + R <= o1; o += R) {
-    __m512 acc[R][M], acc2[R][M];  // two chains per output: the even and the odd values
+    V acc[R][M], acc2[R][M];  // two chains per output: the even and the odd values
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = acc2[r][m] = _mm512_setzero_ps();
+      for (int m = 0; m < M; ++m) acc[r][m] = acc2[r][m] = vzero();
     // The next block's rows, into L1 (not native.h's fetch_ahead into L2): this kernel's table lookups keep it
     // short of the memory rate, and with fetch_ahead it streamed 11-12 GB/s in two kernel runs against 17-23 with
     // this (bench/kernels.py, AMD Zen 4; a noisy VM, so not a finding either way: the code it had stayed).
     const int next = rows_ahead<R>(o, o1, 1);
     const uint8_t* ahead = next ? w + (o + R) * half : w;  // (no pointer past the weight)
     for (int64_t g = 0; g < G; ++g) {
-      __m512 table[R];
-      for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(levels, _mm512_set1_ps(s[(o + r) * G + g]));
+      V table[R];
+      for (int r = 0; r < R; ++r) table[r] = vmul(levels, vset(s[(o + r) * G + g]));
       for (int64_t j = g * ghalf; j < (g + 1) * ghalf; j += 16) {  // 16 bytes of a row: 32 values
-        __m512 xe[M], xo[M];
+        V xe[M], xo[M];
         for (int m = 0; m < M; ++m) {
-          xe[m] = _mm512_loadu_ps(even + m * half + j);
-          xo[m] = _mm512_loadu_ps(odd + m * half + j);
+          xe[m] = vload(even + m * half + j);
+          xo[m] = vload(odd + m * half + j);
         }
         if (j % 64 == 0)
           for (int r = 0; r < next; ++r) _mm_prefetch((const char*)(ahead + r * half + j), _MM_HINT_T0);
         for (int r = 0; r < R; ++r) {
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (o + r) * half + j)));
-          const __m512 lo = _mm512_permutexvar_ps(b, table[r]);  // vpermps reads the index's low 4 bits
-          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[r]);
+          V lo, hi;
+          nibbles(w + (o + r) * half + j, table[r], lo, hi);
           for (int m = 0; m < M; ++m) {
-            acc[r][m] = _mm512_fmadd_ps(lo, xe[m], acc[r][m]);
-            acc2[r][m] = _mm512_fmadd_ps(hi, xo[m], acc2[r][m]);
+            acc[r][m] = vfmadd(lo, xe[m], acc[r][m]);
+            acc2[r][m] = vfmadd(hi, xo[m], acc2[r][m]);
           }
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) y[m * O + o + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m], acc2[r][m]));
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = vsum(vadd(acc[r][m], acc2[r][m]));
   }
   if (o < o1) int4_rows<M, 1>(even, odd, w, s, y, I, O, group, o, o1);
 }
@@ -157,25 +157,17 @@ void dequantize_int4(const torch::Tensor& packed, const torch::Tensor& scale, in
   float* const direct = kind == torch::kFloat32 ? out.data_ptr<float>() : nullptr;
   const bool stream = direct != nullptr && reinterpret_cast<uintptr_t>(direct) % 64 == 0 && I % 16 == 0;
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
-    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    alignas(64) static constexpr float kLevels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+    const V levels = vload(kLevels);
     std::vector<float> buffer(direct != nullptr ? 0 : I);
     for (int64_t o = o0; o < o1; ++o) {
       float* const row = direct != nullptr ? direct + o * I : buffer.data();
       for (int64_t g = 0; g < G; ++g) {
-        const __m512 table = _mm512_mul_ps(levels, _mm512_set1_ps(sp[o * G + g]));
+        const V table = vmul(levels, vset(sp[o * G + g]));
         for (int64_t j = g * ghalf; j < (g + 1) * ghalf; j += 16) {  // 16 bytes: values 2j .. 2j + 31
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wp + o * half + j)));
-          const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-          const __m512 a = _mm512_permutex2var_ps(lo, first, hi), c = _mm512_permutex2var_ps(lo, second, hi);
-          if (stream) {
-            _mm512_stream_ps(row + 2 * j, a);
-            _mm512_stream_ps(row + 2 * j + 16, c);
-          } else {
-            _mm512_storeu_ps(row + 2 * j, a);
-            _mm512_storeu_ps(row + 2 * j + 16, c);
-          }
+          V lo, hi;
+          nibbles(wp + o * half + j, table, lo, hi);
+          store_interleaved(row + 2 * j, lo, hi, stream);
         }
       }
       if (direct == nullptr) round_row(kind, row, static_cast<char*>(out.data_ptr()) + o * I * out.element_size(), I);
@@ -198,19 +190,19 @@ void widen_float32(const torch::Tensor& w, torch::Tensor& out) {
   const bool stream = reinterpret_cast<uintptr_t>(dst) % 64 == 0;
   at::parallel_for(0, blocks, 4096, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const __m512 v = kind == torch::kBFloat16 ? BF16::load(src + 16 * b) : F16::load(src + 16 * b);
+      const V v = kind == torch::kBFloat16 ? BF16::load(src + 16 * b) : F16::load(src + 16 * b);
       if (stream) {
-        _mm512_stream_ps(dst + 16 * b, v);
+        vstream(dst + 16 * b, v);
       } else {
-        _mm512_storeu_ps(dst + 16 * b, v);
+        vstore(dst + 16 * b, v);
       }
     }
     if (stream) _mm_sfence();
   });
   if (const int64_t tail = n - 16 * blocks) {  // the last n % 16 values
-    const __mmask16 m = (__mmask16)((1u << tail) - 1);
-    const __m512 v = kind == torch::kBFloat16 ? BF16::load_masked(src + 16 * blocks, m) : F16::load_masked(src + 16 * blocks, m);
-    _mm512_mask_storeu_ps(dst + 16 * blocks, m, v);
+    const V v = kind == torch::kBFloat16 ? BF16::load_masked(src + 16 * blocks, tail)
+                                         : F16::load_masked(src + 16 * blocks, tail);
+    vstore(dst + 16 * blocks, v, tail);
   }
 }
 
@@ -246,17 +238,11 @@ void widen(const torch::Tensor& w, int64_t row, int64_t n, float* out) {
   }
 }
 
-// q = round-half-even(v / scale) clamped to [lo, hi], 16 at a time (IEEE division, as torch's).
-inline __m512i quantize16(const float* v, __m512 scale, __m512 lo, __m512 hi) {
-  __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v), scale), _MM_FROUND_TO_NEAREST_INT);
-  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
-}
-
 float absmax(const float* v, int64_t n) {
-  __m512 m = _mm512_setzero_ps();
+  V m = vzero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
-  float r = _mm512_reduce_max_ps(m);
+  for (; i + 16 <= n; i += 16) m = vmax(m, vabs(vload(v + i)));
+  float r = vmaxlane(m);
   for (; i < n; ++i) r = std::max(r, std::fabs(v[i]));
   return r;
 }
@@ -274,14 +260,13 @@ std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w, torch::ScalarTy
   float* sp = scale.data_ptr<float>();
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(I);
-    const __m512 lo = _mm512_set1_ps(-127), hi = _mm512_set1_ps(127);
+    const V lo = vset(-127), hi = vset(127);
     for (int64_t r = r0; r < r1; ++r) {
       widen(w, r, I, row.data());
       const float s = round_scale_up(absmax(row.data(), I) / 127.0f, kind);
       sp[r] = s;
-      const __m512 sv = _mm512_set1_ps(s);
-      for (int64_t i = 0; i < I; i += 16)
-        _mm_storeu_si128((__m128i*)(qp + r * I + i), _mm512_cvtepi32_epi8(quantize16(row.data() + i, sv, lo, hi)));
+      const V sv = vset(s);
+      for (int64_t i = 0; i < I; i += 16) quantize_bytes(row.data() + i, sv, lo, hi, qp + r * I + i);
     }
   });
   return {q, scale};
@@ -301,17 +286,17 @@ std::vector<torch::Tensor> quantize_int4(const torch::Tensor& w, torch::ScalarTy
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(I);
     alignas(64) int32_t q[32];
-    const __m512 lo = _mm512_set1_ps(-8), hi = _mm512_set1_ps(7);
+    const V lo = vset(-8), hi = vset(7);
     for (int64_t r = r0; r < r1; ++r) {
       widen(w, r, I, row.data());
       for (int64_t g = 0; g < G; ++g) {
         const float* v = row.data() + g * group;
         const float s = round_scale_up(absmax(v, group) / 7.5f, kind);
         sp[r * G + g] = s;
-        const __m512 sv = _mm512_set1_ps(s);
+        const V sv = vset(s);
         for (int64_t i = 0; i < group; i += 32) {
-          _mm512_store_si512((void*)q, quantize16(v + i, sv, lo, hi));
-          _mm512_store_si512((void*)(q + 16), quantize16(v + i + 16, sv, lo, hi));
+          quantize_ints(v + i, sv, lo, hi, q);
+          quantize_ints(v + i + 16, sv, lo, hi, q + 16);
           uint8_t* out = pp + r * (I / 2) + (g * group + i) / 2;
           for (int k = 0; k < 16; ++k) out[k] = (uint8_t)((q[2 * k] + 8) | ((q[2 * k + 1] + 8) << 4));
         }
@@ -327,9 +312,9 @@ double read_bytes(const torch::Tensor& buf) {
   const int64_t* p = (const int64_t*)buf.data_ptr();
   std::vector<int64_t> sums(at::get_num_threads() * 8, 0);
   at::parallel_for(0, n / 8, 1 << 16, [&](int64_t b0, int64_t b1) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t b = b0; b < b1; ++b) acc = _mm512_add_epi64(acc, _mm512_loadu_si512((const void*)(p + b * 8)));
-    sums[at::get_thread_num() * 8] += _mm512_reduce_add_epi64(acc);
+    Acc64 acc = zero64();
+    for (int64_t b = b0; b < b1; ++b) acc = read64(p + b * 8, acc);
+    sums[at::get_thread_num() * 8] += sum64(acc);
   });
   int64_t total = 0;
   for (auto s : sums) total += s;
@@ -343,6 +328,7 @@ torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up);
+#ifdef NATIVE_AVX512
 // native_vnni.cpp
 bool has_vnni();
 torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
@@ -352,6 +338,9 @@ torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale
 // native_vnni_gemm.cpp
 torch::Tensor gemm_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 torch::Tensor gemm_int8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& w_scale);
+#else
+bool has_vnni() { return false; }  // native_vnni*.cpp are built on AVX-512 only (formats/native.py)
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_dense", &gemv_dense);
@@ -368,9 +357,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope);
   m.def("gelu_tanh_mul_", &gelu_tanh_mul_);
   m.def("has_vnni", &has_vnni);
+#ifdef NATIVE_AVX512
   m.def("gemv_int4_vnni", &gemv_int4_vnni);
   m.def("quantize_rows_int8", &quantize_rows_int8);
   m.def("rescale_int32", &rescale_int32);
   m.def("gemm_int4_vnni", &gemm_int4_vnni);
   m.def("gemm_int8_vnni", &gemm_int8_vnni);
+#endif
 }

@@ -21,36 +21,292 @@ namespace native {
 inline constexpr int64_t kMaxRows = 16;  // decode: one token per sequence, at most this many sequences
 inline constexpr int64_t kGrain = 16;    // output rows per task: enough to hide the task start, small enough to balance
 
+// --- 16 fp32 lanes, on AVX-512 (one register) or AVX2 (two) ------------------------------------------------------
+// Every kernel below and in native.cpp / native_attention.cpp / native_decode.cpp is written on `V` and these few
+// functions, so the same loops run on CPUs with AVX-512 and on those with AVX2 only (AMD Zen 3 and older, Intel's
+// client cores since Alder Lake: most laptops). On AVX-512 each is the one instruction it names; native_vnni*.cpp
+// are AVX-512 only. `n` arguments: the first n lanes (0..16), the others 0 (loads) or untouched (stores).
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define NATIVE_AVX512 1
+inline constexpr int kVectorRegisters = 32;
+using V = __m512;
+inline __mmask16 first(int64_t n) { return (__mmask16)((1u << std::clamp<int64_t>(n, 0, 16)) - 1); }
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float a) { return _mm512_set1_ps(a); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void vstore(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+inline void vstream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
+inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline V vfmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a * b + c, one rounding
+inline V vfnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
+inline V vneg(V a) { return _mm512_xor_ps(a, _mm512_set1_ps(-0.0f)); }
+inline V vabs(V a) { return _mm512_abs_ps(a); }
+inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }  // to even
+inline V vscale2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral, rounded once
+inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+inline float vmaxlane(V a) { return _mm512_reduce_max_ps(a); }
+// v rounded to bf16 (round to nearest even, a NaN stays a quiet NaN) and widened back, as fp32 bits.
+inline V vround_bf16(V v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)),
+                               _mm512_set1_epi32((int)0xFFFF0000));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(r);
+}
+inline V vround_f16(V v) { return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
+// 16 stored 16-bit / 8-bit values -> V.
+inline V widen_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline V widen_bf16(const uint16_t* p, int64_t n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
+}
+inline V widen_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline V widen_f16(const uint16_t* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p)); }
+inline V widen_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+inline V widen_i8(const int8_t* p, int64_t n) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first(n), p)));
+}
+// 16 packed bytes (32 int4 values) -> the values of their low nibbles and of their high nibbles looked up in
+// `table` (16 entries): lo[k] = table[b[k] & 15], hi[k] = table[b[k] >> 4].
+inline void nibbles(const uint8_t* p, V table, V& lo, V& hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  lo = _mm512_permutexvar_ps(b, table);  // vpermps reads the index's low 4 bits
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+}
+// 32 values lo[0], hi[0], lo[1], hi[1], ... stored at p (streamed where `stream`: p 64-byte aligned).
+inline void store_interleaved(float* p, V lo, V hi, bool stream) {
+  const __m512i first8 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second8 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const V a = _mm512_permutex2var_ps(lo, first8, hi), c = _mm512_permutex2var_ps(lo, second8, hi);
+  if (stream) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + 16, c);
+  } else {
+    _mm512_storeu_ps(p, a);
+    _mm512_storeu_ps(p + 16, c);
+  }
+}
+// round(v[k] / scale) clamped to [lo, hi] (IEEE division, ties to even, as torch's) as 16 int32s at out.
+inline void quantize_ints(const float* v, V scale, V lo, V hi, int32_t* out) {
+  const V q = vround(_mm512_div_ps(_mm512_loadu_ps(v), scale));
+  _mm512_storeu_si512((void*)out, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)));
+}
+// The same as 16 int8s (lo, hi within [-128, 127]).
+inline void quantize_bytes(const float* v, V scale, V lo, V hi, int8_t* out) {
+  const V q = vround(_mm512_div_ps(_mm512_loadu_ps(v), scale));
+  _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi))));
+}
+// 16 values rounded to bf16 (as vround_bf16) or fp16 and stored as 16-bit values at p.
+inline void store_bf16(uint16_t* p, V v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(vround_bf16(v)), 16)));
+}
+inline void store_f16(uint16_t* p, V v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// The sum of 64 bytes read as 8 int64s (native.cpp's read rate).
+inline __m512i read64(const int64_t* p, __m512i acc) { return _mm512_add_epi64(acc, _mm512_loadu_si512((const void*)p)); }
+inline int64_t sum64(__m512i acc) { return _mm512_reduce_add_epi64(acc); }
+using Acc64 = __m512i;
+inline Acc64 zero64() { return _mm512_setzero_si512(); }
+#else
+inline constexpr int kVectorRegisters = 16;
+struct V {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+};
+inline __m256i first8(int64_t n) {  // all ones in lanes < n (n may be <= 0 or >= 8)
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::clamp<int64_t>(n, 0, 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V vset(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline V vload(const float* p, int64_t n) {
+  return {_mm256_maskload_ps(p, first8(n)), _mm256_maskload_ps(p + 8, first8(n - 8))};
+}
+inline void vstore(float* p, V v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+inline void vstore(float* p, V v, int64_t n) {
+  _mm256_maskstore_ps(p, first8(n), v.lo);
+  _mm256_maskstore_ps(p + 8, first8(n - 8), v.hi);
+}
+inline void vstream(float* p, V v) {  // p 32-byte aligned
+  _mm256_stream_ps(p, v.lo);
+  _mm256_stream_ps(p + 8, v.hi);
+}
+#define NATIVE_V2(name, op) \
+  inline V name(V a, V b) { return {op(a.lo, b.lo), op(a.hi, b.hi)}; }
+NATIVE_V2(vadd, _mm256_add_ps)
+NATIVE_V2(vmul, _mm256_mul_ps)
+NATIVE_V2(vdiv, _mm256_div_ps)
+NATIVE_V2(vmin, _mm256_min_ps)
+NATIVE_V2(vmax, _mm256_max_ps)
+#undef NATIVE_V2
+inline V vfmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline V vfnmadd(V a, V b, V c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+inline V vneg(V a) {
+  const __m256 s = _mm256_set1_ps(-0.0f);
+  return {_mm256_xor_ps(a.lo, s), _mm256_xor_ps(a.hi, s)};
+}
+inline V vabs(V a) {
+  const __m256 s = _mm256_set1_ps(-0.0f);
+  return {_mm256_andnot_ps(s, a.lo), _mm256_andnot_ps(s, a.hi)};
+}
+inline V vround(V a) {
+  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, mode), _mm256_round_ps(a.hi, mode)};
+}
+// p * 2^n as p * 2^(n >> 1) * 2^(n - (n >> 1)): each factor a normal float for |n| <= 250, the first product exact,
+// the second rounded once (to an infinity or a subnormal where scalef would give the same).
+inline __m256 scale2_8(__m256 p, __m256 n) {
+  const __m256i k = _mm256_cvtps_epi32(n), h = _mm256_srai_epi32(k, 1);
+  const auto pow2 = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(h)), pow2(_mm256_sub_epi32(k, h)));
+}
+inline V vscale2(V p, V n) { return {scale2_8(p.lo, n.lo), scale2_8(p.hi, n.hi)}; }
+inline float vsum(V a) {
+  const __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+inline float vmaxlane(V a) {
+  const __m256 s = _mm256_max_ps(a.lo, a.hi);
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+inline __m256 round_bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)),
+                                     _mm256_set1_epi32((int)0xFFFF0000));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                          _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+inline V vround_bf16(V v) { return {round_bf16_8(v.lo), round_bf16_8(v.hi)}; }
+inline V vround_f16(V v) {
+  return {_mm256_cvtph_ps(_mm256_cvtps_ph(v.lo, _MM_FROUND_TO_NEAREST_INT)),
+          _mm256_cvtph_ps(_mm256_cvtps_ph(v.hi, _MM_FROUND_TO_NEAREST_INT))};
+}
+// A tail's n stored values copied into 16 zeroed ones (AVX2 has no masked 8- or 16-bit loads; tails are rare).
+template <typename T>
+struct Padded {
+  alignas(32) T v[16] = {};
+  Padded(const T* p, int64_t n) { std::copy(p, p + std::clamp<int64_t>(n, 0, 16), v); }
+};
+inline __m256 bf16_8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline V widen_bf16(const uint16_t* p) {
+  return {bf16_8(_mm_loadu_si128((const __m128i*)p)), bf16_8(_mm_loadu_si128((const __m128i*)(p + 8)))};
+}
+inline V widen_bf16(const uint16_t* p, int64_t n) { return widen_bf16(Padded<uint16_t>(p, n).v); }
+inline V widen_f16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)))};
+}
+inline V widen_f16(const uint16_t* p, int64_t n) { return widen_f16(Padded<uint16_t>(p, n).v); }
+inline V widen_i8(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
+}
+inline V widen_i8(const int8_t* p, int64_t n) { return widen_i8(Padded<int8_t>(p, n).v); }
+// table[idx & 15] for 8 int32 indices: vpermps reads 3 bits, so each half of the table is looked up and bit 3 (moved
+// to the sign) picks between them.
+inline __m256 lookup8(__m256i idx, __m256 t_lo, __m256 t_hi) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx), _mm256_permutevar8x32_ps(t_hi, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+inline void nibbles(const uint8_t* p, V table, V& lo, V& hi) {
+  const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
+  lo = {lookup8(b0, table.lo, table.hi), lookup8(b1, table.lo, table.hi)};
+  hi = {lookup8(_mm256_srli_epi32(b0, 4), table.lo, table.hi), lookup8(_mm256_srli_epi32(b1, 4), table.lo, table.hi)};
+}
+inline void store_interleaved(float* p, V lo, V hi, bool stream) {
+  const __m256 halves[2][2] = {{lo.lo, hi.lo}, {lo.hi, hi.hi}};
+  for (int k = 0; k < 2; ++k) {
+    const __m256 a = _mm256_unpacklo_ps(halves[k][0], halves[k][1]);  // l0 h0 l1 h1 | l4 h4 l5 h5
+    const __m256 b = _mm256_unpackhi_ps(halves[k][0], halves[k][1]);  // l2 h2 l3 h3 | l6 h6 l7 h7
+    const __m256 x = _mm256_permute2f128_ps(a, b, 0x20), y = _mm256_permute2f128_ps(a, b, 0x31);
+    if (stream) {
+      _mm256_stream_ps(p + 16 * k, x);
+      _mm256_stream_ps(p + 16 * k + 8, y);
+    } else {
+      _mm256_storeu_ps(p + 16 * k, x);
+      _mm256_storeu_ps(p + 16 * k + 8, y);
+    }
+  }
+}
+inline void quantize_ints(const float* v, V scale, V lo, V hi, int32_t* out) {
+  const V q = vmin(vmax(vround(vdiv(vload(v), scale)), lo), hi);
+  _mm256_storeu_si256((__m256i*)out, _mm256_cvtps_epi32(q.lo));
+  _mm256_storeu_si256((__m256i*)(out + 8), _mm256_cvtps_epi32(q.hi));
+}
+inline void quantize_bytes(const float* v, V scale, V lo, V hi, int8_t* out) {
+  const V q = vmin(vmax(vround(vdiv(vload(v), scale)), lo), hi);
+  // packs saturate, exact here; packs_epi32 interleaves the 128-bit lanes, the permute puts them back in order
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(q.lo), _mm256_cvtps_epi32(q.hi)), 0xD8);
+  _mm_storeu_si128((__m128i*)out, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+}
+inline void store_top_halves(uint16_t* p, __m256i a, __m256i b) {  // the high 16 bits of 16 int32s, in order
+  const __m256i w = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
+  _mm256_storeu_si256((__m256i*)p, _mm256_permute4x64_epi64(w, 0xD8));
+}
+inline void store_bf16(uint16_t* p, V v) {
+  const V r = vround_bf16(v);
+  store_top_halves(p, _mm256_castps_si256(r.lo), _mm256_castps_si256(r.hi));
+}
+inline void store_f16(uint16_t* p, V v) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v.lo, _MM_FROUND_TO_NEAREST_INT));
+  _mm_storeu_si128((__m128i*)(p + 8), _mm256_cvtps_ph(v.hi, _MM_FROUND_TO_NEAREST_INT));
+}
+struct Acc64 {
+  __m256i a, b;
+};
+inline Acc64 zero64() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline Acc64 read64(const int64_t* p, Acc64 acc) {
+  return {_mm256_add_epi64(acc.a, _mm256_loadu_si256((const __m256i*)p)),
+          _mm256_add_epi64(acc.b, _mm256_loadu_si256((const __m256i*)(p + 4)))};
+}
+inline int64_t sum64(Acc64 acc) {
+  alignas(32) int64_t t[4];
+  _mm256_store_si256((__m256i*)t, _mm256_add_epi64(acc.a, acc.b));
+  return t[0] + t[1] + t[2] + t[3];
+}
+#endif
+
 // How each stored weight type becomes 16 fp32 values (a type, not a function pointer: the loads inline).
 struct BF16 {
   using T = uint16_t;
   static constexpr int kRows1 = 4;
-  static __m512 load(const T* p) {  // bf16 is the top half of an fp32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  }
-  static __m512 load_masked(const T* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  }
+  static V load(const T* p) { return widen_bf16(p); }
+  static V load_masked(const T* p, int64_t n) { return widen_bf16(p, n); }
 };
 struct F16 {
   using T = uint16_t;
   static constexpr int kRows1 = 4;
-  static __m512 load(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+  static V load(const T* p) { return widen_f16(p); }
+  static V load_masked(const T* p, int64_t n) { return widen_f16(p, n); }
 };
 struct F32 {
   using T = float;
   static constexpr int kRows1 = 4;
-  static __m512 load(const T* p) { return _mm512_loadu_ps(p); }
-  static __m512 load_masked(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static V load(const T* p) { return vload(p); }
+  static V load_masked(const T* p, int64_t n) { return vload(p, n); }
 };
 struct I8 {
   using T = int8_t;
-  static constexpr int kRows1 = 8;  // a byte per weight: more rows in flight to keep the loads coming
-  static __m512 load(const T* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
-  static __m512 load_masked(const T* p, __mmask16 m) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
-  }
+  // a byte per weight: more rows in flight to keep the loads coming (AVX2: as many as its 16 registers hold)
+  static constexpr int kRows1 = kVectorRegisters == 32 ? 8 : 4;
+  static V load(const T* p) { return widen_i8(p); }
+  static V load_masked(const T* p, int64_t n) { return widen_i8(p, n); }
 };
 
 #ifdef __AVX512VNNI__
@@ -98,7 +354,11 @@ void int4_blocking(int64_t M, F&& f) {
 #define CASE(m, r) \
   case m:          \
     return f(std::integral_constant<int, m>{}, std::integral_constant<int, r>{});
+#ifdef NATIVE_AVX512
     CASE(1, 4) CASE(2, 4) CASE(3, 3) CASE(4, 2) CASE(5, 2) CASE(6, 2) CASE(7, 1) CASE(8, 1)
+#else  // each V two registers: half the rows
+    CASE(1, 2) CASE(2, 1) CASE(3, 1) CASE(4, 1) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
+#endif
     CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
 #undef CASE
   }
@@ -112,19 +372,11 @@ inline void round_row(torch::ScalarType kind, const float* src, void* dst, int64
   int64_t i = 0;
   if (kind == torch::kBFloat16) {
     auto* d = static_cast<at::BFloat16*>(dst);
-    const __m512i lsb = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
-    for (; i + 16 <= n; i += 16) {
-      const __m512 v = _mm512_loadu_ps(src + i);
-      const __m512i u = _mm512_castps_si512(v);
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb))), 16);
-      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
-      _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtepi32_epi16(r));
-    }
+    for (; i + 16 <= n; i += 16) store_bf16(reinterpret_cast<uint16_t*>(d + i), vload(src + i));
     for (; i < n; ++i) d[i] = at::BFloat16(src[i]);
   } else if (kind == torch::kHalf) {
     auto* d = static_cast<at::Half*>(dst);
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i + 16 <= n; i += 16) store_f16(reinterpret_cast<uint16_t*>(d + i), vload(src + i));
     for (; i < n; ++i) d[i] = at::Half(src[i]);
   }
 }
@@ -165,34 +417,32 @@ inline void fetch_ahead(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T
 // known at compile time so that the R * M accumulators stay in registers.
 template <int M, int R, typename W>
 void dense_rows(const float* x, const typename W::T* w, float* y, int64_t I, int64_t O, int64_t o0, int64_t o1) {
-  const int64_t full = I / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1);
+  const int64_t full = I / 16 * 16, tail = I - full;
   int64_t o = o0;
   for (; o + R <= o1; o += R) {
-    __m512 acc[R][M];
+    V acc[R][M];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int m = 0; m < M; ++m) acc[r][m] = vzero();
     const int next = rows_ahead<R>(o, o1);  // fetched ahead, kAheadBlocks blocks on
     const typename W::T* ahead = next ? w + (o + R * kAheadBlocks) * I : w;  // (no pointer past the weight)
     for (int64_t i = 0; i < full; i += 16) {
-      __m512 xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * I + i);
+      V xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = vload(x + m * I + i);
       if ((i * (int64_t)sizeof(typename W::T)) % 64 == 0)
         for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * I + i);
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = W::load(w + (o + r) * I + i);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        const V wv = W::load(w + (o + r) * I + i);
+        for (int m = 0; m < M; ++m) acc[r][m] = vfmadd(wv, xv[m], acc[r][m]);
       }
     }
-    if (full < I) {
+    if (tail) {
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = W::load_masked(w + (o + r) * I + full, tail);
-        for (int m = 0; m < M; ++m)
-          acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * I + full), acc[r][m]);
+        const V wv = W::load_masked(w + (o + r) * I + full, tail);
+        for (int m = 0; m < M; ++m) acc[r][m] = vfmadd(wv, vload(x + m * I + full, tail), acc[r][m]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) y[m * O + o + r] = _mm512_reduce_add_ps(acc[r][m]);
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = vsum(acc[r][m]);
   }
   if (o < o1) dense_rows<M, 1, W>(x, w, y, I, O, o, o1);  // the last rows one at a time
 }
@@ -205,8 +455,13 @@ void dense_any(const float* x, const typename W::T* w, float* y, int64_t M, int6
 #define CASE(m, r) \
   case m:          \
     return dense_rows<m, r, W>(x, w, y, I, O, o0, o1);
+#ifdef NATIVE_AVX512
     CASE(1, W::kRows1) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 4) CASE(6, 3) CASE(7, 3) CASE(8, 2)
     CASE(9, 2) CASE(10, 2) CASE(11, 2) CASE(12, 2) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+#else  // each V two registers: half the rows
+    CASE(1, W::kRows1) CASE(2, 2) CASE(3, 2) CASE(4, 1) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
+    CASE(9, 1) CASE(10, 1) CASE(11, 1) CASE(12, 1) CASE(13, 1) CASE(14, 1) CASE(15, 1) CASE(16, 1)
+#endif
 #undef CASE
   }
   TORCH_CHECK(false, "1 to ", kMaxRows, " activation rows");

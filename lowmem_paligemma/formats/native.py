@@ -4,14 +4,17 @@ share), built for the running machine, where the libraries' kernels stop short.
 On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
 has every candidate's rate on the machine that wrote it: `F.linear` on bf16 and `_weight_int8pack_mm` well below
 the read rate there), and a decode step is nothing but streaming the weights. native.cpp reads each weight once
-in its stored format with AVX-512; the chooser (chooser.py) times these kernels beside torch's and keeps whichever
-is faster on this machine. It also widens and unpacks the "upcast" prefills' float32 weights, and quantizes rows
-while a checkpoint streams (the same bits as the torch rules).
+in its stored format, 16 lanes at a time (native.h: AVX-512, or AVX2 where the CPU has no AVX-512); the chooser
+(chooser.py) times these kernels beside torch's and keeps whichever is faster on this machine. It also widens and
+unpacks the "upcast" prefills' float32 weights, and quantizes rows while a checkpoint streams (the same bits as the
+torch rules).
 
 Built once per machine with torch.utils.cpp_extension (g++ and ninja) into the cache directory, keyed by the
 source, torch's version and the CPU flags; `make install` builds it ahead (`native.build()`).
-Offered only where the CPU has AVX-512F and AVX-512BW, and never required: without a compiler, or on another CPU,
-`kernels()` is None and the formats offer torch's kernels only.
+Two builds (`BUILDS`): AVX-512F/BW, with the integer kernels of native_vnni*.cpp (their `has_vnni()` says whether
+the CPU has VNNI); else AVX2 with FMA and F16C, the same kernels on two 256-bit registers a vector, without the
+integer ones (`has_vnni()` False). Never required: without a compiler, or on a CPU with neither, `kernels()` is
+None and the formats offer torch's kernels only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -33,21 +37,45 @@ SOURCE_DIR = Path(__file__).parent
 SOURCES = ("native.cpp", "native_attention.cpp", "native_decode.cpp", "native_vnni.cpp", "native_vnni_gemm.cpp")
 HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
-NEEDS = ("avx512f", "avx512bw")  # the instructions native.cpp uses
 # -fopenmp compiles at::parallel_for's OpenMP regions in (without it they run on one thread); nothing is added at link
 # time, so the regions run on torch's own OpenMP runtime, found through libtorch's dependencies: no second thread pool.
 # -ffp-contract=off: a product and a sum written apart stay two roundings, as in torch's ops (native_decode.cpp's rotary
 # gives their bits); the kernels' fused multiply-adds are written as such.
-CFLAGS = ["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
+COMMON_CFLAGS = ("-O3", "-march=native", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
+
+
+@dataclass(frozen=True)
+class Build:
+    """One way to build the kernels: the CPU flags it needs, its sources and its compiler flags."""
+
+    isa: str
+    needs: tuple[str, ...]
+    sources: tuple[str, ...]
+    cflags: tuple[str, ...]
+
+
+# The first whose flags the CPU has is built (native.h picks its vector layer from the compiler's flags).
+BUILDS = (
+    Build("avx512", ("avx512f", "avx512bw"), SOURCES, ("-mavx512f", "-mavx512bw", *COMMON_CFLAGS)),
+    Build("avx2", ("avx2", "fma", "f16c"), SOURCES[:3], ("-mavx2", *COMMON_CFLAGS)),
+)
+
+
+def chosen() -> Build | None:
+    """The build for this CPU (None: neither, or kernels disabled by ENV_DISABLE, or not Linux)."""
+    if os.environ.get(ENV_DISABLE) or sys.platform != "linux":
+        return None
+    flags = cpu().flags
+    return next((b for b in BUILDS if all(f in flags for f in b.needs)), None)
 
 
 def cache_dir() -> Path:
     """$XDG_CACHE_HOME/lowmem_paligemma/native/<key> (not the kernel choices' directory: tests point that one at
     temporary directories, and a build takes a minute). The key holds the source's path too: torch's build files
     name the source by path, so two checkouts sharing one directory would rebuild it each time the other used it."""
-    c = cpu()
+    c, b = cpu(), chosen() or BUILDS[0]
     files = "|".join(f"{p.resolve()}|{p.read_bytes()!r}" for p in _files(SOURCES + HEADERS))
-    text = f"{files}|{CFLAGS}|{torch.__version__}|{c.model}|{c.flags}"
+    text = f"{files}|{b}|{torch.__version__}|{c.model}|{c.flags}"
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "lowmem_paligemma" / "native" / key
@@ -57,14 +85,11 @@ def _files(names: tuple[str, ...]) -> list[Path]:
     return [SOURCE_DIR / n for n in names]
 
 
-def supported() -> bool:
-    return not os.environ.get(ENV_DISABLE) and all(f in cpu().flags for f in NEEDS) and sys.platform == "linux"
-
-
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled module (built now if needed), or None where it cannot be: see the module docstring."""
-    if not supported():
+    b = chosen()
+    if b is None:
         return None
     from torch.utils import cpp_extension
 
@@ -78,8 +103,8 @@ def kernels() -> ModuleType | None:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:
         return cpp_extension.load(
-            name=f"lowmem_paligemma_native_{build.name}", sources=[str(p) for p in _files(SOURCES)],
-            build_directory=str(build), extra_cflags=CFLAGS, verbose=False,
+            name=f"lowmem_paligemma_native_{build.name}", sources=[str(p) for p in _files(b.sources)],
+            build_directory=str(build), extra_cflags=list(b.cflags), verbose=False,
         )  # fmt: skip
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a toolchain that fails
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -92,4 +117,5 @@ def kernels() -> ModuleType | None:
 def build() -> None:
     """`make install`: build ahead, and say what happened."""
     module = kernels()
-    print(f"native kernels: {'built in ' + str(cache_dir()) if module else 'not available on this machine'}")
+    where = f"built for {chosen().isa} in {cache_dir()}" if module else "not available on this machine"
+    print(f"native kernels: {where}")

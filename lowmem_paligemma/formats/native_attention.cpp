@@ -36,32 +36,33 @@ inline int64_t pair_offset(const PairBlocks& b, int64_t p) {
   return (p / b.kv_heads) * b.batch_stride + (p % b.kv_heads) * b.head_stride;
 }
 
-// y (G, H) = w (G, S) @ v (S, H) for one pair, output columns [c0, c1): up to 4 x 16 columns and 4 rows of w at a
-// time, each value row loaded once per 4 rows.
+// Rows of w and 16-column blocks of y at a time in values_block: 4 x 4 V accumulators fill half of AVX-512's
+// registers; on AVX2 (two registers a V) 4 x 2.
+inline constexpr int kValueRows = 4, kValueBlocks = kVectorRegisters == 32 ? 4 : 2, kValueCols = 16 * kValueBlocks;
+
+// y (G, H) = w (G, S) @ v (S, H) for one pair, output columns [c0, c1): up to kValueCols columns and kValueRows rows
+// of w at a time, each value row loaded once per kValueRows rows.
 template <typename W>
 void values_block(const float* w, const typename W::T* v, float* y, int64_t G, int64_t S, int64_t H, int64_t c0,
                   int64_t c1) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const int rows = (int)std::min<int64_t>(4, G - g0);
-    for (int64_t c = c0; c < c1; c += 64) {
-      __mmask16 mask[4];
-      for (int j = 0; j < 4; ++j) {
-        const int64_t left = std::clamp<int64_t>(c1 - c - 16 * j, 0, 16);
-        mask[j] = (__mmask16)((1u << left) - 1);
-      }
-      __m512 acc[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < G; g0 += kValueRows) {
+    const int rows = (int)std::min<int64_t>(kValueRows, G - g0);
+    for (int64_t c = c0; c < c1; c += kValueCols) {
+      int64_t left[kValueBlocks];  // columns of each block inside [c, c1)
+      for (int j = 0; j < kValueBlocks; ++j) left[j] = std::clamp<int64_t>(c1 - c - 16 * j, 0, 16);
+      V acc[kValueRows][kValueBlocks];
+      for (int r = 0; r < kValueRows; ++r)
+        for (int j = 0; j < kValueBlocks; ++j) acc[r][j] = vzero();
       for (int64_t s = 0; s < S; ++s) {
-        __m512 vv[4];
-        for (int j = 0; j < 4; ++j) vv[j] = W::load_masked(v + s * H + c + 16 * j, mask[j]);
+        V vv[kValueBlocks];
+        for (int j = 0; j < kValueBlocks; ++j) vv[j] = W::load_masked(v + s * H + c + 16 * j, left[j]);
         for (int r = 0; r < rows; ++r) {
-          const __m512 ws = _mm512_set1_ps(w[(g0 + r) * S + s]);
-          for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(ws, vv[j], acc[r][j]);
+          const V ws = vset(w[(g0 + r) * S + s]);
+          for (int j = 0; j < kValueBlocks; ++j) acc[r][j] = vfmadd(ws, vv[j], acc[r][j]);
         }
       }
       for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + (g0 + r) * H + c + 16 * j, mask[j], acc[r][j]);
+        for (int j = 0; j < kValueBlocks; ++j) vstore(y + (g0 + r) * H + c + 16 * j, acc[r][j], left[j]);
     }
   }
 }
@@ -107,12 +108,12 @@ torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v) {
   auto y = torch::empty({w.size(0), w.size(1), G, H}, torch::kFloat32);
   const float* wp = wf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t chunks = (H + 63) / 64;  // tasks over (pair, 64 output columns)
+  const int64_t chunks = (H + kValueCols - 1) / kValueCols;  // tasks over (pair, kValueCols output columns)
   with_load(v.scalar_type(), "cache", [&](auto load) {
     using W = decltype(load);
     at::parallel_for(0, P * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p = t / chunks, c0 = (t % chunks) * 64, c1 = std::min(c0 + 64, H);
+        const int64_t p = t / chunks, c0 = (t % chunks) * kValueCols, c1 = std::min(c0 + kValueCols, H);
         const auto* values = static_cast<const typename W::T*>(blocks.base) + pair_offset(blocks, p);
         values_block<W>(wp + p * G * S, values, yp + p * G * H, G, S, H, c0, c1);
       }

@@ -29,32 +29,23 @@ using namespace native;
 namespace {
 
 // v rounded to `kind` and widened back (what a 16-bit tensor holds after torch's op), 16 lanes at a time.
-inline __m512 rounded(torch::ScalarType kind, __m512 v) {
-  if (kind == torch::kBFloat16) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)),
-                                 _mm512_set1_epi32((int)0xFFFF0000));
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-    return _mm512_castsi512_ps(r);
-  }
-  if (kind == torch::kHalf) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+inline V rounded(torch::ScalarType kind, V v) {
+  if (kind == torch::kBFloat16) return vround_bf16(v);
+  if (kind == torch::kHalf) return vround_f16(v);
   return v;
 }
 
 // e^t: t = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7 (relative error < 1e-8, under fp32's
 // half ulp), times 2^n; inf above 88.7 and e^-87 below -87 (the caller's 1 / (1 + e^t) is 0 or 1 there; t is
 // clamped to [-87, 100] so that no infinity enters the reduction and makes a NaN).
-inline __m512 exp_ps(__m512 t) {
-  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(100.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), t);  // ln2 split: exact n * hi
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+inline V exp_ps(V t) {
+  t = vmin(vmax(t, vset(-87.0f)), vset(100.0f));
+  const V n = vround(vmul(t, vset(1.44269504088896341f)));
+  V r = vfnmadd(n, vset(0.693145751953125f), t);  // ln2 split: exact n * hi
+  r = vfnmadd(n, vset(1.428606765330187e-06f), r);
+  V p = vset(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = vfmadd(p, r, vset(c));
+  return vscale2(p, n);
 }
 
 }  // namespace
@@ -69,30 +60,27 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   std::vector<float> gain(D), h(D);  // 1 + w, as torch's `1.0 + self.weight.float()`; a row in fp32
   const auto w32 = weight.to(torch::kFloat32).contiguous();
   for (int64_t i = 0; i < D; ++i) gain[i] = 1.0f + w32.data_ptr<float>()[i];
-  const int64_t full = D / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (D - full)) - 1);
+  const int64_t full = D / 16 * 16, tail = D - full;
   with_load(xc.scalar_type(), "x", [&](auto load) {
     using L = decltype(load);
     for (int64_t r = 0; r < R; ++r) {
       const auto* src = static_cast<const typename L::T*>(xc.data_ptr()) + r * D;
-      __m512 acc = _mm512_setzero_ps();
+      V acc = vzero();
       for (int64_t i = 0; i < full; i += 16) {
-        const __m512 v = L::load(src + i);
-        _mm512_storeu_ps(h.data() + i, v);
-        acc = _mm512_fmadd_ps(v, v, acc);
+        const V v = L::load(src + i);
+        vstore(h.data() + i, v);
+        acc = vfmadd(v, v, acc);
       }
-      if (full < D) {
-        const __m512 v = L::load_masked(src + full, tail);
-        _mm512_mask_storeu_ps(h.data() + full, tail, v);
-        acc = _mm512_fmadd_ps(v, v, acc);
+      if (tail) {
+        const V v = L::load_masked(src + full, tail);
+        vstore(h.data() + full, v, tail);
+        acc = vfmadd(v, v, acc);
       }
-      const float mean = _mm512_reduce_add_ps(acc) / (float)D;
-      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(mean + (float)eps));  // torch's rsqrt: 1 / sqrt
+      const float mean = vsum(acc) / (float)D;
+      const V inv = vset(1.0f / std::sqrt(mean + (float)eps));  // torch's rsqrt: 1 / sqrt
       for (int64_t i = 0; i < D; i += 16) {
-        const __mmask16 m = i < full ? (__mmask16)0xFFFF : tail;
-        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, h.data() + i), inv),
-                                       _mm512_maskz_loadu_ps(m, gain.data() + i));
-        _mm512_mask_storeu_ps(h.data() + i, m, y);
+        const int64_t m = std::min<int64_t>(16, D - i);
+        vstore(h.data() + i, vmul(vmul(vload(h.data() + i, m), inv), vload(gain.data() + i, m)), m);
       }
       if (xc.scalar_type() == torch::kFloat32)
         std::copy(h.begin(), h.end(), out.data_ptr<float>() + r * D);
@@ -124,17 +112,17 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
       for (int64_t n = 0; n < N; ++n) {
         const T* v = static_cast<const T*>(x.data_ptr()) + b * x.stride(0) + n * x.stride(1);
         for (int64_t j = 0; j < half; j += 16) {
-          const __mmask16 m = (__mmask16)((1u << std::min<int64_t>(16, half - j)) - 1);
-          const __m512 x1 = L::load_masked(v + j, m), x2 = L::load_masked(v + half + j, m);
+          const int64_t m = std::min<int64_t>(16, half - j);
+          const V x1 = L::load_masked(v + j, m), x2 = L::load_masked(v + half + j, m);
           // first half: x1 * cos - x2 * sin; second: x2 * cos + x1 * sin (rotate_half is (-x2, x1)), each
           // product and the sum rounded to the dtype
-          const __m512 c1 = L::load_masked(c + j, m), c2 = L::load_masked(c + half + j, m);
-          const __m512 s1 = L::load_masked(s + j, m), s2 = L::load_masked(s + half + j, m);
-          const __m512 neg_x2 = _mm512_xor_ps(x2, _mm512_set1_ps(-0.0f));  // torch negates first: exact
-          const __m512 lo = _mm512_add_ps(rounded(kind, _mm512_mul_ps(x1, c1)), rounded(kind, _mm512_mul_ps(neg_x2, s1)));
-          const __m512 hi = _mm512_add_ps(rounded(kind, _mm512_mul_ps(x2, c2)), rounded(kind, _mm512_mul_ps(x1, s2)));
-          _mm512_mask_storeu_ps(row.data() + j, m, lo);
-          _mm512_mask_storeu_ps(row.data() + half + j, m, hi);
+          const V c1 = L::load_masked(c + j, m), c2 = L::load_masked(c + half + j, m);
+          const V s1 = L::load_masked(s + j, m), s2 = L::load_masked(s + half + j, m);
+          const V neg_x2 = vneg(x2);  // torch negates first: exact
+          const V lo = vadd(rounded(kind, vmul(x1, c1)), rounded(kind, vmul(neg_x2, s1)));
+          const V hi = vadd(rounded(kind, vmul(x2, c2)), rounded(kind, vmul(x1, s2)));
+          vstore(row.data() + j, lo, m);
+          vstore(row.data() + half + j, hi, m);
         }
         T* dst = static_cast<T*>(out.data_ptr()) + (b * N + n) * H;
         if (kind == torch::kFloat32)
@@ -166,15 +154,14 @@ torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t i0 = p * kPiece, len = std::min(kPiece, n - i0);
         for (int64_t j = 0; j < len; j += 16) {
-          const __mmask16 m = (__mmask16)((1u << std::min<int64_t>(16, len - j)) - 1);
-          const __m512 x = L::load_masked(g + i0 + j, m);
+          const int64_t m = std::min<int64_t>(16, len - j);
+          const V x = L::load_masked(g + i0 + j, m);
           // gelu_tanh(x) = 0.5 x (1 + tanh(inner)) = x / (1 + e^(-2 inner)), inner = sqrt(2/pi) (x + 0.044715 x^3)
-          const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-          const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                             _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(0.044715f), cube)));
-          const __m512 e = exp_ps(_mm512_mul_ps(inner, _mm512_set1_ps(-2.0f)));
-          const __m512 gelu = rounded(kind, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-          _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(gelu, L::load_masked(u + i0 + j, m)));
+          const V cube = vmul(vmul(x, x), x);
+          const V inner = vmul(vset(0.7978845608028654f), vadd(x, vmul(vset(0.044715f), cube)));
+          const V e = exp_ps(vmul(inner, vset(-2.0f)));
+          const V gelu = rounded(kind, vdiv(x, vadd(vset(1.0f), e)));
+          vstore(row + j, vmul(gelu, L::load_masked(u + i0 + j, m)), m);
         }
         if (kind == torch::kFloat32)
           std::copy(row, row + len, reinterpret_cast<float*>(g + i0));

@@ -115,8 +115,7 @@ Acts int8_acts(const typename W::T* x, int64_t M, int64_t I) {
   a.stride = a.C * kChunk;
   a.q.resize(M * a.stride);
   a.scale.resize(M);
-  const int64_t full = I / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (I - full)) - 1);
+  const int64_t full = I / 16 * 16, tail = I - full;  // the last tail values, loaded masked
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     const __m128i top = _mm_set1_epi8((char)0x80);
     for (int64_t m = m0; m < m1; ++m) {
