@@ -148,8 +148,8 @@ def native_rows() -> list[list[str]]:
         kernels = {"dense bfloat16": [("native", lambda x, t: nk.gemv_dense(x, *t))],
                    "int8 bfloat16": [("native", lambda x, t: nk.gemv_int8(x, *t))],
                    "int4 bfloat16": [("native", lambda x, t: nk.gemv_int4(x, *t, 128))]}  # fmt: skip
-        if nk.has_vnni():
-            kernels["int4 bfloat16"].append(("vnni", lambda x, t: nk.gemv_int4_vnni(x, *t, 128)))
+        if dot := nk.int8_dot():  # "vnni" or "maddubs": the integer decode (native_dot.cpp)
+            kernels["int4 bfloat16"].append((dot, lambda x, t: nk.gemv_int4_dot(x, *t, 128)))
         for name, tensors in layers.items():
             size = sum(t.numel() * t.element_size() for t in tensors)
             copies = [tensors] + [

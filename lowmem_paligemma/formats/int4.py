@@ -14,7 +14,7 @@ Kernels (the chooser times them on the running machine):
   products, as every other kernel here;
 - "native": our decode kernel (native.cpp): nibbles looked up in a per-group table of (q - 8) * scale and
   multiplied into fp32 sums, the weights read once (decode only);
-- "vnni": our integer kernels (CPUs with AVX512-VNNI, groups of a multiple of 128), a decode (native_vnni.cpp)
+- "vnni": our integer kernels (CPUs with AVX512-VNNI, groups of a multiple of 128), a decode (native_dot.cpp)
   and a prefill (native_vnni_gemm.cpp): the activations quantized to int8 in blocks of inputs (scale = max|x| /
   127, q = round-half-even(x / scale); VNNI_BLOCK = 32 inputs in a decode step, llama.cpp's Q8_0 and OpenVINO's
   dynamic activation groups; VNNI_PREFILL_BLOCK = 128 in a prefill, one weight group, so that each group's int32
@@ -23,6 +23,9 @@ Kernels (the chooser times them on the running machine):
   the kernels here that are not exact in their products, offered, as int8's "int_mm" prefill is, because widening
   every weight to fp32 bounds a decode step in int4, and a prefill runs twice as many integer products a second
   as bf16 ones on CPUs with VNNI.
+- "maddubs": that integer decode on CPUs with AVX2 and no AVX-512 (native_dot.cpp, vpmaddubsw + vpmaddwd: the same
+  int32 sums as vpdpbusd, so the same rounding); decode only (an AVX2 integer GEMM would not beat the float32
+  "upcast" prefill by enough to matter here).
 
 The shape rules (`accepts`): out features a multiple of 16 and in features of the group size hold for every
 PaliGemma layer but SigLIP's second MLP layer (4304-wide input): it falls back to int8. The tied embedding's
@@ -47,10 +50,11 @@ from . import native
 from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
 
 GROUP = 128  # compressed-tensors' and gpt-fast's default; every PaliGemma decoder width is a multiple
-VNNI_BLOCK = 32  # inputs sharing one activation scale in the "vnni" kernel (native_vnni.cpp kBlock)
+VNNI_BLOCK = 32  # inputs sharing one activation scale in the "vnni" / "maddubs" decode (native_dot.cpp kBlock)
 VNNI_CHUNK = 128  # its groups are whole multiples of this (a pair of vpdpbusd: 64 weight bytes)
 VNNI_PREFILL_BLOCK = 128  # inputs sharing one activation scale in its prefill (native_vnni_gemm.cpp kChunk)
 PER_INT32 = 8  # values in one compressed-tensors int32 word
+DOT_KERNELS = ("vnni", "maddubs")  # the integer decode, by the byte dot product it runs on (native.int8_dot())
 
 
 def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +126,11 @@ def int4_linear(
     name = kernels.pick(rows)
     nk = native.kernels() if x.device.type == "cpu" else None
     decode = rows <= DECODE_ROWS and nk is not None
+    dot = name in DOT_KERNELS and nk is not None and group % VNNI_CHUNK == 0 and nk.int8_dot() == name
     vnni = name == "vnni" and nk is not None and group % VNNI_CHUNK == 0 and nk.has_vnni()
-    if decode and vnni:
-        y = nk.gemv_int4_vnni(x2, packed, scale, group)
-    elif decode and name in ("native", "vnni"):
+    if decode and dot:
+        y = nk.gemv_int4_dot(x2, packed, scale, group)
+    elif decode and name in ("native", *DOT_KERNELS):
         y = nk.gemv_int4(x2, packed, scale, group)
     elif vnni:
         y = nk.gemm_int4_vnni(x2, packed, scale, group)
@@ -201,7 +206,7 @@ class Int4Embedding(Int4Linear):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if self.kernels.decode in ("native", "vnni") and rows <= DECODE_ROWS:
+        if self.kernels.decode in ("native", *DOT_KERNELS) and rows <= DECODE_ROWS:
             return int4_linear(x, self.weight_packed, self.weight_scale, self.group, None, self.kernels)
         parts, xf = [], x.float()
         for r0 in range(0, self.out_features, self.LOGIT_ROWS):  # float32 rows: each w = q * scale exactly
@@ -214,7 +219,7 @@ class Int4Embedding(Int4Linear):
 
 class Int4Format(WeightFormat):
     name = "int4"
-    decode_kernels = ("dequant", "native", "vnni")
+    decode_kernels = ("dequant", "native", "vnni", "maddubs")
     prefill_kernels = ("dequant", "upcast", "vnni")
     reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
@@ -243,6 +248,8 @@ class Int4Format(WeightFormat):
             names.discard("native")
         if nk is None or not nk.has_vnni() or GROUP % VNNI_CHUNK:
             names.discard("vnni")
+        if nk is None or nk.int8_dot() != "maddubs" or GROUP % VNNI_CHUNK:
+            names.discard("maddubs")
         if dtype == torch.float32:
             names.discard("upcast")  # "dequant" is it
         return tuple(sorted(names))

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 using namespace native;  // native.h: the loads, dense_rows / dense_any, Scales, kMaxRows, kGrain
@@ -328,10 +329,12 @@ torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up);
+// native_dot.cpp
+std::string int8_dot();
+torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 #ifdef NATIVE_AVX512
 // native_vnni.cpp
 bool has_vnni();
-torch::Tensor gemv_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 std::vector<torch::Tensor> quantize_rows_int8(const torch::Tensor& x);
 torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
                             torch::ScalarType kind);
@@ -356,9 +359,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("rope", &rope);
   m.def("gelu_tanh_mul_", &gelu_tanh_mul_);
+  m.def("int8_dot", &int8_dot);
+  m.def("gemv_int4_dot", &gemv_int4_dot);
   m.def("has_vnni", &has_vnni);
 #ifdef NATIVE_AVX512
-  m.def("gemv_int4_vnni", &gemv_int4_vnni);
   m.def("quantize_rows_int8", &quantize_rows_int8);
   m.def("rescale_int32", &rescale_int32);
   m.def("gemm_int4_vnni", &gemm_int4_vnni);

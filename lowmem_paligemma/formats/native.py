@@ -1,5 +1,5 @@
-"""Our own kernels (native.cpp; native_attention.cpp; native_decode.cpp; native_vnni*.cpp; native.h, what they
-share), built for the running machine, where the libraries' kernels stop short.
+"""Our own kernels (native.cpp; native_attention.cpp; native_decode.cpp; native_dot.cpp; native_vnni*.cpp; native.h,
+what they share), built for the running machine, where the libraries' kernels stop short.
 
 On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
 has every candidate's rate on the machine that wrote it: `F.linear` on bf16 and `_weight_int8pack_mm` well below
@@ -13,7 +13,8 @@ Built once per machine with torch.utils.cpp_extension (g++ and ninja) into the c
 source, torch's version and the CPU flags; `make install` builds it ahead (`native.build()`).
 Two builds (`BUILDS`): AVX-512F/BW, with the integer kernels of native_vnni*.cpp (their `has_vnni()` says whether
 the CPU has VNNI); else AVX2 with FMA and F16C, the same kernels on two 256-bit registers a vector, without the
-integer ones (`has_vnni()` False). Never required: without a compiler, or on a CPU with neither, `kernels()` is
+integer prefills (`has_vnni()` False); `int8_dot()` names the byte dot product native_dot.cpp's int4 decode uses
+("vnni", "maddubs" on AVX2, "" for none). Never required: without a compiler, or on a CPU with neither, `kernels()` is
 None and the formats offer torch's kernels only.
 """
 
@@ -33,8 +34,12 @@ import torch
 from ..machine import cpu
 
 SOURCE_DIR = Path(__file__).parent
-# compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp's kernels where the CPU has VNNI)
-SOURCES = ("native.cpp", "native_attention.cpp", "native_decode.cpp", "native_vnni.cpp", "native_vnni_gemm.cpp")
+# compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp: AVX-512 builds only, their kernels
+# where the CPU has VNNI)
+SOURCES = (
+    "native.cpp", "native_attention.cpp", "native_decode.cpp", "native_dot.cpp", "native_vnni.cpp",
+    "native_vnni_gemm.cpp",
+)  # fmt: skip
 HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
 # -fopenmp compiles at::parallel_for's OpenMP regions in (without it they run on one thread); nothing is added at link
@@ -57,7 +62,7 @@ class Build:
 # The first whose flags the CPU has is built (native.h picks its vector layer from the compiler's flags).
 BUILDS = (
     Build("avx512", ("avx512f", "avx512bw"), SOURCES, ("-mavx512f", "-mavx512bw", *COMMON_CFLAGS)),
-    Build("avx2", ("avx2", "fma", "f16c"), SOURCES[:3], ("-mavx2", *COMMON_CFLAGS)),
+    Build("avx2", ("avx2", "fma", "f16c"), SOURCES[:4], ("-mavx2", *COMMON_CFLAGS)),
 )
 
 

@@ -71,31 +71,32 @@ def _blocks_quantized(x: torch.Tensor, block: int | None = None) -> torch.Tensor
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])  # each row count's register blocking (R x M), 16 the most
 # output rows not a multiple of R or kGrain; groups of one chunk (128) and of two (256: a scale read per two chunks)
 @pytest.mark.parametrize("o, i, group", [(16, 128, 128), (52 * 16, 384, 128), (48, 2048, 128), (40, 1024, 256)])
-def test_int4_vnni_is_the_blockwise_int8_product(dtype, rows, o, i, group):
-    """native_vnni.cpp's product equals F.linear of the block-quantized activations and the dequantized weights up
-    to the order of fp32 sums, whatever the stored scale dtype: its integer sums lose nothing."""
+def test_int4_dot_is_the_blockwise_int8_product(dtype, rows, o, i, group):
+    """native_dot.cpp's product (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2) equals F.linear of the block-quantized
+    activations and the dequantized weights up to the order of fp32 sums, whatever the stored scale dtype: its
+    integer sums lose nothing (large activations included: vpmaddubsw's 16-bit pair sums must not saturate)."""
     nk = native.kernels()
-    if nk is None or not nk.has_vnni():
-        pytest.skip("no AVX512-VNNI kernel on this machine")
+    if nk is None or not nk.int8_dot():
+        pytest.skip("no integer dot product kernel on this machine")
     packed, scale, dense = _int4_layer(o, i, dtype, seed=o + i, group=group)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
     x[:, 32:64] = 0  # an all-zero block (scale 0)
     x[0, 5] = 300.0  # an outlier: only its block's scale may grow
-    got = nk.gemv_int4_vnni(x.to(dtype), packed, scale, group)
+    got = nk.gemv_int4_dot(x.to(dtype), packed, scale, group)
     assert got.shape == (rows, o) and got.dtype == dtype
     want = torch.nn.functional.linear(_blocks_quantized(x.to(dtype)), dense)
     tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # the output's own rounding
     assert (got.float() - want).abs().max() <= tol * want.abs().max()
 
 
-def test_int4_vnni_refuses_groups_it_cannot_step_through():
+def test_int4_dot_refuses_groups_it_cannot_step_through():
     nk = native.kernels()
-    if nk is None or not nk.has_vnni():
-        pytest.skip("no AVX512-VNNI kernel on this machine")
+    if nk is None or not nk.int8_dot():
+        pytest.skip("no integer dot product kernel on this machine")
     packed = torch.zeros(16, 64, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="multiple of 128"):
-        nk.gemv_int4_vnni(torch.zeros(1, 128), packed, torch.ones(16, 2), 64)
+        nk.gemv_int4_dot(torch.zeros(1, 128), packed, torch.ones(16, 2), 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,0 +1,193 @@
+// int4 decode products in integers: the activations quantized to int8 and multiplied with the stored nibbles in
+// byte dot products, vpdpbusd on AVX512-VNNI, vpmaddubsw + vpmaddwd on AVX2 (the same int32 sums).
+//
+// native.cpp's int4 kernel widens every weight to fp32 (a table lookup per 16 values) and multiplies in fp32: with
+// 4 bits a weight, that arithmetic, not memory, bounds a decode step (AVX2, AMD EPYC Zen 3, docs/results/kernels.md:
+// 12 G weights/s, 6 GB/s of a 32 GB/s machine). Here the activation rows are quantized once per call, in blocks of
+// 32 inputs (scale = max|x| / 127, q = round-half-even(x / scale), the Q8_0 blocks of llama.cpp's and OpenVINO's
+// int4 decode), and each 64-byte run of a weight row (128 values) meets them in two dot products: byte products
+// summed in fours into 16 int32 lanes, exact. The nibbles are used as stored (q + 8, unsigned, what both
+// instructions' unsigned operand wants); the 8 * sum(x_q) that adds is taken off by starting each sum at
+// -8 * sum(x_q), computed once per activation row. On AVX2, vpmaddubsw's 16-bit pair sums cannot saturate
+// (2 * 15 * 127 < 2^15) and vpmaddwd by ones adds the pairs into the same int32 lanes vpdpbusd fills.
+//
+// Rounding: the activations' int8 rounding (a relative error of at most 1/254 of each block's largest value), then
+// every product and every sum within 128 inputs is exact; the blocks' sums are scaled and accumulated in fp32.
+// formats/int4.py documents this as the "vnni" / "maddubs" kernels' rounding; the chooser offers them beside the
+// exact kernels.
+//
+// Axes: M activation rows, I in features, O out features, G groups per row (I / group), C chunks of 128 inputs.
+
+#include "native.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+using namespace native;
+
+namespace {
+
+constexpr int64_t kBlock = 32;   // inputs sharing one activation scale
+constexpr int64_t kChunk = 128;  // inputs per pair of dot products: 64 weight bytes, their low and high nibbles
+
+#if defined(__AVX512VNNI__) || !defined(NATIVE_AVX512)
+#define NATIVE_INT4_DOT 1
+
+// 64 bytes, or 16 int32 lanes (lane k: bytes 4k .. 4k + 3).
+#ifdef NATIVE_AVX512
+using B64 = __m512i;
+inline B64 load64(const void* p) { return _mm512_loadu_si512(p); }
+inline B64 low_nibbles(B64 b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
+inline B64 high_nibbles(B64 b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0F)); }
+inline B64 dot4(B64 acc, B64 u, B64 s) { return _mm512_dpbusd_epi32(acc, u, s); }  // acc + u (unsigned) . s (signed)
+inline V as_floats(B64 lanes) { return _mm512_cvtepi32_ps(lanes); }
+#else
+struct B64 {
+  __m256i lo, hi;  // bytes 0-31 (lanes 0-7), 32-63 (lanes 8-15)
+};
+inline B64 load64(const void* p) {
+  return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)p + 1)};
+}
+inline B64 low_nibbles(B64 b) {
+  const __m256i n = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(b.lo, n), _mm256_and_si256(b.hi, n)};
+}
+inline B64 high_nibbles(B64 b) {
+  const __m256i n = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(_mm256_srli_epi16(b.lo, 4), n), _mm256_and_si256(_mm256_srli_epi16(b.hi, 4), n)};
+}
+inline __m256i dot4_8(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline B64 dot4(B64 acc, B64 u, B64 s) { return {dot4_8(acc.lo, u.lo, s.lo), dot4_8(acc.hi, u.hi, s.hi)}; }
+inline V as_floats(B64 lanes) { return {_mm256_cvtepi32_ps(lanes.lo), _mm256_cvtepi32_ps(lanes.hi)}; }
+#endif
+
+// The activation rows, quantized and laid out the way a chunk's weight bytes meet them. For chunk c, byte b of a
+// weight row's 64 holds input 128c + 2b (low nibble) and 128c + 2b + 1 (high); int32 lane k of a dot product sums
+// bytes 4k .. 4k + 3, so inputs 128c + 8k .. 128c + 8k + 7, all in block 4c + k / 4.
+struct Activations {
+  int64_t C;
+  std::vector<int8_t> lo, hi;  // (M, C, 64): the even and the odd inputs of each chunk
+  std::vector<int32_t> bias;   // (M, C, 16): -8 * the lane's sum of q (the nibbles' + 8, taken off)
+  std::vector<float> scale;    // (M, C, 16): the lane's block scale
+
+  Activations(const float* x, int64_t M, int64_t I)
+      : C(I / kChunk), lo(M * I / 2), hi(M * I / 2), bias(M * I / 8), scale(M * I / 8) {
+    alignas(64) int32_t q[kChunk];
+    const V lim = vset(127.0f), neg = vset(-127.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float* v = x + m * I + c * kChunk;
+        float block_scale[kChunk / kBlock];
+        for (int64_t b = 0; b < kChunk / kBlock; ++b) {
+          const float* in = v + b * kBlock;
+          const float amax = vmaxlane(vmax(vabs(vload(in)), vabs(vload(in + 16))));
+          const float s = amax / 127.0f;
+          block_scale[b] = s;
+          if (!(amax > 0)) {
+            std::fill(q + b * kBlock, q + (b + 1) * kBlock, 0);
+            continue;
+          }
+          for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, vset(s), neg, lim, q + b * kBlock + 16 * h);
+        }
+        const int64_t at = (m * C + c);
+        for (int64_t b = 0; b < 64; ++b) {
+          lo[at * 64 + b] = (int8_t)q[2 * b];
+          hi[at * 64 + b] = (int8_t)q[2 * b + 1];
+        }
+        for (int64_t k = 0; k < 16; ++k) {
+          int32_t sum = 0;
+          for (int64_t j = 0; j < 8; ++j) sum += q[8 * k + j];
+          bias[at * 16 + k] = -8 * sum;
+          scale[at * 16 + k] = block_scale[k / 4];
+        }
+      }
+    }
+  }
+};
+
+// Output rows [o0, o1), R at a time: each chunk's R weight runs are unpacked once and meet every activation row.
+template <int M, int R>
+void int4_dot_rows(const Activations& a, const uint8_t* w, const Scales& s, float* y, int64_t I, int64_t O,
+                   int64_t group, int64_t o0, int64_t o1) {
+  const int64_t half = I / 2, G = I / group, per_group = group / kChunk, C = a.C;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    V acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+    const int next = rows_ahead<R>(o, o1);  // fetched ahead (native.h)
+    const uint8_t* ahead = next ? w + (o + R * kAheadBlocks) * half : w;  // (no pointer past the weight)
+    for (int64_t c = 0; c < C; ++c) {
+      for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * half + c * 64);
+      B64 lo[R], hi[R];
+      V ws[R];
+      for (int r = 0; r < R; ++r) {
+        const B64 b = load64(w + (o + r) * half + c * 64);
+        lo[r] = low_nibbles(b);
+        hi[r] = high_nibbles(b);
+        ws[r] = vset(s[(o + r) * G + c / per_group]);
+      }
+      for (int m = 0; m < M; ++m) {
+        const int64_t at = m * C + c;
+        const B64 xl = load64(a.lo.data() + at * 64), xh = load64(a.hi.data() + at * 64);
+        const B64 start = load64(a.bias.data() + at * 16);
+        const V xs = vload(a.scale.data() + at * 16);
+        for (int r = 0; r < R; ++r) {
+          const B64 sum = dot4(dot4(start, lo[r], xl), hi[r], xh);
+          acc[r][m] = vfmadd(as_floats(sum), vmul(xs, ws[r]), acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = vsum(acc[r][m]);
+  }
+  if (o < o1) int4_dot_rows<M, 1>(a, w, s, y, I, O, group, o, o1);
+}
+
+#endif  // an integer dot product
+
+}  // namespace
+
+// Which byte dot product this build's gemv_int4_dot uses: "vnni" (AVX512-VNNI), "maddubs" (AVX2), or "" (an AVX-512
+// CPU without VNNI: none).
+std::string int8_dot() {
+#ifndef NATIVE_INT4_DOT
+  return "";
+#elif defined(NATIVE_AVX512)
+  return "vnni";
+#else
+  return "maddubs";
+#endif
+}
+
+// x (..., I) @ W^T for W in compressed-tensors' int4 layout (native.cpp gemv_int4), groups a multiple of 128.
+torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                            int64_t group) {
+#ifdef NATIVE_INT4_DOT
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == torch::kUInt8,
+              "a contiguous (O, I/2) uint8 weight");
+  const int64_t O = packed.size(0), I = packed.size(1) * 2;
+  TORCH_CHECK(group % kChunk == 0 && I % group == 0, "groups of a multiple of 128 that divide the row");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == O && scale.size(1) == I / group, "scale (O, I / group)");
+  auto xr = as_f32_rows(x, I);
+  const int64_t M = xr.size(0);
+  const Activations a(xr.data_ptr<float>(), M, I);
+  const auto s = scale.contiguous();
+  const Scales sp(s);
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    int4_blocking(M, [&](auto m, auto r) {
+      int4_dot_rows<decltype(m)::value, decltype(r)::value>(a, wp, sp, yp, I, O, group, o0, o1);
+    });
+  });
+  return shaped_output(x, y, O);
+#else
+  TORCH_CHECK(false, "built for a CPU without an integer dot product (AVX512-VNNI or AVX2)");
+#endif
+}
