@@ -150,6 +150,8 @@ def native_rows() -> list[list[str]]:
                    "int4 bfloat16": [("native", lambda x, t: nk.gemv_int4(x, *t, 128))]}  # fmt: skip
         if dot := nk.int8_dot():  # "vnni" or "maddubs": the integer decode (native_dot.cpp)
             kernels["int4 bfloat16"].append((dot, lambda x, t: nk.gemv_int4_dot(x, *t, 128)))
+        if dot == "maddubs":  # AVX2's int8 one too
+            kernels["int8 bfloat16"].append((dot, lambda x, t: nk.gemv_int8_dot(x, *t)))
         for name, tensors in layers.items():
             size = sum(t.numel() * t.element_size() for t in tensors)
             copies = [tensors] + [

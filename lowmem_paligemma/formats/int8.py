@@ -8,10 +8,18 @@ checkpoint is copied as stored and a `convert --quantize int8` one is what trans
 Kernels (the chooser times them on the running machine):
 - "int8pack": torch's `_weight_int8pack_mm`, weight-only (16-bit activations);
 - "dequant": into one reused 16-bit buffer (base.Scratch), then F.linear; the reference;
+- "upcast": into a reused float32 buffer (each q * scale exact in float32), then a float32 GEMM, prefill only: for
+  CPUs without fast 16-bit or int8 GEMMs (AVX2 only: oneDNN's bf16 GEMM ran at 0.16x and `_int_mm` at 0.05x its
+  float32 rate there, docs/results/kernels.md), as dense's and int4's "upcast";
 - "int_mm": activations quantized per row on the fly, int8 x int8 -> int32 `torch._int_mm` (VNNI / AMX-INT8
   where the CPU has them), prefill only;
 - "native": our own decode kernel (native.cpp): the int8 weight widened in registers, fp32 sums, the row's scale
   applied to its sum (exact products, as "int8pack");
+- "maddubs": our integer decode on CPUs with AVX2 and no AVX-512 (native_dot.cpp): the activations quantized to
+  int8 in blocks of 32 inputs (int4's VNNI_BLOCK, the same rule), exact int32 sums per block (vpmaddubsw on |w| and
+  x_q with w's sign), each block's sum scaled in fp32, the row's sum by the row's scale. Its rounding is the
+  activations' (at most half a step of 1/127 of each block's largest value), as int4's integer decode: widening
+  every byte to fp32 kept "native" at ~0.7 of the memory rate on such a CPU (docs/results/kernels.md);
 - "vnni": "int_mm"'s product in our own GEMM (native_vnni_gemm.cpp, CPUs with AVX512-VNNI, prefill only): the same
   activation rows, the same exact int32 sums and rescale, so the same bits; each weight read once per pass over
   the activations, where oneDNN's int8 GEMM ran at half its single-layer rate inside a whole model.
@@ -62,7 +70,12 @@ def int8pack_ok(x: torch.Tensor, q: torch.Tensor) -> bool:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (O, I) = q * scale[:, None], rounded to out's dtype (a 16-bit product keeps 8 or 11 bits)."""
+    """out (O, I) = q * scale[:, None], rounded to out's dtype (a 16-bit product keeps 8 or 11 bits; float32 holds
+    it exactly: native.cpp's one streamed pass where it built, the same bits as torch's two)."""
+    nk = native.kernels() if out.device.type == "cpu" and out.dtype == torch.float32 else None
+    if nk is not None and q.is_contiguous() and out.is_contiguous():
+        nk.dequantize_int8_float32(q, scale, out)
+        return out
     out.copy_(q)
     return out.mul_(scale.to(out.dtype)[:, None])
 
@@ -83,8 +96,14 @@ def int8_linear(
     rows, (o, i), scale = x.shape[:-1].numel(), q.shape, scale.view(-1)
     name = kernels.pick(rows)
     x2 = x.reshape(rows, i)
-    if name == "native" and rows <= DECODE_ROWS and x.device.type == "cpu" and (nk := native.kernels()) is not None:
+    nk = native.kernels() if x.device.type == "cpu" else None
+    if name == "maddubs" and rows <= DECODE_ROWS and i % 32 == 0 and nk is not None and nk.int8_dot() == name:
+        y = nk.gemv_int8_dot(x2, q, scale)
+    elif name in ("native", "maddubs") and rows <= DECODE_ROWS and nk is not None:
         y = nk.gemv_int8(x2, q, scale)
+    elif name == "upcast" and x.device.type == "cpu" and rows > DECODE_ROWS:
+        w = (scratch or Scratch()).get((o, i), torch.float32, x.device)
+        y = F.linear(x2.float(), dequantize_int8(q, scale, w)).to(x.dtype)
     elif name == "int8pack" and int8pack_ok(x, q):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "vnni" and x.device.type == "cpu" and rows > DECODE_ROWS and o % 16 == 0 and _has_vnni():
@@ -94,7 +113,6 @@ def int8_linear(
         # native_vnni.cpp (AVX-512 builds) does each side in one pass (the same bits): torch's five passes each were
         # most of what an int8 prefill spent outside the GEMM.
         if _has_vnni():
-            nk = native.kernels()
             xq, x_scale = nk.quantize_rows_int8(x2)
             y = nk.rescale_int32(torch._int_mm(xq, q.t()), x_scale, scale, x.dtype)
         else:
@@ -153,8 +171,8 @@ class Int8Embedding(Int8Linear):
 
 class Int8Format(WeightFormat):
     name = "int8"
-    decode_kernels = ("int8pack", "dequant", "native")
-    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni")
+    decode_kernels = ("int8pack", "dequant", "native", "maddubs")
+    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni", "upcast")
     reference = KernelChoice("dequant", "dequant")
     compressed = CompressedScheme(
         "naive-quantized",
@@ -174,8 +192,12 @@ class Int8Format(WeightFormat):
         names = set(super().available_kernels(dtype))
         if native.kernels() is None:
             names.discard("native")
+        if native.kernels() is None or native.kernels().int8_dot() != "maddubs":
+            names.discard("maddubs")
         if not _has_vnni():
             names.discard("vnni")
+        if dtype == torch.float32:
+            names.discard("upcast")  # "dequant" is it
         return tuple(sorted(names))
 
     def bench(self, shape: tuple[int, int], dtype: torch.dtype) -> LayerCall:
@@ -184,10 +206,11 @@ class Int8Format(WeightFormat):
         return lambda x, name: int8_linear(x, q, scale, None, KernelChoice(name, name), scratch)
 
     def scratch_bytes(self, modules: list[nn.Module], choice: KernelChoice, dtype: torch.dtype) -> int:
-        """A 16-bit copy of the largest int8 linear layer, when the chosen kernels dequantize (embeddings never)."""
-        if "dequant" not in (choice.decode, choice.prefill):
-            return 0
-        return max((m.weight.numel() for m in modules if not hasattr(m, "lookup")), default=0) * dtype.itemsize
+        """The largest int8 linear layer dequantized, when the chosen kernels dequantize (embeddings never): in the
+        model dtype ("dequant"), in float32 ("upcast")."""
+        largest = max((m.weight.numel() for m in modules if not hasattr(m, "lookup")), default=0)
+        sizes = {"dequant": dtype.itemsize, "upcast": 4}
+        return sum(largest * sizes[k] for k in {choice.decode, choice.prefill} if k in sizes)
 
     def stored_tensors(
         self, out_features: int, in_features: int, dtype: torch.dtype

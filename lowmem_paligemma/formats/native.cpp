@@ -207,6 +207,37 @@ void widen_float32(const torch::Tensor& w, torch::Tensor& out) {
   }
 }
 
+// int8's "upcast" prefill (formats/int8.py): q (O, I) int8 times its row's scale into `out` (O, I) float32, each
+// product exact, streamed as widen_float32's.
+void dequantize_int8_float32(const torch::Tensor& q, const torch::Tensor& scale, torch::Tensor& out) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "a contiguous (O, I) int8 weight");
+  const int64_t O = q.size(0), I = q.size(1), full = I / 16 * 16;
+  TORCH_CHECK(scale.numel() == O, "one scale per output row");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.sizes() == q.sizes(),
+              "out: float32, contiguous, the weight's shape");
+  const auto s = scale.reshape({O}).contiguous();
+  const Scales sp(s);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  float* dst = out.data_ptr<float>();
+  const bool stream = reinterpret_cast<uintptr_t>(dst) % 64 == 0 && I % 16 == 0;
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const V sv = vset(sp[o]);
+      const int8_t* row = qp + o * I;
+      float* d = dst + o * I;
+      for (int64_t i = 0; i < full; i += 16) {
+        if (stream) {
+          vstream(d + i, vmul(I8::load(row + i), sv));
+        } else {
+          vstore(d + i, vmul(I8::load(row + i), sv));
+        }
+      }
+      if (full < I) vstore(d + full, vmul(I8::load_masked(row + full, I - full), sv), I - full);
+    }
+    if (stream) _mm_sfence();
+  });
+}
+
 // --- quantizing while a checkpoint streams (formats/int8.py, int4.py: the same rule, to the bit) --------------
 
 namespace {
@@ -332,6 +363,7 @@ torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up);
 // native_dot.cpp
 std::string int8_dot();
 torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
+torch::Tensor gemv_int8_dot(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 #ifdef NATIVE_AVX512
 // native_vnni.cpp
 bool has_vnni();
@@ -351,6 +383,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int4", &gemv_int4);
   m.def("dequantize_int4", &dequantize_int4);
   m.def("widen_float32", &widen_float32);
+  m.def("dequantize_int8_float32", &dequantize_int8_float32);
   m.def("quantize_int8", &quantize_int8);
   m.def("quantize_int4", &quantize_int4);
   m.def("read_bytes", &read_bytes);
@@ -361,6 +394,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_mul_", &gelu_tanh_mul_);
   m.def("int8_dot", &int8_dot);
   m.def("gemv_int4_dot", &gemv_int4_dot);
+  m.def("gemv_int8_dot", &gemv_int8_dot);
   m.def("has_vnni", &has_vnni);
 #ifdef NATIVE_AVX512
   m.def("quantize_rows_int8", &quantize_rows_int8);

@@ -1,5 +1,6 @@
-// int4 decode products in integers: the activations quantized to int8 and multiplied with the stored nibbles in
-// byte dot products, vpdpbusd on AVX512-VNNI, vpmaddubsw + vpmaddwd on AVX2 (the same int32 sums).
+// int4 (and, on AVX2, int8) decode products in integers: the activations quantized to int8 and multiplied with the
+// stored nibbles (bytes) in byte dot products, vpdpbusd on AVX512-VNNI, vpmaddubsw + vpmaddwd on AVX2 (the same
+// int32 sums).
 //
 // native.cpp's int4 kernel widens every weight to fp32 (a table lookup per 16 values) and multiplies in fp32: with
 // 4 bits a weight, that arithmetic, not memory, bounds a decode step (AVX2, AMD EPYC Zen 3, docs/results/kernels.md:
@@ -150,10 +151,76 @@ void int4_dot_rows(const Activations& a, const uint8_t* w, const Scales& s, floa
 
 #endif  // an integer dot product
 
+#ifndef NATIVE_AVX512
+// --- int8 weights (AVX2): the same activation blocks against signed bytes -------------------------------------
+// vpmaddubsw multiplies unsigned by signed bytes: |w| times x_q with w's sign moved onto it (vpsignb, llama.cpp's
+// trick for Q8_0 on AVX2; a zero w zeroes the product, as it should). Pair sums stay within 2 * 127 * 127 < 2^15.
+// AVX-512 has no vpsignb (and its int8 decode reads the weights at ~0.9 of the memory rate already).
+#define NATIVE_INT8_DOT 1
+
+// x_q (M, I) int8 in input order and one scale per block of 32 inputs (M, I / 32).
+struct Blocks {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  Blocks(const float* x, int64_t M, int64_t I) : q(M * I), scale(M * I / kBlock) {
+    alignas(64) int32_t v[kBlock];
+    const V lim = vset(127.0f), neg = vset(-127.0f);
+    for (int64_t b = 0; b < M * I / kBlock; ++b) {
+      const float* in = x + b * kBlock;
+      const float amax = vmaxlane(vmax(vabs(vload(in)), vabs(vload(in + 16))));
+      scale[b] = amax / 127.0f;
+      if (!(amax > 0)) {
+        std::fill(v, v + kBlock, 0);
+      } else {
+        for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, vset(scale[b]), neg, lim, v + 16 * h);
+      }
+      for (int64_t k = 0; k < kBlock; ++k) q[b * kBlock + k] = (int8_t)v[k];
+    }
+  }
+};
+
+// Output rows [o0, o1), R at a time; each 32-byte run of a row is one activation block: its 8 int32 lanes are
+// scaled by the block's scale (fp32) and summed, then the row's sum by the row's scale.
+template <int M, int R>
+void int8_dot_rows(const Blocks& a, const int8_t* w, const Scales& s, float* y, int64_t I, int64_t O, int64_t o0,
+                   int64_t o1) {
+  const int64_t B = I / kBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    const int next = rows_ahead<R>(o, o1);
+    const int8_t* ahead = next ? w + (o + R * kAheadBlocks) * I : w;  // (no pointer past the weight)
+    for (int64_t b = 0; b < B; ++b) {
+      if (b % 2 == 0)
+        for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * I + b * kBlock);
+      __m256i wv[R], wabs[R];
+      for (int r = 0; r < R; ++r) {
+        wv[r] = _mm256_loadu_si256((const __m256i*)(w + (o + r) * I + b * kBlock));
+        wabs[r] = _mm256_abs_epi8(wv[r]);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i*)(a.q.data() + m * I + b * kBlock));
+        const __m256 xs = _mm256_set1_ps(a.scale[m * B + b]);
+        for (int r = 0; r < R; ++r) {
+          const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(xq, wv[r])), ones);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), xs, acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = vsum({acc[r][m], _mm256_setzero_ps()}) * s[o + r];
+  }
+  if (o < o1) int8_dot_rows<M, 1>(a, w, s, y, I, O, o, o1);
+}
+#endif  // AVX2
+
 }  // namespace
 
-// Which byte dot product this build's gemv_int4_dot uses: "vnni" (AVX512-VNNI), "maddubs" (AVX2), or "" (an AVX-512
-// CPU without VNNI: none).
+// Which byte dot product this build's gemv_int4_dot uses: "vnni" (AVX512-VNNI), "maddubs" (AVX2, which has
+// gemv_int8_dot too), or "" (an AVX-512 CPU without VNNI: none).
 std::string int8_dot() {
 #ifndef NATIVE_INT4_DOT
   return "";
@@ -189,5 +256,32 @@ torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed,
   return shaped_output(x, y, O);
 #else
   TORCH_CHECK(false, "built for a CPU without an integer dot product (AVX512-VNNI or AVX2)");
+#endif
+}
+
+// x (..., I) @ (q (O, I) int8 * scale (O,))^T (native.cpp gemv_int8) with the activations in blocks of 32 inputs,
+// I a multiple of 32; AVX2 builds ("maddubs").
+torch::Tensor gemv_int8_dot(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+#ifdef NATIVE_INT8_DOT
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "a contiguous (O, I) int8 weight");
+  const int64_t O = q.size(0), I = q.size(1);
+  TORCH_CHECK(I % kBlock == 0, "in features a multiple of 32");
+  TORCH_CHECK(scale.numel() == O, "one scale per output row");
+  auto xr = as_f32_rows(x, I);
+  const int64_t M = xr.size(0);
+  const Blocks a(xr.data_ptr<float>(), M, I);
+  const auto s = scale.reshape({O}).contiguous();
+  const Scales sp(s);
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  const int8_t* wp = q.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
+    int4_blocking(M, [&](auto m, auto r) {
+      int8_dot_rows<decltype(m)::value, decltype(r)::value>(a, wp, sp, yp, I, O, o0, o1);
+    });
+  });
+  return shaped_output(x, y, O);
+#else
+  TORCH_CHECK(false, "built for a CPU without AVX2's byte sign (vpsignb): an AVX-512 build");
 #endif
 }

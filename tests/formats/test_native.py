@@ -57,7 +57,7 @@ def _int4_layer(
 
 
 def _blocks_quantized(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """The activations as native_vnni.cpp rounds them: blocks of 32 inputs (native_vnni_gemm.cpp: 128), scale
+    """The activations as native_dot.cpp rounds them: blocks of 32 inputs (native_vnni_gemm.cpp: 128), scale
     max|x| / 127, round half to even."""
     from lowmem_paligemma.formats.int4 import VNNI_BLOCK
 
@@ -65,6 +65,35 @@ def _blocks_quantized(x: torch.Tensor, block: int | None = None) -> torch.Tensor
     s = xb.abs().amax(-1, keepdim=True) / 127
     q = torch.where(s > 0, torch.round(xb / s.clamp_min(torch.finfo(torch.float32).tiny)), 0).clamp(-127, 127)
     return (q * s).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("o, i", [(16, 32), (50, 96), (48, 2048)])  # one block; O not a multiple of R or kGrain
+def test_int8_dot_is_the_blockwise_int8_product(dtype, rows, o, i):
+    """native_dot.cpp's AVX2 int8 decode equals F.linear of the block-quantized activations and the dequantized
+    weights up to the order of fp32 sums: |w| x sign-moved x_q loses nothing, -127 and 0 weights included."""
+    from lowmem_paligemma.formats.int8 import quantize_int8
+
+    nk = native.kernels()
+    if nk is None or nk.int8_dot() != "maddubs":
+        pytest.skip("no AVX2 integer int8 decode on this machine")
+    gen = torch.Generator().manual_seed(o + i + rows)
+    w = torch.randn(o, i, generator=gen)
+    w[0, :7] = 0
+    q, scale = quantize_int8(w, dtype)
+    q[1, ::3] = -127  # the extremes: pair sums up to 2 * 127 * 127
+    x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
+    if i > 32:
+        x[:, :32] = 0  # an all-zero block (scale 0)
+    x[0, -1] = -300.0  # an outlier: only its block's scale may grow
+    got = nk.gemv_int8_dot(x.to(dtype), q, scale)
+    assert got.shape == (rows, o) and got.dtype == dtype
+    want = torch.nn.functional.linear(_blocks_quantized(x.to(dtype)), q.float() * scale.float()[:, None])
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]  # the output's own rounding
+    assert (got.float() - want).abs().max() <= tol * want.abs().max()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        nk.gemv_int8_dot(torch.zeros(1, 48), torch.zeros(16, 48, dtype=torch.int8), torch.ones(16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -298,3 +327,23 @@ def test_decode_gelu_times_up_is_the_function_rounded(dtype, n):
     assert ((got[finite] - want[finite]).double().abs()[~big] <= 1e-30).all()
     with pytest.raises(RuntimeError, match="one shape"):
         nk.gelu_tanh_mul_(gate.clone(), up[..., :-1].contiguous())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("o, i", [(40, 64), (17, 37)])  # I % 16: the masked tail and plain stores
+def test_int8_dequantized_to_float32_is_torchs(dtype, o, i):
+    """native.cpp's dequantize_int8_float32 (int8's "upcast" prefill): q * scale exactly, as torch's two passes."""
+    from lowmem_paligemma.formats.int8 import quantize_int8
+
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    q, scale = quantize_int8(torch.randn(o, i, generator=torch.Generator().manual_seed(o)), dtype)
+    out = torch.full((o, i), float("nan"))
+    nk.dequantize_int8_float32(q, scale, out)
+    assert torch.equal(out, q.float() * scale.float().view(-1, 1))
+    offset = torch.empty(o * i + 1)[1:].view(o, i)  # not 64-byte aligned: no streamed stores
+    nk.dequantize_int8_float32(q, scale, offset)
+    assert torch.equal(offset, out)
+    with pytest.raises(RuntimeError, match="float32"):
+        nk.dequantize_int8_float32(q, scale, torch.empty(o, i, dtype=torch.bfloat16))
