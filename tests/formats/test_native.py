@@ -16,6 +16,26 @@ def test_each_checkout_builds_into_its_own_directory(tmp_path, monkeypatch):
     assert native.cache_dir() == native.cache_dir()  # and stable for one checkout
 
 
+@pytest.mark.parametrize(
+    "flags, isa",
+    [(("avx2", "fma", "f16c", "avx512f", "avx512bw"), "avx512"), (("avx2", "fma", "f16c"), "avx2"),
+     (("avx2", "fma"), None), (("avx512f",), None)],
+)  # fmt: skip
+def test_the_build_follows_the_cpu(monkeypatch, flags, isa):
+    """AVX-512F/BW builds everything; AVX2 + FMA + F16C the same kernels without native_vnni*.cpp; else none."""
+    from lowmem_paligemma.machine import CPU
+
+    monkeypatch.setattr(native, "cpu", lambda: CPU(model="x", flags=flags, cores=2))
+    monkeypatch.delenv(native.ENV_DISABLE, raising=False)
+    build = native.chosen()
+    assert (build.isa if build else None) == isa
+    if build is not None and build.isa == "avx2":
+        assert not any("vnni" in f for f in build.sources) and "native_dot.cpp" in build.sources
+        assert "-mavx2" in build.cflags and not any("avx512" in f for f in build.cflags)
+    monkeypatch.setenv(native.ENV_DISABLE, "1")
+    assert native.chosen() is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b, k, g, s, h", [(1, 4, 2, 37, 256), (2, 1, 8, 5, 40), (1, 2, 1, 1, 16), (2, 3, 3, 70, 72)])
 def test_decode_attention_products_match_torch(dtype, b, k, g, s, h):
