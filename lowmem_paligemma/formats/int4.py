@@ -23,9 +23,10 @@ Kernels (the chooser times them on the running machine):
   the kernels here that are not exact in their products, offered, as int8's "int_mm" prefill is, because widening
   every weight to fp32 bounds a decode step in int4, and a prefill runs twice as many integer products a second
   as bf16 ones on CPUs with VNNI.
-- "maddubs": that integer decode on CPUs with AVX2 and no AVX-512 (native_dot.cpp, vpmaddubsw + vpmaddwd: the same
-  int32 sums as vpdpbusd, so the same rounding); decode only (an AVX2 integer GEMM would not beat the float32
-  "upcast" prefill by enough to matter here).
+- "maddubs": those integer kernels on CPUs with AVX2 and no AVX-512, the decode in native_dot.cpp and the prefill
+  in native_dot_gemm.cpp: vpmaddubsw + vpmaddwd give the int32 sums vpdpbusd gives, so the same rounding (the
+  prefill: gemm_int4_vnni's bits). On such a CPU the prefill runs ~3x the "upcast" prefill's float32 GEMM
+  (docs/results/kernels.md).
 
 The shape rules (`accepts`): out features a multiple of 16 and in features of the group size hold for every
 PaliGemma layer but SigLIP's second MLP layer (4304-wide input): it falls back to int8. The tied embedding's
@@ -128,12 +129,15 @@ def int4_linear(
     decode = rows <= DECODE_ROWS and nk is not None
     dot = name in DOT_KERNELS and nk is not None and group % VNNI_CHUNK == 0 and nk.int8_dot() == name
     vnni = name == "vnni" and nk is not None and group % VNNI_CHUNK == 0 and nk.has_vnni()
+    gemm_dot = not decode and dot and name == "maddubs"
     if decode and dot:
         y = nk.gemv_int4_dot(x2, packed, scale, group)
     elif decode and name in ("native", *DOT_KERNELS):
         y = nk.gemv_int4(x2, packed, scale, group)
     elif vnni:
         y = nk.gemm_int4_vnni(x2, packed, scale, group)
+    elif gemm_dot:
+        y = nk.gemm_int4_dot(x2, packed, scale, group)
     else:
         wide = name == "upcast" and x.device.type == "cpu"
         dtype = torch.float32 if wide else x.dtype
@@ -220,7 +224,7 @@ class Int4Embedding(Int4Linear):
 class Int4Format(WeightFormat):
     name = "int4"
     decode_kernels = ("dequant", "native", "vnni", "maddubs")
-    prefill_kernels = ("dequant", "upcast", "vnni")
+    prefill_kernels = ("dequant", "upcast", "vnni", "maddubs")
     reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
     compressed = CompressedScheme(

@@ -23,6 +23,8 @@ Kernels (the chooser times them on the running machine):
 - "vnni": "int_mm"'s product in our own GEMM (native_vnni_gemm.cpp, CPUs with AVX512-VNNI, prefill only): the same
   activation rows, the same exact int32 sums and rescale, so the same bits; each weight read once per pass over
   the activations, where oneDNN's int8 GEMM ran at half its single-layer rate inside a whole model.
+  "maddubs" as a prefill is that GEMM on AVX2 (native_dot_gemm.cpp: weights and activations widened to int16,
+  vpmaddwd): `int_mm`'s bits again, ~2x the "upcast" prefill's float32 GEMM there and no float32 copy of a layer.
 The private torch kernels crash (not raise) on shapes they do not support, so each is used only where its
 shape rules hold (`int8pack_ok`) and "dequant" otherwise. The tied embedding in int8 gathers and dequantizes
 rows for the lookup and computes the logits with the chosen decode kernel, or "int8pack" (never the scratch
@@ -108,6 +110,8 @@ def int8_linear(
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "vnni" and x.device.type == "cpu" and rows > DECODE_ROWS and o % 16 == 0 and _has_vnni():
         y = native.kernels().gemm_int8_vnni(x2, q, scale)  # quantize_rows_int8's rows, fused
+    elif name == "maddubs" and rows > DECODE_ROWS and o % 16 == 0 and nk is not None and nk.int8_dot() == name:
+        y = nk.gemm_int8_dot(x2, q, scale)  # the same, on AVX2
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
         # Symmetric per-row activation scales; the int32 product is exact, the two scales are applied after.
         # native_vnni.cpp (AVX-512 builds) does each side in one pass (the same bits): torch's five passes each were
@@ -172,7 +176,7 @@ class Int8Embedding(Int8Linear):
 class Int8Format(WeightFormat):
     name = "int8"
     decode_kernels = ("int8pack", "dequant", "native", "maddubs")
-    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni", "upcast")
+    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni", "upcast", "maddubs")
     reference = KernelChoice("dequant", "dequant")
     compressed = CompressedScheme(
         "naive-quantized",

@@ -364,6 +364,9 @@ torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up);
 std::string int8_dot();
 torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 torch::Tensor gemv_int8_dot(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
+// native_dot_gemm.cpp
+torch::Tensor gemm_int4_dot(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
+torch::Tensor gemm_int8_dot(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& w_scale);
 #ifdef NATIVE_AVX512
 // native_vnni.cpp
 bool has_vnni();
@@ -395,6 +398,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dot", &int8_dot);
   m.def("gemv_int4_dot", &gemv_int4_dot);
   m.def("gemv_int8_dot", &gemv_int8_dot);
+  m.def("gemm_int4_dot", &gemm_int4_dot);
+  m.def("gemm_int8_dot", &gemm_int8_dot);
   m.def("has_vnni", &has_vnni);
 #ifdef NATIVE_AVX512
   m.def("quantize_rows_int8", &quantize_rows_int8);

@@ -1,4 +1,4 @@
-"""Our own kernels (native.cpp; native_attention.cpp; native_decode.cpp; native_dot.cpp; native_vnni*.cpp; native.h,
+"""Our own kernels (native.cpp; native_attention.cpp; native_decode.cpp; native_dot*.cpp; native_vnni*.cpp; native.h,
 what they share), built for the running machine, where the libraries' kernels stop short.
 
 On the CPUs this runs on, torch's decode-step products can leave DRAM bandwidth unused (docs/results/kernels.md
@@ -12,10 +12,11 @@ torch rules).
 Built once per machine with torch.utils.cpp_extension (g++ and ninja) into the cache directory, keyed by the
 source, torch's version and the CPU flags; `make install` builds it ahead (`native.build()`).
 Two builds (`BUILDS`): AVX-512F/BW, with the integer kernels of native_vnni*.cpp (their `has_vnni()` says whether
-the CPU has VNNI); else AVX2 with FMA and F16C, the same kernels on two 256-bit registers a vector, without the
-integer prefills (`has_vnni()` False); `int8_dot()` names the byte dot product native_dot.cpp's int4 decode uses
-("vnni", "maddubs" on AVX2, "" for none). Never required: without a compiler, or on a CPU with neither, `kernels()` is
-None and the formats offer torch's kernels only.
+the CPU has VNNI); else AVX2 with FMA and F16C, the same kernels on two 256-bit registers a vector, without
+native_vnni*.cpp (`has_vnni()` False) and with native_dot_gemm.cpp's AVX2 integer prefills in their place (both
+builds compile it: plain AVX2, so tests run it anywhere); `int8_dot()` names the byte dot product the integer
+decodes and the formats' "maddubs" candidates use ("vnni", "maddubs" on AVX2, "" for none). Never required:
+without a compiler, or on a CPU with neither, `kernels()` is None and the formats offer torch's kernels only.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ SOURCE_DIR = Path(__file__).parent
 # compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp: AVX-512 builds only, their kernels
 # where the CPU has VNNI)
 SOURCES = (
-    "native.cpp", "native_attention.cpp", "native_decode.cpp", "native_dot.cpp", "native_vnni.cpp",
-    "native_vnni_gemm.cpp",
+    "native.cpp", "native_attention.cpp", "native_decode.cpp", "native_dot.cpp", "native_dot_gemm.cpp",
+    "native_vnni.cpp", "native_vnni_gemm.cpp",
 )  # fmt: skip
 HEADERS = ("native.h",)  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
@@ -62,7 +63,7 @@ class Build:
 # The first whose flags the CPU has is built (native.h picks its vector layer from the compiler's flags).
 BUILDS = (
     Build("avx512", ("avx512f", "avx512bw"), SOURCES, ("-mavx512f", "-mavx512bw", *COMMON_CFLAGS)),
-    Build("avx2", ("avx2", "fma", "f16c"), SOURCES[:4], ("-mavx2", *COMMON_CFLAGS)),
+    Build("avx2", ("avx2", "fma", "f16c"), SOURCES[:5], ("-mavx2", *COMMON_CFLAGS)),
 )
 
 

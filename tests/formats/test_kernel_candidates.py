@@ -70,7 +70,7 @@ def test_int8_kernels_match_dequantized_linear(dtype, out_in, rows, name):
     decode = rows * 2 <= DECODE_ROWS
     # where they run (else an exact kernel): activations quantized too, ~1/127 of x (of each block's max)
     rounds_x = {"int_mm": i % 8 == 0 and not decode, "vnni": o % 16 == 0 and not decode}
-    rounds_x["maddubs"] = i % 32 == 0 and decode
+    rounds_x["maddubs"] = i % 32 == 0 if decode else o % 16 == 0
     if rounds_x.get(name):
         assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
     else:
@@ -113,6 +113,27 @@ def test_int4_kernels_match_dequantized_linear(dtype, rows, name):
         assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
     else:
         _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_avx2_integer_prefill_runs_native_dot_gemm(fmt):
+    """A "maddubs" choice runs native_dot_gemm.cpp for a prefill (its bits, not a quietly exact fallback) and
+    native_dot.cpp's decode for a step, on the machines that offer it."""
+    if "maddubs" not in registry.get(fmt).available_kernels(torch.bfloat16):
+        pytest.skip("no AVX2 integer kernels on this machine")
+    nk, g = native.kernels(), torch.Generator().manual_seed(4)
+    w, x = torch.randn(48, 256, generator=g), torch.randn(2, 20, 256, generator=g).bfloat16()
+    choice = KernelChoice("maddubs", "maddubs")
+    if fmt == "int8":
+        q, scale = int8.quantize_int8(w, torch.bfloat16)
+        run = lambda rows: int8_linear(rows, q, scale, None, choice, Scratch())  # noqa: E731
+        gemm, gemv = nk.gemm_int8_dot(x.view(40, 256), q, scale), nk.gemv_int8_dot(x[0, :3], q, scale)
+    else:
+        packed, scale = int4.quantize_int4_packed(w, torch.bfloat16, int4.GROUP)
+        run = lambda rows: int4.int4_linear(rows, packed, scale, int4.GROUP, None, choice, Scratch())  # noqa: E731
+        gemm = nk.gemm_int4_dot(x.view(40, 256), packed, scale, int4.GROUP)
+        gemv = nk.gemv_int4_dot(x[0, :3], packed, scale, int4.GROUP)
+    assert torch.equal(run(x), gemm.view(2, 20, 48)) and torch.equal(run(x[0, :3]), gemv)
 
 
 def test_a_tied_table_under_a_layout_choice_takes_the_plain_layouts_kernels(monkeypatch):

@@ -30,7 +30,8 @@ def test_the_build_follows_the_cpu(monkeypatch, flags, isa):
     build = native.chosen()
     assert (build.isa if build else None) == isa
     if build is not None and build.isa == "avx2":
-        assert not any("vnni" in f for f in build.sources) and "native_dot.cpp" in build.sources
+        assert not any("vnni" in f for f in build.sources)
+        assert {"native_dot.cpp", "native_dot_gemm.cpp"} <= set(build.sources)
         assert "-mavx2" in build.cflags and not any("avx512" in f for f in build.cflags)
     monkeypatch.setenv(native.ENV_DISABLE, "1")
     assert native.chosen() is None
@@ -216,6 +217,72 @@ def test_int8_vnni_prefill_gives_int_mms_bits(dtype, m, o, i):
         xq, xs = nk.quantize_rows_int8(x)
         want = nk.rescale_int32((xq.int() @ q.int().t()).contiguous(), xs, scale, dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# rows: fewer than a register block (6), not a multiple of it, past one pass (522); outputs: one block of 16, a
+# 64-row task plus a 16-row tail; groups of 128 and 256
+@pytest.mark.parametrize(
+    "rows, o, i, group", [(17, 16, 128, 128), (23, 80, 384, 128), (530, 368, 512, 256), (5, 48, 256, 128)]
+)
+def test_int4_avx2_prefill_is_the_blockwise_int8_product(dtype, rows, o, i, group):
+    """native_dot_gemm.cpp's int4 product (AVX2, both builds compile it) equals F.linear of the activations quantized
+    in blocks of 128 and the dequantized weights up to the order of fp32 sums (extreme nibbles and activations: its
+    16-bit pair sums must not overflow), and where the CPU has VNNI, gemm_int4_vnni's bits."""
+    from lowmem_paligemma.formats import int4
+
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    packed, scale, dense = _int4_layer(o, i, dtype, seed=o, group=group)
+    packed[0] = 0xFF  # every nibble 15 (q = 7): the largest unsigned operand
+    packed[1] = 0x00  # q = -8
+    dense[:2] = 0
+    int4.dequantize_int4(packed[:2], scale[:2], group, dense[:2])
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
+    x[:-1, :128] = 0  # an all-zero block (scale 0); the last row keeps it
+    x[-1, 3] = 300.0  # an outlier: only its block's scale may grow
+    x[2 % rows, 128:] = torch.where(torch.arange(i - 128) % 2 == 0, 5.0, -5.0)  # +-127 after quantizing
+    with torch.inference_mode():
+        got = nk.gemm_int4_dot(x.to(dtype), packed, scale, group)
+    assert got.shape == (rows, o) and got.dtype == dtype
+    want = torch.nn.functional.linear(_blocks_quantized(x.to(dtype), int4.VNNI_PREFILL_BLOCK), dense)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]  # the output's own rounding
+    assert (got.float() - want).abs().max() <= tol * want.abs().max()
+    if nk.has_vnni():
+        assert torch.equal(got, nk.gemm_int4_vnni(x.to(dtype), packed, scale, group))
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        nk.gemm_int4_dot(torch.zeros(20, 128), torch.zeros(16, 64, dtype=torch.uint8), torch.ones(16, 2), 64)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        nk.gemm_int4_dot(torch.zeros(20, 128), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 1), 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# rows across register blocks and past a pass (522); inputs a multiple of 64, a short last chunk (4304: SigLIP's, 200),
+# one under a chunk; outputs with a 16-row tail
+@pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384), (20, 32, 37)])
+def test_int8_avx2_prefill_gives_int_mms_bits(dtype, m, o, i):
+    """native_dot_gemm.cpp's int8 product is `int_mm`'s: int8.py's quantize_rows_int8 rows, exact int32 sums (the
+    extremes: -127 weights against +-127 activations), then the two fp32 products of int8.py's torch path."""
+    from lowmem_paligemma.formats.int8 import quantize_int8, quantize_rows_int8
+
+    nk = native.kernels()
+    if nk is None:
+        pytest.skip("the native kernels are not available on this machine")
+    gen = torch.Generator().manual_seed(m + i)
+    x = (torch.randn(m, i, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
+    x[1] = 0  # a zero row: the scale's floor
+    x[2 % m] = 3.0  # every activation 127
+    q, scale = quantize_int8(torch.randn(o, i, generator=gen), dtype)
+    q[0] = -127
+    with torch.inference_mode():
+        got = nk.gemm_int8_dot(x, q, scale)
+    xq, xs = quantize_rows_int8(x)
+    want = (xq.int() @ q.int().t()).float().mul_(xs).mul_(scale.float()).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        nk.gemm_int8_dot(torch.zeros(20, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
