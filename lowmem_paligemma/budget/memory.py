@@ -34,9 +34,10 @@ def prefill_bytes(cfg: PaliGemmaConfig, prompt_len: int, dtype: torch.dtype, bat
     t, L, item = cfg.text, prompt_len, dtype.itemsize
     n, k, h = t.num_attention_heads, t.num_key_value_heads, t.head_dim
     # Attention scores (B, N, C, L) for C = min(L, ATTENTION_QUERY_CHUNK) queries at a time (gemma._attend): a
-    # float32 softmax and two model-dtype copies on the soft-capped eager path (Gemma 2); SDPA's math fallback
-    # (Gemma 1) is the same size.
-    scores = n * min(L, defaults.ATTENTION_QUERY_CHUNK) * L * (FLOAT32 + 2 * item)
+    # float32 softmax and two model-dtype copies on the soft-capped eager path (Gemma 2), and one head's float32
+    # product where those products run in float32 (gemma._float32_matmul); SDPA's math fallback (Gemma 1) is smaller.
+    c = min(L, defaults.ATTENTION_QUERY_CHUNK)
+    scores = n * c * L * (FLOAT32 + 2 * item) + c * L * FLOAT32
     # paligemma.make_attn_mask: (B, 1, L, L) in the model dtype with its boolean temporaries, one per mask kind.
     masks = (2 if t.sliding_window else 1) * L * L * (item + 3)
     # gate and up, (B, L, I) each (gemma.GemmaMLP takes the gelu and the product in place), and one more (B, L, I)

@@ -21,11 +21,16 @@ def use_kernels(model: nn.Module, plan: dict[str, KernelChoice]) -> None:
 
     A layer whose weight is still on meta is streamed in per forward (budget/residency.py): its bytes arrive in
     the checkpoint's plain layout each time, so it takes the reference kernels where the choice needs a layout.
-    Every layer that keeps a buffer for its kernels (base.Scratch) shares the model's one."""
+    Every layer that keeps a buffer for its kernels (base.Scratch) shares the model's one. Modules that run products of
+    their own (Gemma 2's prefill attention, `float32_products`) run them in float32 where the dense prefill does
+    ("upcast": the chooser measured 16-bit GEMMs slower on this machine)."""
     scratch = next((m.scratch for m in model.modules() if getattr(m, "scratch", None) is not None), None) or Scratch()
+    dense = plan.get(registry.get("dense").name)
     for module in model.modules():
         if hasattr(module, "scratch"):
             module.scratch = scratch
+        if dense is not None and hasattr(module, "float32_products"):  # attention's own products (model/gemma.py)
+            module.float32_products = dense.prefill == "upcast"
         fmt = registry.of(module)
         if fmt is None or fmt.name not in plan:
             continue

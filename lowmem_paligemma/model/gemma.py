@@ -99,6 +99,12 @@ def _decode_mask(slot: int, window: int | None, dtype: torch.dtype, device: torc
 
 
 class GemmaAttention(nn.Module):
+    # Gemma 2's prefill score and value products in float32 (`_float32_matmul`) instead of torch's 16-bit bmm:
+    # set by formats.kernels.use_kernels where the dense prefill widens to float32 (the chooser measured 16-bit GEMMs
+    # slower there). On the AVX2 CPU torch's bf16 bmm ran these shapes at ~2.4 GFLOP/s: 5.7 s of PaliGemma 2's
+    # 15 s prefill (torch.profiler, by hand).
+    float32_products: bool = False
+
     def __init__(self, cfg: GemmaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -178,12 +184,12 @@ class GemmaAttention(nn.Module):
         elif self.softcap is None:  # Gemma 1: SDPA with the same additive mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, N, T, H)
         else:  # Gemma 2: tanh cap on the scores before the mask (transformers eager, big_vision); SDPA can't
-            w = self._scores(q, k, t) * self.scale  # (B, N, T, S); (B, K, G, S) folded
+            w = self._scores(q, k, t, self.float32_products) * self.scale  # (B, N, T, S); (B, K, G, S) folded
             w = torch.tanh(w / self.softcap) * self.softcap
             if mask is not None:
                 w = w + mask
             w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = self._values(w, v, t)  # (B, N, T, H)
+            out = self._values(w, v, t, self.float32_products)  # (B, N, T, H)
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # the folded (B, K, G, H) back to (B, N, 1, H)
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, T, N*H)
 
@@ -201,10 +207,12 @@ class GemmaAttention(nn.Module):
     # built, else in float32 on exact copies of the 16-bit operands: either way fp32 sums of exact products rounded
     # once to the model's dtype, what torch's 16-bit bmm computes, but that runs these small shapes at ~2 GFLOP/s on
     # a CPU without AVX512-BF16 (oneDNN emulates it) and copies the cache's strided view first (its heads lie
-    # max_len rows apart): 14 ms of a PaliGemma 2 step. A prefill keeps torch's 16-bit products (a float32 copy
-    # of its keys would be transient memory the estimates do not hold); its expanded k is contiguous already.
+    # max_len rows apart): 14 ms of a PaliGemma 2 step. A prefill keeps torch's 16-bit products, or with `wide`
+    # (float32_products) the same products in float32 one head at a time; its expanded k is contiguous already.
     @staticmethod
-    def _scores(q: torch.Tensor, k: torch.Tensor, t: int) -> torch.Tensor:
+    def _scores(q: torch.Tensor, k: torch.Tensor, t: int, wide: bool = False) -> torch.Tensor:
+        if t > 1 and wide and k.device.type == "cpu" and q.dtype != torch.float32:
+            return _float32_matmul(q, k.transpose(2, 3))
         if t > 1 or k.device.type != "cpu":
             return torch.matmul(q, k.contiguous().transpose(2, 3))
         if (nk := _native_attention(k, k)) is not None:
@@ -212,12 +220,24 @@ class GemmaAttention(nn.Module):
         return torch.matmul(q.float(), k.float().transpose(2, 3)).to(q.dtype)
 
     @staticmethod
-    def _values(w: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+    def _values(w: torch.Tensor, v: torch.Tensor, t: int, wide: bool = False) -> torch.Tensor:
+        if t > 1 and wide and v.device.type == "cpu" and w.dtype != torch.float32:
+            return _float32_matmul(w, v)
         if t > 1 or v.device.type != "cpu":
             return torch.matmul(w, v)
         if (nk := _native_attention(v, v)) is not None:
             return nk.attention_values(w, v).to(w.dtype)
         return torch.matmul(w.float(), v.float()).to(w.dtype)
+
+
+def _float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, N, T, X) @ b (B, N, X, S), 16-bit, in float32 from the exact operands and rounded once to a's dtype (what
+    a 16-bit bmm computes, up to the order of the sums), one head at a time: the float32 copies held at once are one
+    head's, (B, T, X), (B, X, S) and (B, T, S) (budget/memory.py counts the last)."""
+    out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=a.device)
+    for n in range(a.shape[1]):
+        out[:, n] = torch.matmul(a[:, n].float(), b[:, n].float())
+    return out
 
 
 def _native_attention(k: torch.Tensor, v: torch.Tensor):

@@ -111,3 +111,36 @@ def test_decode_pointwise_native_equals_torch_path(tiny_pg1_dir, tiny_pg2_dir, m
     assert counting.calls.count("gelu_tanh_mul_") == 3 * cfg.num_hidden_layers + 1
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype] * torch_path.abs().max().item()
     torch.testing.assert_close(ours, torch_path, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dense, wide", [("native/upcast", True), ("native/linear", False)])
+def test_prefill_attention_products_widen_with_the_dense_prefill(tiny_pg2_dir, monkeypatch, dense, wide):
+    """Gemma 2's prefill score and value products run in float32 (one head at a time) where the dense prefill widens
+    to float32, torch's 16-bit bmm elsewhere: the same logits up to the order of the sums (and, in bf16, a rounding
+    flipped by it)."""
+    from lowmem_paligemma import load_model
+    from lowmem_paligemma.model import gemma
+
+    model = load_model(tiny_pg2_dir, dtype=torch.bfloat16, kernels=f"dense={dense}").model
+    attention = [m for m in model.modules() if isinstance(m, gemma.GemmaAttention)]
+    assert attention and all(m.float32_products == wide for m in attention)
+    calls = []
+    original = gemma._float32_matmul
+    monkeypatch.setattr(gemma, "_float32_matmul", lambda a, b: calls.append(a.shape) or original(a, b))
+    ours = _decode_logits(model)
+    # scores and values in every prefill layer but the last (`last_only`: one query, the decode path)
+    assert len(calls) == (2 * (model.cfg.text.num_hidden_layers - 1) if wide else 0)
+    for m in attention:
+        m.float32_products = not wide
+    other = _decode_logits(model)
+    tol = 2e-2 * other.abs().max().item()
+    torch.testing.assert_close(ours, other, rtol=0, atol=tol)
+
+
+def test_float32_products_are_the_16_bit_products_rounded_once():
+    from lowmem_paligemma.model.gemma import _float32_matmul
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 5, 16, generator=g).bfloat16(), torch.randn(2, 3, 16, 7, generator=g).bfloat16()
+    got = _float32_matmul(a, b)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (a.float() @ b.float()).bfloat16())
