@@ -111,13 +111,12 @@ struct Activations {
 };
 
 #ifndef NATIVE_AVX512
-// AVX2: output rows [o0, o1), R at a time, each 64-byte run taken as its two 32-byte halves (int32 lanes 0-7, then
-// 8-15). Why not the B64 loop below: on AVX2's 16 registers its R = 2 block holds 24 values at once, and GCC kept
-// the accumulators on the stack, a store and a load in every chunk's dependency chain (and an integer division for
-// the group's scale): 30 G weights/s a core in cache (AMD EPYC Zen 3, by hand). Here a half's live values fit the
-// 16 registers (R = 2, M = 1: 4 nibble runs, 2 activation runs, 4 accumulators, 2 row scales, 2 constants, 2
-// temporaries), and the low and high nibbles' pair sums add in 16 bits before one vpmaddwd (each at most
-// 2 x 15 x 127, their sum under 2^15): the same exact int32 sums as the B64 loop.
+// AVX2: output rows [o0, o1), R at a time (kDotRows below: one), each 64-byte run taken as its two 32-byte halves
+// (int32 lanes 0-7, then 8-15). Why not the B64 loop below: on AVX2's 16 registers its two-row block held 24 values
+// at once, and GCC kept the accumulators on the stack, a store and a load in every chunk's dependency chain (and an
+// integer division for the group's scale): 30 G weights/s a core in cache (AMD EPYC Zen 3, by hand); here 35. A
+// half's live values fit the 16 registers, and the low and high nibbles' pair sums add in 16 bits before one
+// vpmaddwd (each at most 2 x 15 x 127, their sum under 2^15): the same exact int32 sums as the B64 loop.
 template <int M, int R>
 void int4_dot_rows(const Activations& a, const uint8_t* w, const Scales& s, float* y, int64_t I, int64_t O,
                    int64_t group, int64_t o0, int64_t o1) {
@@ -271,6 +270,14 @@ void int8_dot_rows(const Blocks& a, const int8_t* w, const Scales& s, float* y, 
 }
 #endif  // AVX2
 
+// Output rows a block of the decodes below takes, from native.h's int4_blocking's R: on AVX2 one. Two rows side by
+// side with the rows ahead fetched into L2 (fetch_ahead) streamed int4 at 20-21 GB/s and int8 at 23 from DRAM; one
+// row at a time, a thread's rows are one sequential stream, which the hardware prefetcher follows: 24-26 and 25-26
+// GB/s (M = 1, 16384 x 2048 layers, the two builds alternating in one process; AMD EPYC Zen 3, by hand). Each
+// output's sums are the same in either blocking.
+template <int R>
+inline constexpr int kDotRows = kVectorRegisters == 32 ? R : 1;
+
 }  // namespace
 
 // Which byte dot product this build's gemv_int4_dot uses: "vnni" (AVX512-VNNI), "maddubs" (AVX2, which has
@@ -304,7 +311,7 @@ torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed,
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
     int4_blocking(M, [&](auto m, auto r) {
-      int4_dot_rows<decltype(m)::value, decltype(r)::value>(a, wp, sp, yp, I, O, group, o0, o1);
+      int4_dot_rows<decltype(m)::value, kDotRows<decltype(r)::value>>(a, wp, sp, yp, I, O, group, o0, o1);
     });
   });
   return shaped_output(x, y, O);
@@ -331,7 +338,7 @@ torch::Tensor gemv_int8_dot(const torch::Tensor& x, const torch::Tensor& q, cons
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, O, kGrain, [&](int64_t o0, int64_t o1) {
     int4_blocking(M, [&](auto m, auto r) {
-      int8_dot_rows<decltype(m)::value, decltype(r)::value>(a, wp, sp, yp, I, O, o0, o1);
+      int8_dot_rows<decltype(m)::value, kDotRows<decltype(r)::value>>(a, wp, sp, yp, I, O, o0, o1);
     });
   });
   return shaped_output(x, y, O);
