@@ -668,6 +668,9 @@ def test_ctrl_c_exits_130_without_a_traceback(command, tiny_pg1_dir, images):
     proc = subprocess.Popen(
         [sys.executable, "-c", CLI, command, *map(str, args)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        # As from a terminal: a test run started in the background (`make test &`) inherits SIGINT ignored, and
+        # Python keeps an ignored SIGINT ignored, so the CLI would never see the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         if command == "chat":
