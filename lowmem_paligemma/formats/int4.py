@@ -23,6 +23,8 @@ Kernels (the chooser times them on the running machine):
   the kernels here that are not exact in their products, offered, as int8's "int_mm" prefill is, because widening
   every weight to fp32 bounds a decode step in int4, and a prefill runs twice as many integer products a second
   as bf16 ones on CPUs with VNNI.
+- "amx": the "vnni" prefill on AMX tiles (native_amx_gemm.cpp, CPUs with AMX-INT8 where Linux grants the tiles):
+  the same activations and int32 sums, so the same bits, 16,384 byte products an instruction;
 - "maddubs": those integer kernels on CPUs with AVX2 and no AVX-512, the decode in native_dot.cpp and the prefill
   in native_dot_gemm.cpp: vpmaddubsw + vpmaddwd give the int32 sums vpdpbusd gives, so the same rounding (the
   prefill: gemm_int4_vnni's bits). On such a CPU the prefill runs ~3x the "upcast" prefill's float32 GEMM
@@ -129,6 +131,7 @@ def int4_linear(
     decode = rows <= DECODE_ROWS and nk is not None
     dot = name in DOT_KERNELS and nk is not None and group % VNNI_CHUNK == 0 and nk.int8_dot() == name
     vnni = name == "vnni" and nk is not None and group % VNNI_CHUNK == 0 and nk.has_vnni()
+    amx = name == "amx" and not decode and nk is not None and group % VNNI_CHUNK == 0 and nk.has_amx()
     gemm_dot = not decode and dot and name == "maddubs"
     if decode and dot:
         y = nk.gemv_int4_dot(x2, packed, scale, group)
@@ -136,6 +139,8 @@ def int4_linear(
         y = nk.gemv_int4(x2, packed, scale, group)
     elif vnni:
         y = nk.gemm_int4_vnni(x2, packed, scale, group)
+    elif amx:
+        y = nk.gemm_int4_amx(x2, packed, scale, group)
     elif gemm_dot:
         y = nk.gemm_int4_dot(x2, packed, scale, group)
     else:
@@ -224,7 +229,7 @@ class Int4Embedding(Int4Linear):
 class Int4Format(WeightFormat):
     name = "int4"
     decode_kernels = ("dequant", "native", "vnni", "maddubs")
-    prefill_kernels = ("dequant", "upcast", "vnni", "maddubs")
+    prefill_kernels = ("dequant", "upcast", "vnni", "amx", "maddubs")
     reference = KernelChoice("dequant", "dequant")
     fallback = "int8"
     compressed = CompressedScheme(
@@ -252,6 +257,8 @@ class Int4Format(WeightFormat):
             names.discard("native")
         if nk is None or not nk.has_vnni() or GROUP % VNNI_CHUNK:
             names.discard("vnni")
+        if nk is None or not nk.has_amx() or GROUP % VNNI_CHUNK:
+            names.discard("amx")
         if nk is None or nk.int8_dot() != "maddubs" or GROUP % VNNI_CHUNK:
             names.discard("maddubs")
         if dtype == torch.float32:

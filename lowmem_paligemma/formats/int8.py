@@ -22,7 +22,9 @@ Kernels (the chooser times them on the running machine):
   every byte to fp32 kept "native" at ~0.7 of the memory rate on such a CPU (docs/results/kernels.md);
 - "vnni": "int_mm"'s product in our own GEMM (native_vnni_gemm.cpp, CPUs with AVX512-VNNI, prefill only): the same
   activation rows, the same exact int32 sums and rescale, so the same bits; each weight read once per pass over
-  the activations, where oneDNN's int8 GEMM ran at half its single-layer rate inside a whole model.
+  the activations, where oneDNN's int8 GEMM ran at half its single-layer rate inside a whole model;
+- "amx": that GEMM on AMX tiles (native_amx_gemm.cpp, CPUs with AMX-INT8 where Linux grants the tiles, prefill
+  only): the same int32 sums, so "int_mm"'s bits again, 16,384 byte products an instruction.
   "maddubs" as a prefill is that GEMM on AVX2 (native_dot_gemm.cpp: weights and activations widened to int16,
   vpmaddwd): `int_mm`'s bits again, ~2x the "upcast" prefill's float32 GEMM there and no float32 copy of a layer.
 The private torch kernels crash (not raise) on shapes they do not support, so each is used only where its
@@ -86,6 +88,10 @@ def _has_vnni() -> bool:
     return (nk := native.kernels()) is not None and nk.has_vnni()
 
 
+def _has_amx() -> bool:
+    return (nk := native.kernels()) is not None and nk.has_amx()
+
+
 def int8_linear(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -110,6 +116,8 @@ def int8_linear(
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
     elif name == "vnni" and x.device.type == "cpu" and rows > DECODE_ROWS and o % 16 == 0 and _has_vnni():
         y = native.kernels().gemm_int8_vnni(x2, q, scale)  # quantize_rows_int8's rows, fused
+    elif name == "amx" and x.device.type == "cpu" and rows > DECODE_ROWS and o % 16 == 0 and _has_amx():
+        y = native.kernels().gemm_int8_amx(x2, q, scale)  # the same, on AMX tiles
     elif name == "maddubs" and rows > DECODE_ROWS and o % 16 == 0 and nk is not None and nk.int8_dot() == name:
         y = nk.gemm_int8_dot(x2, q, scale)  # the same, on AVX2
     elif name == "int_mm" and x.device.type == "cpu" and rows > DECODE_ROWS and i % 8 == 0:
@@ -176,7 +184,7 @@ class Int8Embedding(Int8Linear):
 class Int8Format(WeightFormat):
     name = "int8"
     decode_kernels = ("int8pack", "dequant", "native", "maddubs")
-    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni", "upcast", "maddubs")
+    prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni", "amx", "upcast", "maddubs")
     reference = KernelChoice("dequant", "dequant")
     compressed = CompressedScheme(
         "naive-quantized",
@@ -200,6 +208,8 @@ class Int8Format(WeightFormat):
             names.discard("maddubs")
         if not _has_vnni():
             names.discard("vnni")
+        if not _has_amx():
+            names.discard("amx")
         if dtype == torch.float32:
             names.discard("upcast")  # "dequant" is it
         return tuple(sorted(names))

@@ -376,8 +376,13 @@ torch::Tensor rescale_int32(const torch::Tensor& y, const torch::Tensor& x_scale
 // native_vnni_gemm.cpp
 torch::Tensor gemm_int4_vnni(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
 torch::Tensor gemm_int8_vnni(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& w_scale);
+// native_amx_gemm.cpp
+bool has_amx();
+torch::Tensor gemm_int4_amx(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
+torch::Tensor gemm_int8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& w_scale);
 #else
-bool has_vnni() { return false; }  // native_vnni*.cpp are built on AVX-512 only (formats/native.py)
+bool has_vnni() { return false; }  // native_vnni*.cpp and native_amx_gemm.cpp are built on AVX-512 only (native.py)
+bool has_amx() { return false; }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -401,10 +406,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_int4_dot", &gemm_int4_dot);
   m.def("gemm_int8_dot", &gemm_int8_dot);
   m.def("has_vnni", &has_vnni);
+  m.def("has_amx", &has_amx);
 #ifdef NATIVE_AVX512
   m.def("quantize_rows_int8", &quantize_rows_int8);
   m.def("rescale_int32", &rescale_int32);
   m.def("gemm_int4_vnni", &gemm_int4_vnni);
   m.def("gemm_int8_vnni", &gemm_int8_vnni);
+  m.def("gemm_int4_amx", &gemm_int4_amx);
+  m.def("gemm_int8_amx", &gemm_int8_amx);
 #endif
 }

@@ -35,13 +35,13 @@ import torch
 from ..machine import cpu
 
 SOURCE_DIR = Path(__file__).parent
-# compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp: AVX-512 builds only, their kernels
-# where the CPU has VNNI)
+# compiled: the module (native.cpp defines it), then the others (native_vnni*.cpp, native_amx_gemm.cpp: AVX-512 builds
+# only, their kernels where the CPU has VNNI, AMX)
 SOURCES = (
     "native.cpp", "native_attention.cpp", "native_decode.cpp", "native_dot.cpp", "native_dot_gemm.cpp",
-    "native_vnni.cpp", "native_vnni_gemm.cpp",
+    "native_vnni.cpp", "native_vnni_gemm.cpp", "native_amx_gemm.cpp",
 )  # fmt: skip
-HEADERS = ("native.h",)  # what they share: part of the build's key
+HEADERS = ("native.h", "native_igemm.h")  # what they share: part of the build's key
 ENV_DISABLE = "LOWMEM_PALIGEMMA_NO_NATIVE"  # set: torch's kernels only (an ablation, or a broken toolchain)
 # -fopenmp compiles at::parallel_for's OpenMP regions in (without it they run on one thread); nothing is added at link
 # time, so the regions run on torch's own OpenMP runtime, found through libtorch's dependencies: no second thread pool.

@@ -70,6 +70,7 @@ def test_int8_kernels_match_dequantized_linear(dtype, out_in, rows, name):
     decode = rows * 2 <= DECODE_ROWS
     # where they run (else an exact kernel): activations quantized too, ~1/127 of x (of each block's max)
     rounds_x = {"int_mm": i % 8 == 0 and not decode, "vnni": o % 16 == 0 and not decode}
+    rounds_x["amx"] = rounds_x["vnni"]
     rounds_x["maddubs"] = i % 32 == 0 if decode else o % 16 == 0
     if rounds_x.get(name):
         assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
@@ -109,10 +110,36 @@ def test_int4_kernels_match_dequantized_linear(dtype, rows, name):
     dense = registry.dequantize(layer)
     x = torch.randn(rows, i, generator=g).to(dtype)
     got, want = layer(x), F.linear(x.float(), dense)
-    if name in int4.DOT_KERNELS:  # activations quantized too: blocks of 32 (prefill 128), ~1/254 of each block's max
+    # activations quantized too: blocks of 32 (prefill 128), ~1/254 of each block's max ("amx": a prefill only)
+    if name in int4.DOT_KERNELS or (name == "amx" and rows > DECODE_ROWS):
         assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
     else:
         _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_amx_prefill_runs_native_amx_gemm(fmt):
+    """An "amx" choice runs native_amx_gemm.cpp for a prefill (its bits, which are the "vnni" prefill's), and an
+    exact kernel for a decode step (it has none), on the machines that offer it."""
+    if "amx" not in registry.get(fmt).available_kernels(torch.bfloat16):
+        pytest.skip("no AMX kernels on this machine")
+    nk, g = native.kernels(), torch.Generator().manual_seed(5)
+    w, x = torch.randn(48, 256, generator=g), torch.randn(2, 20, 256, generator=g).bfloat16()
+    choice = KernelChoice("amx", "amx")
+    if fmt == "int8":
+        q, scale = int8.quantize_int8(w, torch.bfloat16)
+        run = lambda rows: int8_linear(rows, q, scale, None, choice, Scratch())  # noqa: E731
+        gemm, vnni = nk.gemm_int8_amx(x.view(40, 256), q, scale), nk.gemm_int8_vnni(x.view(40, 256), q, scale)
+        dense = q.float() * scale.float()[:, None]
+    else:
+        packed, scale = int4.quantize_int4_packed(w, torch.bfloat16, int4.GROUP)
+        run = lambda rows: int4.int4_linear(rows, packed, scale, int4.GROUP, None, choice, Scratch())  # noqa: E731
+        gemm = nk.gemm_int4_amx(x.view(40, 256), packed, scale, int4.GROUP)
+        vnni = nk.gemm_int4_vnni(x.view(40, 256), packed, scale, int4.GROUP)
+        dense = int4.dequantize_int4(packed, scale, int4.GROUP, torch.empty(48, 256))
+    assert torch.equal(gemm, vnni)
+    assert torch.equal(run(x), gemm.view(2, 20, 48))
+    _close(run(x[0, :3]), F.linear(x[0, :3].float(), dense), torch.bfloat16)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -22,7 +22,8 @@ def test_each_checkout_builds_into_its_own_directory(tmp_path, monkeypatch):
      (("avx2", "fma"), None), (("avx512f",), None)],
 )  # fmt: skip
 def test_the_build_follows_the_cpu(monkeypatch, flags, isa):
-    """AVX-512F/BW builds everything; AVX2 + FMA + F16C the same kernels without native_vnni*.cpp; else none."""
+    """AVX-512F/BW builds everything; AVX2 + FMA + F16C the same kernels without native_vnni*.cpp and
+    native_amx_gemm.cpp; else none."""
     from lowmem_paligemma.machine import CPU
 
     monkeypatch.setattr(native, "cpu", lambda: CPU(model="x", flags=flags, cores=2))
@@ -30,7 +31,7 @@ def test_the_build_follows_the_cpu(monkeypatch, flags, isa):
     build = native.chosen()
     assert (build.isa if build else None) == isa
     if build is not None and build.isa == "avx2":
-        assert not any("vnni" in f for f in build.sources)
+        assert not any("vnni" in f or "amx" in f for f in build.sources)
         assert {"native_dot.cpp", "native_dot_gemm.cpp"} <= set(build.sources)
         assert "-mavx2" in build.cflags and not any("avx512" in f for f in build.cflags)
     monkeypatch.setenv(native.ENV_DISABLE, "1")
@@ -150,7 +151,7 @@ def test_int4_dot_refuses_groups_it_cannot_step_through():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# rows: fewer than one register block (6), not a multiple of it, past one pass of 240; outputs: one register of
+# rows: fewer than one register block (6), not a multiple of it, most of a 528-row pass; outputs: one register of
 # 16, a 64-row task plus a 16-row tail, 5 tasks and a 48-row tail; groups of 128 and 256
 @pytest.mark.parametrize(
     "rows, o, i, group", [(17, 16, 128, 128), (23, 80, 384, 128), (247, 368, 512, 256), (5, 48, 256, 128)]
@@ -195,7 +196,7 @@ def test_int4_vnni_prefill_refuses_shapes_it_cannot_tile():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# rows across register blocks and past a pass (522); inputs a multiple of 128, one with a short last chunk (4304:
+# rows across register blocks and past a pass (528); inputs a multiple of 128, one with a short last chunk (4304:
 # SigLIP's), one under a chunk; outputs with a 16-row tail
 @pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384), (20, 32, 37)])
 def test_int8_vnni_prefill_gives_int_mms_bits(dtype, m, o, i):
@@ -220,7 +221,67 @@ def test_int8_vnni_prefill_gives_int_mms_bits(dtype, m, o, i):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# rows: fewer than a register block (6), not a multiple of it, past one pass (522); outputs: one block of 16, a
+# rows: under one tile of 16, not a multiple of 16, past one pass (528); outputs: one tile, a 64-row task plus a
+# 16-row tail, 32 rows (a task with two tiles); groups of 128 and 256
+@pytest.mark.parametrize(
+    "rows, o, i, group", [(5, 16, 128, 128), (23, 80, 384, 128), (545, 368, 512, 256), (40, 32, 256, 128)]
+)
+def test_int4_amx_prefill_gives_the_vnni_bits(dtype, rows, o, i, group):
+    """native_amx_gemm.cpp's int4 product is native_vnni_gemm.cpp's, bit for bit: the same int32 sums of each
+    block (signed activations times the stored nibbles, vpdpbusd's start added), then the same fp32 steps."""
+    from lowmem_paligemma.formats import int4
+
+    nk = native.kernels()
+    if nk is None or not nk.has_amx():
+        pytest.skip("no AMX kernel on this machine")
+    w = torch.randn(o, i, generator=torch.Generator().manual_seed(o))
+    w[1] = 0  # a zero group scale
+    packed, scale = int4.quantize_int4_packed(w, dtype, group)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, i, generator=gen) * torch.rand(i, generator=gen) * 4
+    x[:-1, :128] = 0  # an all-zero block
+    x[-1, 3] = 300.0
+    got = nk.gemm_int4_amx(x.to(dtype), packed, scale, group)
+    assert got.shape == (rows, o) and got.dtype == dtype
+    assert torch.equal(got, nk.gemm_int4_vnni(x.to(dtype), packed, scale, group))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# as the vnni test: rows across tiles and past a pass (528), a short last chunk (4304: SigLIP's), under a chunk
+@pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384), (20, 32, 37)])
+def test_int8_amx_prefill_gives_int_mms_bits(dtype, m, o, i):
+    """native_amx_gemm.cpp's int8 product is `int_mm`'s: the rows quantized as quantize_rows_int8 does, the same
+    int32 sums (signed times signed: nothing to take off), rescale_int32's two fp32 products."""
+    from lowmem_paligemma.formats.int8 import quantize_int8
+
+    nk = native.kernels()
+    if nk is None or not nk.has_amx():
+        pytest.skip("no AMX kernel on this machine")
+    gen = torch.Generator().manual_seed(m + i)
+    x = (torch.randn(m, i, generator=gen) * torch.rand(m, 1, generator=gen) * 10).to(dtype)
+    x[1] = 0
+    q, scale = quantize_int8(torch.randn(o, i, generator=gen), dtype)
+    q[0] = -127
+    x[2] = x[2].abs().max() * -1.0  # a row at -127 everywhere: the largest sums
+    with torch.inference_mode():
+        got = nk.gemm_int8_amx(x, q, scale)
+        xq, xs = nk.quantize_rows_int8(x)
+        want = nk.rescale_int32((xq.int() @ q.int().t()).contiguous(), xs, scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_amx_prefills_refuse_shapes_they_cannot_tile():
+    nk = native.kernels()
+    if nk is None or not nk.has_amx():
+        pytest.skip("no AMX kernel on this machine")
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        nk.gemm_int4_amx(torch.zeros(20, 128), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 1), 128)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        nk.gemm_int8_amx(torch.zeros(20, 128), torch.zeros(8, 128, dtype=torch.int8), torch.ones(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# rows: fewer than a register block (6), not a multiple of it, past one pass (528); outputs: one block of 16, a
 # 64-row task plus a 16-row tail; groups of 128 and 256
 @pytest.mark.parametrize(
     "rows, o, i, group", [(17, 16, 128, 128), (23, 80, 384, 128), (530, 368, 512, 256), (5, 48, 256, 128)]
@@ -259,7 +320,7 @@ def test_int4_avx2_prefill_is_the_blockwise_int8_product(dtype, rows, o, i, grou
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# rows across register blocks and past a pass (522); inputs a multiple of 64, a short last chunk (4304: SigLIP's, 200),
+# rows across register blocks and past a pass (528); inputs a multiple of 64, a short last chunk (4304: SigLIP's, 200),
 # one under a chunk; outputs with a 16-row tail
 @pytest.mark.parametrize("m, o, i", [(17, 48, 128), (530, 80, 200), (23, 16, 4304), (5, 208, 384), (20, 32, 37)])
 def test_int8_avx2_prefill_gives_int_mms_bits(dtype, m, o, i):
