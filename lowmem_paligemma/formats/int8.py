@@ -47,17 +47,23 @@ from . import native
 from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
 
 
-def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w (n, I) -> q (n, I) int8, scale (n,) in `dtype` (native.cpp's loop where it built: the same rule, to the bit,
-    at ten times the rate, which is most of a quantizing load)."""
+    at ten times the rate, which is most of a quantizing load). `out`: an (n, I) int8 tensor q is written to (and
+    returned): a loading layer's own rows, so that no (n, I) copy is made and copied again."""
     nk = native.kernels()
     if nk is not None and w.device.type == "cpu" and w.dim() == 2 and w.shape[1] % 16 == 0:
-        q, scale = nk.quantize_int8(w.contiguous(), dtype)
+        direct = out is not None and out.is_contiguous() and out.device.type == "cpu"
+        q, scale = nk.quantize_int8(w.contiguous(), dtype, out if direct else None)
+        if out is not None and not direct:
+            q = out.copy_(q)
         return q, scale.to(dtype)
     w = w.float()
     scale = round_scale_up(w.abs().amax(1) / 127, dtype)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(dtype)
+    return (q if out is None else out.copy_(q)), scale.to(dtype)
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +165,8 @@ class Int8Linear(nn.Module):
         return {"weight": RowFill(shape, self._fill, ("weight", "weight_scale"), dtypes=FLOAT_DTYPES)}
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
-        q, scale = quantize_int8(rows, self.weight_scale.dtype)
-        self.weight[start : start + len(q)] = q
-        self.weight_scale[start : start + len(q), 0] = scale
+        _, scale = quantize_int8(rows, self.weight_scale.dtype, out=self.weight.data[start : start + len(rows)])
+        self.weight_scale[start : start + len(rows), 0] = scale
 
 
 class Int8Embedding(Int8Linear):

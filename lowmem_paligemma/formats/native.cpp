@@ -282,11 +282,15 @@ float absmax(const float* v, int64_t n) {
 }  // namespace
 
 // w (n, I) float rows -> q (n, I) int8, scale (n,) float32 holding values of `kind`: scale = max|w| / 127 rounded
-// up to `kind`, q = round(w / scale) in [-127, 127]. I a multiple of 16.
-std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w, torch::ScalarType kind) {
+// up to `kind`, q = round(w / scale) in [-127, 127]. I a multiple of 16. `out`: q written there (a loading model's
+// own rows: no new memory and no copy after).
+std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w, torch::ScalarType kind,
+                                         const std::optional<torch::Tensor>& out) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 16 == 0, "contiguous (n, I) rows, I % 16 == 0");
   const int64_t n = w.size(0), I = w.size(1);
-  auto q = torch::empty({n, I}, torch::kInt8);
+  TORCH_CHECK(!out || (out->scalar_type() == torch::kInt8 && out->is_contiguous() && out->dim() == 2 &&
+                       out->size(0) == n && out->size(1) == I), "out: contiguous (n, I) int8");
+  auto q = out ? *out : torch::empty({n, I}, torch::kInt8);
   auto scale = torch::empty({n}, torch::kFloat32);
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
@@ -392,7 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int4", &dequantize_int4);
   m.def("widen_float32", &widen_float32);
   m.def("dequantize_int8_float32", &dequantize_int8_float32);
-  m.def("quantize_int8", &quantize_int8);
+  m.def("quantize_int8", &quantize_int8, py::arg("w"), py::arg("kind"), py::arg("out") = py::none());
   m.def("quantize_int4", &quantize_int4);
   m.def("read_bytes", &read_bytes);
   m.def("attention_scores", &attention_scores);

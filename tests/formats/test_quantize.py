@@ -213,6 +213,16 @@ def test_the_native_quantizers_give_the_same_bits(dtype):
         packed_ref = pack_int4(quantize_int4(w, dtype)[0]).view(torch.uint8)
         scale4_ref = quantize_int4(w, dtype)[1]
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    # into a loading layer's rows (a slice of its weight; a strided view takes the copy): the same bits, in place
+    table = torch.zeros(40, 256, dtype=torch.int8)
+    got, _ = quantize_int8(w, dtype, out=table[4:37])
+    assert got.data_ptr() == table[4:37].data_ptr() and torch.equal(table[4:37], q_ref)
+    assert not table[:4].any() and not table[37:].any()
+    wide = torch.zeros(33, 512, dtype=torch.int8)
+    quantize_int8(w, dtype, out=wide[:, ::2])
+    assert torch.equal(wide[:, ::2], q_ref) and not wide[:, 1::2].any()
+    with pytest.raises(RuntimeError, match="out"):
+        native.kernels().quantize_int8(w.contiguous(), dtype, torch.zeros(33, 128, dtype=torch.int8))
     packed, scale4 = quantize_int4_packed(w, dtype)
     assert torch.equal(packed, packed_ref) and torch.equal(scale4, scale4_ref)
 
