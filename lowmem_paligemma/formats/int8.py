@@ -20,6 +20,7 @@ Kernels (the chooser times them on the running machine):
   x_q with w's sign), each block's sum scaled in fp32, the row's sum by the row's scale. Its rounding is the
   activations' (at most half a step of 1/127 of each block's largest value), as int4's integer decode: widening
   every byte to fp32 kept "native" at ~0.7 of the memory rate on such a CPU (docs/results/kernels.md);
+  "vnni" as a decode is the same on AVX512-VNNI (vpdpbusd, x_q negated where w is negative), the same rounding;
 - "vnni": "int_mm"'s product in our own GEMM (native_vnni_gemm.cpp, CPUs with AVX512-VNNI, prefill only): the same
   activation rows, the same exact int32 sums and rescale, so the same bits; each weight read once per pass over
   the activations, where oneDNN's int8 GEMM ran at half its single-layer rate inside a whole model;
@@ -45,6 +46,7 @@ from ..checkpoint.loader import RowFill
 from ..checkpoint.safetensors_io import FLOAT_DTYPES
 from . import native
 from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
+from .int4 import DOT_KERNELS
 
 
 def quantize_int8(
@@ -111,9 +113,9 @@ def int8_linear(
     name = kernels.pick(rows)
     x2 = x.reshape(rows, i)
     nk = native.kernels() if x.device.type == "cpu" else None
-    if name == "maddubs" and rows <= DECODE_ROWS and i % 32 == 0 and nk is not None and nk.int8_dot() == name:
+    if name in DOT_KERNELS and rows <= DECODE_ROWS and i % 32 == 0 and nk is not None and nk.int8_dot() == name:
         y = nk.gemv_int8_dot(x2, q, scale)
-    elif name in ("native", "maddubs") and rows <= DECODE_ROWS and nk is not None:
+    elif name in ("native", *DOT_KERNELS) and rows <= DECODE_ROWS and nk is not None:
         y = nk.gemv_int8(x2, q, scale)
     elif name == "upcast" and x.device.type == "cpu" and rows > DECODE_ROWS:
         w = (scratch or Scratch()).get((o, i), torch.float32, x.device)
@@ -188,7 +190,7 @@ class Int8Embedding(Int8Linear):
 
 class Int8Format(WeightFormat):
     name = "int8"
-    decode_kernels = ("int8pack", "dequant", "native", "maddubs")
+    decode_kernels = ("int8pack", "dequant", "native", "maddubs", "vnni")
     prefill_kernels = ("dequant", "int_mm", "int8pack", "vnni", "amx", "upcast", "maddubs")
     reference = KernelChoice("dequant", "dequant")
     compressed = CompressedScheme(

@@ -204,34 +204,40 @@ void int4_dot_rows(const Activations& a, const uint8_t* w, const Scales& s, floa
 
 #endif  // an integer dot product
 
-#ifndef NATIVE_AVX512
-// --- int8 weights (AVX2): the same activation blocks against signed bytes -------------------------------------
-// vpmaddubsw multiplies unsigned by signed bytes: |w| times x_q with w's sign moved onto it (vpsignb, llama.cpp's
-// trick for Q8_0 on AVX2; a zero w zeroes the product, as it should). Pair sums stay within 2 * 127 * 127 < 2^15.
-// AVX-512 has no vpsignb (and its int8 decode reads the weights at ~0.9 of the memory rate already).
+#if defined(NATIVE_INT4_DOT)
+// --- int8 weights: the same activation blocks against signed bytes ----------------------------------------------
+// Both instructions multiply unsigned by signed bytes: |w| times x_q with w's sign moved onto it (AVX2: vpsignb,
+// llama.cpp's trick for Q8_0; AVX-512, which has no vpsignb: x_q negated under the mask of w's sign bits). A zero w
+// zeroes the product, as it should. AVX2's pair sums stay within 2 * 127 * 127 < 2^15; vpdpbusd sums in 32 bits.
+// Exact int8 decodes widen every byte to fp32 (native.cpp): on AVX2 that kept them at ~0.7 of the memory rate, on an
+// AMX Xeon at ~0.75 (20.8 G weights/s in the caches against 22.6 GB/s of DRAM, docs/results/kernels.md).
 #define NATIVE_INT8_DOT 1
 
-// x_q (M, I) int8 in input order and one scale per block of 32 inputs (M, I / 32).
+// x_q (M, stride) int8 in input order, rows zero-padded to a multiple of 64 inputs, and one scale per block of 32
+// inputs (M, stride / 32; a padded block's scale is 0).
 struct Blocks {
+  int64_t stride;
   std::vector<int8_t> q;
   std::vector<float> scale;
-  Blocks(const float* x, int64_t M, int64_t I) : q(M * I), scale(M * I / kBlock) {
+  Blocks(const float* x, int64_t M, int64_t I)
+      : stride((I + 63) / 64 * 64), q(M * stride, 0), scale(M * stride / kBlock, 0.0f) {
     alignas(64) int32_t v[kBlock];
     const V lim = vset(127.0f), neg = vset(-127.0f);
-    for (int64_t b = 0; b < M * I / kBlock; ++b) {
-      const float* in = x + b * kBlock;
-      const float amax = vmaxlane(vmax(vabs(vload(in)), vabs(vload(in + 16))));
-      scale[b] = amax / 127.0f;
-      if (!(amax > 0)) {
-        std::fill(v, v + kBlock, 0);
-      } else {
-        for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, vset(scale[b]), neg, lim, v + 16 * h);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < I / kBlock; ++b) {
+        const float* in = x + m * I + b * kBlock;
+        const float amax = vmaxlane(vmax(vabs(vload(in)), vabs(vload(in + 16))));
+        const float sc = amax / 127.0f;
+        scale[m * stride / kBlock + b] = sc;
+        if (!(amax > 0)) continue;  // q stays 0
+        for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, vset(sc), neg, lim, v + 16 * h);
+        for (int64_t k = 0; k < kBlock; ++k) q[m * stride + b * kBlock + k] = (int8_t)v[k];
       }
-      for (int64_t k = 0; k < kBlock; ++k) q[b * kBlock + k] = (int8_t)v[k];
-    }
   }
 };
+#endif
 
+#ifndef NATIVE_AVX512
 // Output rows [o0, o1), R at a time; each 32-byte run of a row is one activation block: its 8 int32 lanes are
 // scaled by the block's scale (fp32) and summed, then the row's sum by the row's scale.
 template <int M, int R>
@@ -255,8 +261,8 @@ void int8_dot_rows(const Blocks& a, const int8_t* w, const Scales& s, float* y, 
         wabs[r] = _mm256_abs_epi8(wv[r]);
       }
       for (int m = 0; m < M; ++m) {
-        const __m256i xq = _mm256_loadu_si256((const __m256i*)(a.q.data() + m * I + b * kBlock));
-        const __m256 xs = _mm256_set1_ps(a.scale[m * B + b]);
+        const __m256i xq = _mm256_loadu_si256((const __m256i*)(a.q.data() + m * a.stride + b * kBlock));
+        const __m256 xs = _mm256_set1_ps(a.scale[m * a.stride / kBlock + b]);
         for (int r = 0; r < R; ++r) {
           const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(xq, wv[r])), ones);
           acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), xs, acc[r][m]);
@@ -268,7 +274,48 @@ void int8_dot_rows(const Blocks& a, const int8_t* w, const Scales& s, float* y, 
   }
   if (o < o1) int8_dot_rows<M, 1>(a, w, s, y, I, O, o, o1);
 }
-#endif  // AVX2
+#elif defined(NATIVE_INT8_DOT)
+// AVX512-VNNI: output rows [o0, o1), R at a time; each 64-byte run of a row is two activation blocks: int32 lanes
+// 0-7 the first's, 8-15 the second's, each lane scaled by its block's scale (fp32) and summed, then the row's sum by
+// the row's scale. In features a multiple of 32: a row's last half run is loaded masked (its lanes' scales are 0).
+template <int M, int R>
+void int8_dot_rows(const Blocks& a, const int8_t* w, const Scales& s, float* y, int64_t I, int64_t O, int64_t o0,
+                   int64_t o1) {
+  const int64_t runs = a.stride / 64;
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    V acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+    const int next = rows_ahead<R>(o, o1);
+    const int8_t* ahead = next ? w + (o + R * kAheadBlocks) * I : w;  // (no pointer past the weight)
+    for (int64_t k = 0; k < runs; ++k) {
+      for (int r = 0; r < next; ++r) fetch_ahead(ahead + r * I + k * 64);
+      const __mmask64 in_row = I - k * 64 >= 64 ? ~0ULL : (1ULL << (I - k * 64)) - 1;
+      __m512i wabs[R];
+      __mmask64 negative[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_maskz_loadu_epi8(in_row, w + (o + r) * I + k * 64);
+        wabs[r] = _mm512_abs_epi8(wv);
+        negative[r] = _mm512_movepi8_mask(wv);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512i xq = _mm512_loadu_si512((const void*)(a.q.data() + m * a.stride + k * 64));
+        const float* bs = a.scale.data() + m * a.stride / kBlock + 2 * k;
+        const V xs = _mm512_insertf32x8(_mm512_set1_ps(bs[0]), _mm256_set1_ps(bs[1]), 1);
+        for (int r = 0; r < R; ++r) {
+          const __m512i sum = dpbusd(zero, wabs[r], _mm512_mask_sub_epi8(xq, negative[r], zero, xq));
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), xs, acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * O + o + r] = vsum(acc[r][m]) * s[o + r];
+  }
+  if (o < o1) int8_dot_rows<M, 1>(a, w, s, y, I, O, o, o1);
+}
+#endif  // the int8 dot products
 
 // Output rows a block of the decodes below takes, from native.h's int4_blocking's R: on AVX2 one. Two rows side by
 // side with the rows ahead fetched into L2 (fetch_ahead) streamed int4 at 20-21 GB/s and int8 at 23 from DRAM; one
@@ -280,8 +327,8 @@ inline constexpr int kDotRows = kVectorRegisters == 32 ? R : 1;
 
 }  // namespace
 
-// Which byte dot product this build's gemv_int4_dot uses: "vnni" (AVX512-VNNI), "maddubs" (AVX2, which has
-// gemv_int8_dot too), or "" (an AVX-512 CPU without VNNI: none).
+// Which byte dot product this build's gemv_int4_dot and gemv_int8_dot use: "vnni" (AVX512-VNNI), "maddubs" (AVX2),
+// or "" (an AVX-512 CPU without VNNI: none).
 std::string int8_dot() {
 #ifndef NATIVE_INT4_DOT
   return "";
@@ -321,7 +368,7 @@ torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed,
 }
 
 // x (..., I) @ (q (O, I) int8 * scale (O,))^T (native.cpp gemv_int8) with the activations in blocks of 32 inputs,
-// I a multiple of 32; AVX2 builds ("maddubs").
+// I a multiple of 32 (int8_dot(): "maddubs" or "vnni").
 torch::Tensor gemv_int8_dot(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
 #ifdef NATIVE_INT8_DOT
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "a contiguous (O, I) int8 weight");
@@ -343,6 +390,6 @@ torch::Tensor gemv_int8_dot(const torch::Tensor& x, const torch::Tensor& q, cons
   });
   return shaped_output(x, y, O);
 #else
-  TORCH_CHECK(false, "built for a CPU without AVX2's byte sign (vpsignb): an AVX-512 build");
+  TORCH_CHECK(false, "built for a CPU without an integer dot product (AVX512-VNNI or AVX2)");
 #endif
 }

@@ -69,9 +69,8 @@ def test_int8_kernels_match_dequantized_linear(dtype, out_in, rows, name):
     assert got.shape == (2, rows, o) and got.dtype == dtype
     decode = rows * 2 <= DECODE_ROWS
     # where they run (else an exact kernel): activations quantized too, ~1/127 of x (of each block's max)
-    rounds_x = {"int_mm": i % 8 == 0 and not decode, "vnni": o % 16 == 0 and not decode}
-    rounds_x["amx"] = rounds_x["vnni"]
-    rounds_x["maddubs"] = i % 32 == 0 if decode else o % 16 == 0
+    rounds_x = {"int_mm": i % 8 == 0 and not decode, "amx": o % 16 == 0 and not decode}
+    rounds_x["maddubs"] = rounds_x["vnni"] = i % 32 == 0 if decode else o % 16 == 0
     if rounds_x.get(name):
         assert (got.float() - want).abs().max().item() <= 0.03 * want.abs().max().item()
     else:
