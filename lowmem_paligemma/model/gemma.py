@@ -184,10 +184,13 @@ class GemmaAttention(nn.Module):
         elif self.softcap is None:  # Gemma 1: SDPA with the same additive mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, N, T, H)
         else:  # Gemma 2: tanh cap on the scores before the mask (transformers eager, big_vision); SDPA can't
-            w = self._scores(q, k, t, self.float32_products) * self.scale  # (B, N, T, S); (B, K, G, S) folded
-            w = torch.tanh(w / self.softcap) * self.softcap
+            # transformers' ops in its order, in place on the fresh scores: the same roundings, without four more
+            # (heads x queries x keys) tensors a block (an 896-px prompt's block took 0.33 s, in place 0.24: by
+            # hand, Intel Xeon with AMX)
+            w = self._scores(q, k, t, self.float32_products).mul_(self.scale)  # (B, N, T, S); (B, K, G, S) folded
+            w = w.div_(self.softcap).tanh_().mul_(self.softcap)
             if mask is not None:
-                w = w + mask
+                w = w.add_(mask) if mask.dtype == w.dtype else w + mask
             w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
             out = self._values(w, v, t, self.float32_products)  # (B, N, T, H)
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # the folded (B, K, G, H) back to (B, N, 1, H)
