@@ -75,6 +75,35 @@ inline const uint8_t* a_tile(const Acts& a, int64_t m0, int64_t k) {
 // Tile numbers are immediates: the per-tile steps below are spelt out for the panel's 4 groups of 16 output rows.
 #define AMX_EACH(STEP) STEP(0) STEP(1) STEP(2) STEP(3)
 
+// One chunk's products into C tiles 0 .. nr - 1: A (tile x, 16 rows x 128 inputs: two 1 KB tiles, in 4 and 7)
+// times the chunk's panel p (B, in 5 and 6 in turn). kSigned: int8's weights (tdpbssd); else int4's unsigned
+// nibbles (tdpbsud).
+template <bool kSigned>
+inline void chunk_products(int nr, const uint8_t* x, const int32_t* p) {
+  _tile_loadd(4, x, 64);
+  _tile_loadd(7, x + 1024, 64);
+  // A in 4: steps 0-15 (inputs 0-63); A in 7: steps 16-31
+#define AMX_DP(n, half, at, bt)                                   \
+  if (nr > n) {                                                   \
+    _tile_loadd(bt, p + (half) * 16 * kCols + 16 * n, kRowBytes); \
+    if constexpr (kSigned)                                        \
+      _tile_dpbssd(n, at, bt);                                    \
+    else                                                          \
+      _tile_dpbsud(n, at, bt);                                    \
+  }
+  AMX_DP(0, 0, 4, 5) AMX_DP(1, 0, 4, 6) AMX_DP(2, 0, 4, 5) AMX_DP(3, 0, 4, 6)
+  AMX_DP(0, 1, 7, 5) AMX_DP(1, 1, 7, 6) AMX_DP(2, 1, 7, 5) AMX_DP(3, 1, 7, 6)
+#undef AMX_DP
+}
+
+// C tiles 0 .. nr - 1 to sums (16 rows of kCols int32, the tiles side by side).
+inline void store_sums(int nr, int32_t* sums) {
+#define AMX_STORE(n) \
+  if (nr > n) _tile_stored(n, sums + 16 * n, kRowBytes);
+  AMX_EACH(AMX_STORE)
+#undef AMX_STORE
+}
+
 // int8: 16 activation rows against a run of up to kChunks chunks (128 KB of panels, in L2), the int32 sums staying
 // in the C tiles through the run: loading and storing them costs more than a chunk's products (by hand on a Xeon
 // with AMX: a chunk's 8 products ~50 ns, ~140 ns with the C tiles loaded and stored around them).
@@ -102,25 +131,9 @@ struct AmxInt8Block {
   }
     AMX_EACH(AMX_START)
 #undef AMX_START
-    for (int64_t j = 0; j < run; ++j) {
-      const uint8_t* x = a_tile(a, m0, 2 * (c + j));
-      const int32_t* p = panel + j * kSteps * kCols;
-      _tile_loadd(4, x, 64);
-      _tile_loadd(7, x + 1024, 64);
-      // A in 4: steps 0-15 (inputs 0-63); A in 7: steps 16-31; B in 5 and 6 in turn
-#define AMX_DP(n, half, at, bt)                                            \
-  if (nr > n) {                                                            \
-    _tile_loadd(bt, p + (half) * 16 * kCols + 16 * n, kRowBytes);          \
-    _tile_dpbssd(n, at, bt);                                               \
-  }
-      AMX_DP(0, 0, 4, 5) AMX_DP(1, 0, 4, 6) AMX_DP(2, 0, 4, 5) AMX_DP(3, 0, 4, 6)
-      AMX_DP(0, 1, 7, 5) AMX_DP(1, 1, 7, 6) AMX_DP(2, 1, 7, 5) AMX_DP(3, 1, 7, 6)
-#undef AMX_DP
-    }
-#define AMX_STORE(n) \
-  if (nr > n) _tile_stored(n, sums + 16 * n, kRowBytes);
-    AMX_EACH(AMX_STORE)
-#undef AMX_STORE
+    for (int64_t j = 0; j < run; ++j)
+      chunk_products<true>(nr, a_tile(a, m0, 2 * (c + j)), panel + j * kSteps * kCols);
+    store_sums(nr, sums);
   }
 };
 
@@ -139,27 +152,13 @@ struct AmxInt4Block {
 
   void operator()(int nr, int64_t mr, const Acts& a, int64_t m0, int64_t c, int64_t, const int32_t* panel,
                   const __m512i*, const float* ws, void* acc) {
-    const uint8_t* x = a_tile(a, m0, 2 * c);
 #define AMX_ZERO(n) \
   if (nr > n) _tile_zero(n);
     AMX_EACH(AMX_ZERO)
 #undef AMX_ZERO
-    _tile_loadd(4, x, 64);
-    _tile_loadd(7, x + 1024, 64);
-#define AMX_DP(n, half, at, bt)                                                \
-  if (nr > n) {                                                                \
-    _tile_loadd(bt, panel + (half) * 16 * kCols + 16 * n, kRowBytes);          \
-    _tile_dpbsud(n, at, bt);                                                   \
-  }
-    AMX_DP(0, 0, 4, 5) AMX_DP(1, 0, 4, 6) AMX_DP(2, 0, 4, 5) AMX_DP(3, 0, 4, 6)
-    AMX_DP(0, 1, 7, 5) AMX_DP(1, 1, 7, 6) AMX_DP(2, 1, 7, 5) AMX_DP(3, 1, 7, 6)
-#undef AMX_DP
+    chunk_products<false>(nr, a_tile(a, m0, 2 * c), panel);
     flush();  // the previous call's fp32 steps, while the products above run
-    int32_t* sums = buffer_[next_];
-#define AMX_STORE(n) \
-  if (nr > n) _tile_stored(n, sums + 16 * n, kRowBytes);
-    AMX_EACH(AMX_STORE)
-#undef AMX_STORE
+    store_sums(nr, buffer_[next_]);
     pending_ = Pending{&a, ws, static_cast<float*>(acc), m0, mr, c, nr, next_};
     next_ ^= 1;
   }
