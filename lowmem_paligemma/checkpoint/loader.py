@@ -12,9 +12,10 @@ Knows nothing of PaliGemma (pretrained/load.py has the entry points). How a tens
 4. The module is cast to the target dtype *on meta* (casting after allocating would commit every page
    twice), then each tensor is allocated once, uninitialised (as `to_empty` would).
 5. Shards are opened one at a time and read with explicit preads at the header offsets, 4 in flight.
-   A tensor stored in the target dtype is read straight into its parameter; any other is read in
-   chunks into per-thread staging buffers and converted by `copy_`, so a float32 embedding (2.1 GB)
-   never exists whole: `chunk_bytes` bounds every temporary.
+   A tensor stored in the target dtype is read straight into its parameter; any other is converted
+   (`copy_`, or a format's fill: quantized) in chunks, so a float32 embedding (2.1 GB) never exists
+   whole: `chunk_bytes` bounds every temporary. A chunk whose pages the page cache holds is converted
+   from them in place (pagecache.cached_view), others are read into per-thread staging buffers first.
 `to_empty` unties shared parameters and leaves non-persistent buffers as garbage: the caller's `tie`
 and `repair` hooks put them right after materialisation.
 Parameters named in `exclude` stay on meta, unread: streamer.py reads them per forward with the same
@@ -38,11 +39,16 @@ from torch import nn
 from .. import defaults
 from ..errors import CheckpointError
 from . import preflight as memory_check
-from .pagecache import drop, prefer_huge_pages
+from .pagecache import cached_view, drop, prefer_huge_pages
 from .safetensors_io import WEIGHT_DTYPES, TensorEntry, dtype_name, pread_into, read_checkpoint
 
 READ_WORKERS = 4  # reads in flight: a cold shard streams faster with several (docs/results/kernels.md)
-FILL_BYTES_PER_ELEMENT = 16  # a quantizing fill's temporaries (float32 copy, scaled, rounded, int32 codes)
+# Chunks converted in place from the page cache at once: each conversion runs on every core already (a native
+# quantizer's parallel_for), so more at once only oversubscribe the cores; two let one's page faults overlap the
+# other's arithmetic. On the AMX Xeon, a quantizing int8 load by hand, medians of 5: 1.73 s with two, 1.82 with one,
+# 1.89 with four (docs/performance.md).
+IN_PLACE_AT_ONCE = 2
+FILL_BYTES_PER_ELEMENT = 16  # a quantizing fill's temporaries in torch (float32 copy, scaled, rounded, int32 codes)
 
 KeyMap = Callable[[str], "str | None"]
 
@@ -63,6 +69,7 @@ class RowFill:
     fills: tuple[str, ...]  # the module's parameters it writes (local names)
     row_multiple: int = 1  # every chunk but the last holds a multiple of this many rows
     dtypes: tuple[torch.dtype, ...] = ()  # the stored dtypes it takes (empty: any)
+    temporaries: int = FILL_BYTES_PER_ELEMENT  # bytes it holds per stored element beyond the rows themselves
 
 
 @dataclass
@@ -222,8 +229,9 @@ def copy_chunks(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int, param:
 def fill_chunks(entry: TensorEntry, rf: RowFill, filled_bytes: int, chunk_bytes: int) -> list[Chunk]:
     rows = entry.shape[0]
     row_bytes = entry.nbytes // max(rows, 1)
-    # A fill holds several float32 / int32 temporaries of its rows: size chunks by those, so chunk_bytes bounds them.
-    per = max(1, chunk_bytes // max(1, row_bytes // entry.dtype.itemsize * FILL_BYTES_PER_ELEMENT))
+    # A fill may hold temporaries of its rows (float32 / int32 copies in torch): size chunks by the rows and those,
+    # so chunk_bytes bounds them.
+    per = max(1, chunk_bytes // max(1, row_bytes + row_bytes // entry.dtype.itemsize * rf.temporaries))
     per = max(rf.row_multiple, per // rf.row_multiple * rf.row_multiple)
     return [
         Chunk(entry.offset + r0 * row_bytes, min(per, rows - r0) * row_bytes, entry.dtype, fill=rf.fill,
@@ -232,15 +240,28 @@ def fill_chunks(entry: TensorEntry, rf: RowFill, filled_bytes: int, chunk_bytes:
     ]  # fmt: skip
 
 
-def read_chunk(fd: int, path: Path, chunk: Chunk, local: threading.local, drop_cache: bool = False) -> None:
-    """Same dtype on the CPU: the bytes land in the parameter itself. Otherwise they are read into this
-    thread's reused staging buffer (stored dtype), then `copy_` converts them into the final pages or the
-    fill computes from them. `drop_cache`: the chunk's file pages are evicted once read."""
+def read_chunk(
+    fd: int,
+    path: Path,
+    chunk: Chunk,
+    local: threading.local,
+    drop_cache: bool = False,
+    in_place: threading.Semaphore | None = None,
+) -> None:
+    """Same dtype on the CPU: the bytes land in the parameter itself. Otherwise `copy_` converts them into the
+    final pages or the fill computes from them: in place where the page cache holds them all (with `in_place`,
+    which bounds the conversions in place at once), else read first into this thread's reused staging buffer
+    (stored dtype). `drop_cache`: the chunk's file pages are evicted once read."""
     if chunk.dest is not None and chunk.dtype == chunk.dest.dtype and chunk.dest.device.type == "cpu":
         pread_into(fd, chunk.dest, chunk.offset, path)
         if drop_cache:
             drop(fd, chunk.offset, chunk.nbytes)
         return
+    if in_place is not None and not drop_cache:
+        with in_place, cached_view(fd, chunk.offset, chunk.nbytes) as view:
+            if view is not None:
+                apply_chunk(chunk, view.view(chunk.dtype))
+                return
     if getattr(local, "buffer", None) is None or local.buffer.numel() < chunk.nbytes:
         local.buffer = torch.empty(chunk.nbytes, dtype=torch.uint8)
     staged = local.buffer[: chunk.nbytes].view(chunk.dtype)
@@ -293,7 +314,7 @@ def stream_into(
     from tqdm import tqdm
 
     per_thread = max(1 << 20, chunk_bytes // workers)
-    local = threading.local()
+    local, in_place = threading.local(), threading.BoundedSemaphore(IN_PLACE_AT_ONCE)
     # Chunks hold views of the parameters they fill: each is dropped once read, so a weight `finish` replaces
     # (a reordered copy) frees its old pages at once instead of at the end of the load.
     by_file = _by_file(plan, dict(model.named_parameters()), per_thread)
@@ -314,7 +335,7 @@ def stream_into(
                 # Read once: a larger read-ahead; or, when the pages are dropped after use, none at all, since a
                 # read-ahead still in flight when they are dropped would land in the cache afterwards.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if drop_cache else os.POSIX_FADV_SEQUENTIAL)
-                futures = [pool.submit(read_chunk, fd, path, c, local, drop_cache) for c in chunks]
+                futures = [pool.submit(read_chunk, fd, path, c, local, drop_cache, in_place) for c in chunks]
                 for j, future in enumerate(futures):
                     future.result()  # re-raises the first failure
                     chunk, chunks[j] = chunks[j], None

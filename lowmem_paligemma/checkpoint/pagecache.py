@@ -15,11 +15,12 @@ measuring does not change what is measured. Linux and macOS (libc through ctypes
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,42 @@ def prefer_huge_pages(tensor: torch.Tensor) -> None:
     end = (start + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
     if end > first:
         _LIBC.madvise(first, end - first, _MADV_HUGEPAGE)  # advice: a failure changes nothing but speed
+
+
+# --- reading the page cache in place ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cached_view(fd: int, offset: int, nbytes: int) -> Iterator[torch.Tensor | None]:
+    """Bytes [offset, offset + nbytes) of an open file as a uint8 tensor read in place from the page cache, for
+    the `with` block (read it only; it is unmapped after), or None where a page of the range is not cached now.
+
+    A chunk the loader converts (quantizes, or casts to another dtype) is otherwise read into a staging buffer
+    first: the bytes cross memory three times (the cache, the buffer written, the buffer read) before the result
+    is written; computed from a mapping of the cache's pages they cross it once (docs/performance.md has the
+    measurement). Mapping touches nothing, and mincore(2) tells whether every page is resident; where one is not,
+    the caller reads the range as before (a fault on a page not in the cache is a synchronous read, slower than
+    the loader's reads in flight). The mapping covers the range alone, so the process's file-backed RSS holds
+    only the chunks in use: the kernel maps pages around a fault, and over one mapping of the whole file a load
+    held 4x its chunks. A file truncated while mapped would fault (SIGBUS) where a read fails: the headers were
+    checked against the file's size before any read, and ranges past the size now are refused.
+    """
+    start = offset - offset % PAGE
+    length = offset + nbytes - start
+    if _LIBC is None or not hasattr(_LIBC, "mincore") or nbytes <= 0 or offset + nbytes > os.fstat(fd).st_size:
+        yield None
+        return
+    addr = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        yield None
+        return
+    try:
+        vec = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
+        cached = _LIBC.mincore(addr, length, vec) == 0 and bool((np.frombuffer(vec, dtype=np.uint8) & 1).all())
+        yield (
+            torch.frombuffer((ctypes.c_ubyte * nbytes).from_address(addr + offset - start), dtype=torch.uint8)
+            if cached
+            else None
+        )
+    finally:
+        _LIBC.munmap(addr, length)

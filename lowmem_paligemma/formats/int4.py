@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.loader import RowFill
+from ..checkpoint.loader import FILL_BYTES_PER_ELEMENT, RowFill
 from ..checkpoint.safetensors_io import FLOAT_DTYPES
 from ..errors import CheckpointError
 from . import native
@@ -69,15 +69,22 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tu
     return q.view(n, i), scale.to(dtype)
 
 
-def quantize_int4_packed(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4_packed(
+    w: torch.Tensor, dtype: torch.dtype, group: int = GROUP, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w (n, I) -> the layer's bytes (n, I/2) uint8 and scale (n, I / group) in `dtype`: `quantize_int4` then
-    `pack_int4`, in one native.cpp loop where it built (the same bytes, at ten times the rate)."""
+    `pack_int4`, in one native.cpp loop where it built (the same bytes, at ten times the rate). `out`: an (n, I/2)
+    uint8 tensor the bytes are written to (and returned): a loading layer's own rows, no copy."""
     nk = native.kernels()
     if nk is not None and w.device.type == "cpu" and w.dim() == 2 and group % 32 == 0:
-        packed, scale = nk.quantize_int4(w.contiguous(), dtype, group)
+        direct = out is not None and out.is_contiguous() and out.device.type == "cpu"
+        packed, scale = nk.quantize_int4(w.contiguous(), dtype, group, out if direct else None)
+        if out is not None and not direct:
+            packed = out.copy_(packed)
         return packed, scale.to(dtype)
     q, scale = quantize_int4(w, dtype, group)
-    return pack_int4(q).view(torch.uint8), scale
+    packed = pack_int4(q).view(torch.uint8)
+    return (packed if out is None else out.copy_(packed)), scale
 
 
 def int4_kernel_ok(out_features: int, in_features: int, group: int = GROUP) -> bool:
@@ -176,16 +183,18 @@ class Int4Linear(nn.Module):
         """A stored float `weight` is quantized as it streams; a pre-quantized layer's `weight_packed` (O, I/8)
         int32 words are copied as their bytes, `weight_scale` is a plain copy, `weight_shape` is checked."""
         o, i = self.out_features, self.in_features
+        # native.cpp's loop writes the packed bytes into the layer (a float32 row at a time)
+        extra = 0 if native.kernels() is not None and self.group % 32 == 0 else FILL_BYTES_PER_ELEMENT
         return {
-            "weight": RowFill((o, i), self._fill, ("weight_packed", "weight_scale"), 1, FLOAT_DTYPES),
+            "weight": RowFill((o, i), self._fill, ("weight_packed", "weight_scale"), 1, FLOAT_DTYPES, extra),
             "weight_packed": RowFill((o, i // PER_INT32), self._fill_packed, ("weight_packed",), 1, (torch.int32,)),
             "weight_shape": RowFill((2,), self._check_shape, (), 2, (torch.int64,)),
         }
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
-        packed, scale = quantize_int4_packed(rows, self.weight_scale.dtype, self.group)
-        self.weight_packed[start : start + len(packed)] = packed
-        self.weight_scale[start : start + len(packed)] = scale
+        rows_out = self.weight_packed.data[start : start + len(rows)]
+        _, scale = quantize_int4_packed(rows, self.weight_scale.dtype, self.group, out=rows_out)
+        self.weight_scale[start : start + len(rows)] = scale
 
     def _fill_packed(self, packed: torch.Tensor, start: int) -> None:
         if sys.byteorder != "little":  # the nibble order is the bytes of little-endian words

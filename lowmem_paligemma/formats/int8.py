@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.loader import RowFill
+from ..checkpoint.loader import FILL_BYTES_PER_ELEMENT, RowFill
 from ..checkpoint.safetensors_io import FLOAT_DTYPES
 from . import native
 from .base import DECODE_ROWS, CompressedScheme, KernelChoice, LayerCall, Scratch, WeightFormat, round_scale_up
@@ -66,6 +66,12 @@ def quantize_int8(
     scale = round_scale_up(w.abs().amax(1) / 127, dtype)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return (q if out is None else out.copy_(q)), scale.to(dtype)
+
+
+def quantize_temporaries(in_features: int) -> int:
+    """Bytes per weight a quantizing fill holds beside its rows (loader.RowFill.temporaries): none where
+    native.cpp's loop writes into the layer (a float32 row at a time), torch's temporaries otherwise."""
+    return 0 if native.kernels() is not None and in_features % 16 == 0 else FILL_BYTES_PER_ELEMENT
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +170,8 @@ class Int8Linear(nn.Module):
     def row_fills(self) -> dict[str, RowFill]:
         """A stored float `weight` is quantized as it streams (a stored int8 one is copied as is)."""
         shape = (self.out_features, self.in_features)
-        return {"weight": RowFill(shape, self._fill, ("weight", "weight_scale"), dtypes=FLOAT_DTYPES)}
+        extra = quantize_temporaries(self.in_features)
+        return {"weight": RowFill(shape, self._fill, ("weight", "weight_scale"), 1, FLOAT_DTYPES, extra)}
 
     def _fill(self, rows: torch.Tensor, start: int) -> None:
         _, scale = quantize_int8(rows, self.weight_scale.dtype, out=self.weight.data[start : start + len(rows)])

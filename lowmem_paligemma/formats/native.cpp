@@ -256,27 +256,44 @@ float round_scale_up(float s, torch::ScalarType kind) {
   return (float)r;
 }
 
-// Row (or group) values as float32: what `w.float()` gives.
-void widen(const torch::Tensor& w, int64_t row, int64_t n, float* out) {
+// The largest magnitude of n values (n % 16 == 0); two running maxima, since one max waits for the last.
+float absmax(const float* v, int64_t n) {
+  V a = vzero(), b = vzero();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a = vmax(a, vabs(vload(v + i)));
+    b = vmax(b, vabs(vload(v + i + 16)));
+  }
+  if (i < n) a = vmax(a, vabs(vload(v + i)));
+  return vmaxlane(vmax(a, b));
+}
+
+// A row's first n values (n % 16 == 0) as float32 (what `w.float()` gives) into out; returns their largest magnitude,
+// taken on the way (one pass over the row instead of two: the two were half of a quantizing load's arithmetic).
+float widen(const torch::Tensor& w, int64_t row, int64_t n, float* out) {
   const int64_t I = w.size(1);
   if (w.scalar_type() == torch::kFloat32) {
     std::copy(w.data_ptr<float>() + row * I, w.data_ptr<float>() + row * I + n, out);
-  } else if (w.scalar_type() == torch::kBFloat16) {
-    const at::BFloat16* p = w.data_ptr<at::BFloat16>() + row * I;
-    for (int64_t i = 0; i < n; ++i) out[i] = (float)p[i];
-  } else {
-    const at::Half* p = w.data_ptr<at::Half>() + row * I;
-    for (int64_t i = 0; i < n; ++i) out[i] = (float)p[i];
+    return absmax(out, n);
   }
-}
-
-float absmax(const float* v, int64_t n) {
-  V m = vzero();
+  const auto* p = reinterpret_cast<const uint16_t*>(w.data_ptr()) + row * I;
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  const auto load = [&](int64_t i) { return bf16 ? widen_bf16(p + i) : widen_f16(p + i); };
+  V a = vzero(), b = vzero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = vmax(m, vabs(vload(v + i)));
-  float r = vmaxlane(m);
-  for (; i < n; ++i) r = std::max(r, std::fabs(v[i]));
-  return r;
+  for (; i + 32 <= n; i += 32) {
+    const V x = load(i), y = load(i + 16);
+    vstore(out + i, x);
+    vstore(out + i + 16, y);
+    a = vmax(a, vabs(x));
+    b = vmax(b, vabs(y));
+  }
+  if (i < n) {
+    const V x = load(i);
+    vstore(out + i, x);
+    a = vmax(a, vabs(x));
+  }
+  return vmaxlane(vmax(a, b));
 }
 
 }  // namespace
@@ -298,11 +315,10 @@ std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w, torch::ScalarTy
     std::vector<float> row(I);
     const V lo = vset(-127), hi = vset(127);
     for (int64_t r = r0; r < r1; ++r) {
-      widen(w, r, I, row.data());
-      const float s = round_scale_up(absmax(row.data(), I) / 127.0f, kind);
+      const float s = round_scale_up(widen(w, r, I, row.data()) / 127.0f, kind);
       sp[r] = s;
-      const V sv = vset(s);
-      for (int64_t i = 0; i < I; i += 16) quantize_bytes(row.data() + i, sv, lo, hi, qp + r * I + i);
+      const Divisor div(s);
+      for (int64_t i = 0; i < I; i += 16) quantize_bytes(row.data() + i, div, lo, hi, qp + r * I + i);
     }
   });
   return {q, scale};
@@ -310,18 +326,20 @@ std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w, torch::ScalarTy
 
 // w (n, I) float rows -> compressed-tensors' int4 bytes (n, I/2) uint8 (value 2j low nibble, 2j+1 high, q + 8)
 // and scale (n, I/group) float32 holding values of `kind`: per group scale = max|w| / 7.5 rounded up,
-// q = round(w / scale) in [-8, 7].
-std::vector<torch::Tensor> quantize_int4(const torch::Tensor& w, torch::ScalarType kind, int64_t group) {
+// q = round(w / scale) in [-8, 7]. `out`: the bytes written there (a loading layer's own rows).
+std::vector<torch::Tensor> quantize_int4(const torch::Tensor& w, torch::ScalarType kind, int64_t group,
+                                         const std::optional<torch::Tensor>& out) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && group % 32 == 0 && w.size(1) % group == 0,
               "contiguous (n, I) rows in groups of a multiple of 32");
   const int64_t n = w.size(0), I = w.size(1), G = I / group;
-  auto packed = torch::empty({n, I / 2}, torch::kUInt8);
+  TORCH_CHECK(!out || (out->scalar_type() == torch::kUInt8 && out->is_contiguous() && out->dim() == 2 &&
+                       out->size(0) == n && out->size(1) == I / 2), "out: contiguous (n, I / 2) uint8");
+  auto packed = out ? *out : torch::empty({n, I / 2}, torch::kUInt8);
   auto scale = torch::empty({n, G}, torch::kFloat32);
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scale.data_ptr<float>();
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(I);
-    alignas(64) int32_t q[32];
     const V lo = vset(-8), hi = vset(7);
     for (int64_t r = r0; r < r1; ++r) {
       widen(w, r, I, row.data());
@@ -329,13 +347,9 @@ std::vector<torch::Tensor> quantize_int4(const torch::Tensor& w, torch::ScalarTy
         const float* v = row.data() + g * group;
         const float s = round_scale_up(absmax(v, group) / 7.5f, kind);
         sp[r * G + g] = s;
-        const V sv = vset(s);
-        for (int64_t i = 0; i < group; i += 32) {
-          quantize_ints(v + i, sv, lo, hi, q);
-          quantize_ints(v + i + 16, sv, lo, hi, q + 16);
-          uint8_t* out = pp + r * (I / 2) + (g * group + i) / 2;
-          for (int k = 0; k < 16; ++k) out[k] = (uint8_t)((q[2 * k] + 8) | ((q[2 * k + 1] + 8) << 4));
-        }
+        const Divisor div(s);
+        uint8_t* bytes = pp + r * (I / 2) + g * group / 2;
+        for (int64_t i = 0; i < group; i += 32) quantize_nibbles(v + i, div, lo, hi, bytes + i / 2);
       }
     }
   });
@@ -397,7 +411,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("widen_float32", &widen_float32);
   m.def("dequantize_int8_float32", &dequantize_int8_float32);
   m.def("quantize_int8", &quantize_int8, py::arg("w"), py::arg("kind"), py::arg("out") = py::none());
-  m.def("quantize_int4", &quantize_int4);
+  m.def("quantize_int4", &quantize_int4, py::arg("w"), py::arg("kind"), py::arg("group"), py::arg("out") = py::none());
   m.def("read_bytes", &read_bytes);
   m.def("attention_scores", &attention_scores);
   m.def("attention_values", &attention_values);

@@ -39,6 +39,8 @@ inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline void vstore(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
 inline void vstream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline bool vany_gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }  // a lane with a > b
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
 inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
@@ -94,15 +96,19 @@ inline void store_interleaved(float* p, V lo, V hi, bool stream) {
     _mm512_storeu_ps(p + 16, c);
   }
 }
-// round(v[k] / scale) clamped to [lo, hi] (IEEE division, ties to even, as torch's) as 16 int32s at out.
-inline void quantize_ints(const float* v, V scale, V lo, V hi, int32_t* out) {
-  const V q = vround(_mm512_div_ps(_mm512_loadu_ps(v), scale));
-  _mm512_storeu_si512((void*)out, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)));
-}
-// The same as 16 int8s (lo, hi within [-128, 127]).
-inline void quantize_bytes(const float* v, V scale, V lo, V hi, int8_t* out) {
-  const V q = vround(_mm512_div_ps(_mm512_loadu_ps(v), scale));
-  _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi))));
+// 16 int32s (already rounded and clamped to [-128, 127]) stored as int32s / as int8s.
+inline void store_ints(int32_t* out, V q) { _mm512_storeu_si512((void*)out, _mm512_cvtps_epi32(q)); }
+inline void store_bytes(int8_t* out, V q) { _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q))); }
+// 32 values in [-8, 7] (a: the first 16) as int4's 16 bytes: value 2k + 8 in byte k's low nibble, 2k + 1 + 8 in its
+// high nibble (int4.py's `pack_int4`).
+inline void store_nibbles(uint8_t* out, V a, V b) {
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m128i x = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(a), eight));
+  const __m128i y = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(b), eight));
+  const __m256i u = _mm256_inserti128_si256(_mm256_castsi128_si256(x), y, 1);  // 16 pairs, each one uint16
+  const __m256i w = _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi16(0x000F)),
+                                    _mm256_and_si256(_mm256_srli_epi16(u, 4), _mm256_set1_epi16(0x00F0)));
+  _mm_storeu_si128((__m128i*)out, _mm256_cvtepi16_epi8(w));
 }
 // 16 values rounded to bf16 (as vround_bf16) or fp16 and stored as 16-bit values at p.
 inline void store_bf16(uint16_t* p, V v) {
@@ -145,6 +151,7 @@ inline void vstream(float* p, V v) {  // p 32-byte aligned
 #define NATIVE_V2(name, op) \
   inline V name(V a, V b) { return {op(a.lo, b.lo), op(a.hi, b.hi)}; }
 NATIVE_V2(vadd, _mm256_add_ps)
+NATIVE_V2(vsub, _mm256_sub_ps)
 NATIVE_V2(vmul, _mm256_mul_ps)
 NATIVE_V2(vdiv, _mm256_div_ps)
 NATIVE_V2(vmin, _mm256_min_ps)
@@ -246,16 +253,29 @@ inline void store_interleaved(float* p, V lo, V hi, bool stream) {
     }
   }
 }
-inline void quantize_ints(const float* v, V scale, V lo, V hi, int32_t* out) {
-  const V q = vmin(vmax(vround(vdiv(vload(v), scale)), lo), hi);
+inline bool vany_gt(V a, V b) {
+  return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a.lo, b.lo, _CMP_GT_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_GT_OQ))) != 0;
+}
+inline void store_ints(int32_t* out, V q) {
   _mm256_storeu_si256((__m256i*)out, _mm256_cvtps_epi32(q.lo));
   _mm256_storeu_si256((__m256i*)(out + 8), _mm256_cvtps_epi32(q.hi));
 }
-inline void quantize_bytes(const float* v, V scale, V lo, V hi, int8_t* out) {
-  const V q = vmin(vmax(vround(vdiv(vload(v), scale)), lo), hi);
+inline void store_bytes(int8_t* out, V q) {
   // packs saturate, exact here; packs_epi32 interleaves the 128-bit lanes, the permute puts them back in order
   const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(q.lo), _mm256_cvtps_epi32(q.hi)), 0xD8);
   _mm_storeu_si128((__m128i*)out, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+}
+inline void store_nibbles(uint8_t* out, V a, V b) {
+  const __m256i eight = _mm256_set1_epi32(8);
+  const auto words = [&](V v) {  // 16 int16s in order
+    return _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(v.lo), eight),
+                                                       _mm256_add_epi32(_mm256_cvtps_epi32(v.hi), eight)), 0xD8);
+  };
+  const __m256i u = _mm256_permute4x64_epi64(_mm256_packus_epi16(words(a), words(b)), 0xD8);  // 32 bytes in order
+  const __m256i w = _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi16(0x000F)),
+                                    _mm256_and_si256(_mm256_srli_epi16(u, 4), _mm256_set1_epi16(0x00F0)));
+  const __m256i b8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);  // the 16 low bytes in order
+  _mm_storeu_si128((__m128i*)out, _mm256_castsi256_si128(b8));
 }
 inline void store_top_halves(uint16_t* p, __m256i a, __m256i b) {  // the high 16 bits of 16 int32s, in order
   const __m256i w = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
@@ -283,6 +303,39 @@ inline int64_t sum64(Acc64 acc) {
   return t[0] + t[1] + t[2] + t[3];
 }
 #endif
+
+// --- round(x / s) to an integer in [lo, hi], with IEEE division's result ----------------------------------------
+// Quantizing divides every value by its row's (group's, block's) scale: torch's rule, which fixes the bits. A
+// division costs ~4x a product (the most of a quantizing load), so the quotient is taken as x * (1 / s) first. That
+// product's relative error is under 2^-23 (1 / s and the product each round once), so for |x / s| <= 128 it lies
+// within 2^-16 of the true quotient, and rounds to the same integer unless the quotient is that close to a tie
+// (k + 0.5: exact ties do occur, e.g. between bf16 values). A vector with a lane within 2^-12 of a tie is divided
+// instead. Beyond 128 the two integers may differ by one, and both clamp to the same bound (|lo|, |hi| <= 128).
+// With s or 1 / s not a normal float (zero, subnormal, infinite, NaN) every vector divides.
+struct Divisor {
+  V s, r;
+  bool fast;
+  explicit Divisor(float scale)
+      : s(vset(scale)), r(vset(1.0f / scale)), fast(std::isnormal(scale) && std::isnormal(1.0f / scale)) {}
+};
+inline V rounded_quotient(V x, const Divisor& d) {
+  if (d.fast) {
+    const V y = vmul(x, d.r), q = vround(y);
+    if (!vany_gt(vabs(vsub(y, q)), vset(0.5f - 1.0f / 4096))) return q;  // y - q is exact (Sterbenz)
+  }
+  return vround(vdiv(x, d.s));
+}
+// round(v[k] / s) clamped to [lo, hi] as 16 int32s at out; quantize_bytes: as 16 int8s (lo, hi in [-128, 127]).
+inline void quantize_ints(const float* v, const Divisor& d, V lo, V hi, int32_t* out) {
+  store_ints(out, vmin(vmax(rounded_quotient(vload(v), d), lo), hi));
+}
+inline void quantize_bytes(const float* v, const Divisor& d, V lo, V hi, int8_t* out) {
+  store_bytes(out, vmin(vmax(rounded_quotient(vload(v), d), lo), hi));
+}
+// 32 values as int4's 16 bytes (store_nibbles), lo = -8, hi = 7.
+inline void quantize_nibbles(const float* v, const Divisor& d, V lo, V hi, uint8_t* out) {
+  store_nibbles(out, vmin(vmax(rounded_quotient(vload(v), d), lo), hi), vmin(vmax(rounded_quotient(vload(v + 16), d), lo), hi));
+}
 
 // How each stored weight type becomes 16 fp32 values (a type, not a function pointer: the loads inline).
 struct BF16 {

@@ -92,7 +92,8 @@ struct Activations {
             std::fill(q + b * kBlock, q + (b + 1) * kBlock, 0);
             continue;
           }
-          for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, vset(s), neg, lim, q + b * kBlock + 16 * h);
+          const Divisor div(s);
+          for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, div, neg, lim, q + b * kBlock + 16 * h);
         }
         const int64_t at = (m * C + c);
         for (int64_t b = 0; b < 64; ++b) {
@@ -230,7 +231,8 @@ struct Blocks {
         const float sc = amax / 127.0f;
         scale[m * stride / kBlock + b] = sc;
         if (!(amax > 0)) continue;  // q stays 0
-        for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, vset(sc), neg, lim, v + 16 * h);
+        const Divisor div(sc);
+        for (int h = 0; h < 2; ++h) quantize_ints(in + 16 * h, div, neg, lim, v + 16 * h);
         for (int64_t k = 0; k < kBlock; ++k) q[m * stride + b * kBlock + k] = (int8_t)v[k];
       }
   }

@@ -89,7 +89,8 @@ Acts int4_acts(const typename W::T* x, int64_t M, int64_t I) {
         a.scale[m * a.C + c] = s;
         int32_t sum = 0;
         if (amax > 0) {
-          for (int64_t j = 0; j < kChunk4; j += 16) quantize_ints(v + j, vset(s), vset(-127.0f), vset(127.0f), q + j);
+          const Divisor div(s);
+          for (int64_t j = 0; j < kChunk4; j += 16) quantize_ints(v + j, div, vset(-127.0f), vset(127.0f), q + j);
           for (int64_t j = 0; j < kChunk4; ++j) sum += q[j];
         } else {
           std::fill(q, q + kChunk4, 0);
@@ -123,8 +124,9 @@ Acts int8_acts(const typename W::T* x, int64_t M, int64_t I) {
       for (size_t i = 0; i < buf.size(); i += 16) mx = vmax(mx, vabs(vload(buf.data() + i)));  // zeros past I
       const float s = std::max(vmaxlane(mx), 1e-12f) / 127.0f;
       a.scale[m] = s;
+      const Divisor div(s);
       for (size_t i = 0; i < buf.size(); i += 16)
-        quantize_ints(buf.data() + i, vset(s), vset(-127.0f), vset(127.0f), q.data() + i);
+        quantize_ints(buf.data() + i, div, vset(-127.0f), vset(127.0f), q.data() + i);
       for (int64_t c = 0; c < a.C; ++c) {
         int16_t* out = reinterpret_cast<int16_t*>(a.at(m, c));
         for (int64_t i = 0; i < kChunk8; ++i) out[i] = (int16_t)q[c * kChunk8 + i];

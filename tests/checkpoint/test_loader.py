@@ -170,6 +170,30 @@ def test_drop_cache_leaves_nothing_of_the_checkpoint_cached(tmp_path):
     assert resident_total(shards) == 0
 
 
+def test_converted_chunks_are_computed_from_the_page_cache_in_place(tiny_pg1_dir, monkeypatch):
+    """Chunks converted while loading (stored float32 cast to float16; quantized to int8) are read in place where
+    the page cache holds them, with the bits of the path through the staging buffer."""
+    from contextlib import contextmanager, nullcontext
+
+    real, seen = loader.cached_view, []
+
+    @contextmanager
+    def spy(fd, offset, nbytes):
+        with real(fd, offset, nbytes) as view:
+            seen.append(view is not None)
+            yield view
+
+    for path in tiny_pg1_dir.glob("*.safetensors"):
+        path.read_bytes()  # cached now
+    monkeypatch.setattr(loader, "cached_view", spy)
+    in_place = {q: _params(load_model(tiny_pg1_dir, dtype=torch.float16, quantize=q).model) for q in (None, "int8")}
+    assert len(seen) > 10 and all(seen)
+    monkeypatch.setattr(loader, "cached_view", lambda fd, offset, nbytes: nullcontext(None))
+    for q, params in in_place.items():
+        staged = _params(load_model(tiny_pg1_dir, dtype=torch.float16, quantize=q).model)
+        assert params.keys() == staged.keys() and all(torch.equal(params[k], staged[k]) for k in params)
+
+
 def test_finish_runs_once_per_parameter_after_its_last_byte(tmp_path):
     src = {"a.weight": torch.randn(64, 32), "a.bias": torch.randn(64), "b.weight": torch.randn(3, 32)}
     save_file(src, tmp_path / "model.safetensors")

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lowmem_paligemma.checkpoint.loader import IN_PLACE_AT_ONCE, READ_WORKERS
 from lowmem_paligemma.model.config import tiny
 from lowmem_paligemma.pretrained.synth import write_checkpoint
 
@@ -67,8 +68,9 @@ def test_peak_anon_is_model_plus_one_chunk(medium_dir, tiny_pg1_dir, dtype):
     r = load_growth(medium_dir, dtype, tiny_pg1_dir)
     anon_growth = r["peak_anon"] - r["base"]["anon"]
     assert anon_growth <= r["model_bytes"] + CHUNK + SLACK, r
-    # pread, no mmap: the shards' pages never become part of the process (the page cache is not RSS).
-    assert r["peak_file"] - r["base"]["file"] <= 32 << 20, r
+    # Converted chunks are read in place from the page cache, each mapped alone while it converts: the file-backed
+    # RSS grows by at most that many chunks (4 MB each here), never by the shards.
+    assert r["peak_file"] - r["base"]["file"] <= IN_PLACE_AT_ONCE * (CHUNK // READ_WORKERS) + (4 << 20), r
     assert r["final"]["anon"] - r["base"]["anon"] >= r["model_bytes"] * 0.9  # the model really is resident
 
 

@@ -13,6 +13,7 @@ from lowmem_paligemma.checkpoint.pagecache import (
     align_down,
     align_up,
     aligned_empty,
+    cached_view,
     drop,
     drop_file,
     open_direct,
@@ -48,6 +49,28 @@ def test_mincore_sees_reads_and_drops_without_faulting_pages_in(data_file):
         assert resident_bytes(path) == 2 * PAGE
         drop(fd)
         assert resident_bytes(path) == 0
+    finally:
+        os.close(fd)
+
+
+def test_cached_views_read_resident_pages_in_place_and_nothing_else(data_file):
+    path, data = data_file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        with cached_view(fd, 100, 3 * PAGE) as view:
+            assert view is None  # nothing cached: the caller reads
+        assert resident_bytes(path) == 0  # asking faulted nothing in
+        os.pread(fd, 5 * PAGE, 0)  # pages 0-4 cached
+        with cached_view(fd, 100, 3 * PAGE) as view:  # unaligned, inside pages 0-3
+            assert bytes(view.numpy()) == data[100 : 100 + 3 * PAGE]
+        with cached_view(fd, 5 * PAGE - 1, 2) as view:  # its second byte lies in page 5, not cached
+            assert view is None
+        with cached_view(fd, SIZE - 10, 11) as view:  # past the end: refused, never a fault
+            assert view is None
+        os.pread(fd, SIZE, 0)
+        with cached_view(fd, SIZE - 10, 10) as view:
+            assert bytes(view.numpy()) == data[-10:]
     finally:
         os.close(fd)
 

@@ -207,12 +207,19 @@ def test_the_native_quantizers_give_the_same_bits(dtype):
     w = (torch.randn(33, 256, generator=g) * torch.logspace(-4, 2, 33)[:, None]).to(dtype)
     w[3] = 0  # an all-zero row: scale 1
     w[5, :8] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127, -127, 63.5]).to(dtype)  # ties at the rounding points
+    # Exact ties at a scale of 1.75, whose reciprocal is inexact: x * (1 / 1.75) lands an ulp beside k + 0.5 for k in
+    # -15, -13, -7, 6, 12, 14, where the native loops must divide instead (native.h, Divisor). int8's row: max 222
+    # (bf16) or 222.25 -> scale 1.75; int4's groups of 128: max 13.125 -> 1.75.
+    top = 222.0 if dtype == torch.bfloat16 else 222.25
+    w[6] = torch.tensor([top] + [(k + 0.5) * 1.75 for k in range(-18, 18)]).repeat(7)[:256].to(dtype)
+    w[7] = torch.tensor([(k + 0.5) * 1.75 for k in range(-8, 8)]).repeat(16).to(dtype)
     q, scale = quantize_int8(w, dtype)
     with monkeypatch_native_off():
         q_ref, scale_ref = quantize_int8(w, dtype)
         packed_ref = pack_int4(quantize_int4(w, dtype)[0]).view(torch.uint8)
         scale4_ref = quantize_int4(w, dtype)[1]
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert scale[6].item() == 1.75 and (q_ref[6, 1:37] % 2 == 0).all()  # each tie went to its even neighbour
     # into a loading layer's rows (a slice of its weight; a strided view takes the copy): the same bits, in place
     table = torch.zeros(40, 256, dtype=torch.int8)
     got, _ = quantize_int8(w, dtype, out=table[4:37])
@@ -225,6 +232,11 @@ def test_the_native_quantizers_give_the_same_bits(dtype):
         native.kernels().quantize_int8(w.contiguous(), dtype, torch.zeros(33, 128, dtype=torch.int8))
     packed, scale4 = quantize_int4_packed(w, dtype)
     assert torch.equal(packed, packed_ref) and torch.equal(scale4, scale4_ref)
+    rows4 = torch.zeros(40, 128, dtype=torch.uint8)  # int4's bytes into a loading layer's rows, as int8's
+    got4, _ = quantize_int4_packed(w, dtype, out=rows4[4:37])
+    assert got4.data_ptr() == rows4[4:37].data_ptr() and torch.equal(rows4[4:37], packed_ref)
+    assert not rows4[:4].any() and not rows4[37:].any()
+    assert (scale4_ref[7] == 1.75).all()
 
 
 class monkeypatch_native_off:
