@@ -62,6 +62,7 @@ class RowFill:
 
     A module offers these through a `row_fills()` method: {stored local name: RowFill}. A stored tensor
     whose dtype and shape equal a parameter's is copied instead (a checkpoint already in the format).
+    `fill` only reads its rows: they may be the page cache's own pages, mapped read-only (`read_chunk`).
     """
 
     shape: tuple[int, ...]  # the stored tensor's shape
