@@ -378,6 +378,7 @@ torch::Tensor attention_values(const torch::Tensor& w, const torch::Tensor& v);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor gelu_tanh_mul_(torch::Tensor gate, const torch::Tensor& up);
+torch::Tensor argmax_rows(const torch::Tensor& x);
 // native_dot.cpp
 std::string int8_dot();
 torch::Tensor gemv_int4_dot(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t group);
@@ -418,6 +419,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("rope", &rope);
   m.def("gelu_tanh_mul_", &gelu_tanh_mul_);
+  m.def("argmax_rows", &argmax_rows);
   m.def("int8_dot", &int8_dot);
   m.def("gemv_int4_dot", &gemv_int4_dot);
   m.def("gemv_int8_dot", &gemv_int8_dot);

@@ -41,6 +41,11 @@ inline void vstream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte ali
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline bool vany_gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }  // a lane with a > b
+inline bool vany_nan(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
+inline int vfirst_eq(V a, V b) {  // the first lane with a == b, or -1
+  const unsigned m = _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ);
+  return m ? __builtin_ctz(m) : -1;
+}
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
 inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
@@ -255,6 +260,14 @@ inline void store_interleaved(float* p, V lo, V hi, bool stream) {
 }
 inline bool vany_gt(V a, V b) {
   return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a.lo, b.lo, _CMP_GT_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_GT_OQ))) != 0;
+}
+inline bool vany_nan(V a) {
+  return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a.lo, a.lo, _CMP_UNORD_Q), _mm256_cmp_ps(a.hi, a.hi, _CMP_UNORD_Q))) != 0;
+}
+inline int vfirst_eq(V a, V b) {
+  const unsigned m = _mm256_movemask_ps(_mm256_cmp_ps(a.lo, b.lo, _CMP_EQ_OQ)) |
+                     (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a.hi, b.hi, _CMP_EQ_OQ)) << 8;
+  return m ? __builtin_ctz(m) : -1;
 }
 inline void store_ints(int32_t* out, V q) {
   _mm256_storeu_si256((__m256i*)out, _mm256_cvtps_epi32(q.lo));

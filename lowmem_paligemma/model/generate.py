@@ -129,7 +129,8 @@ def generate(
     check_length(model.cfg.text, input_ids.shape[1], max_new_tokens)
     eos = set(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    sample = lambda logits: int(sample_next_token(logits.float().cpu(), generator, temperature, top_k, top_p)[0])
+    # In the logits' dtype: greedy's choice is the same in any (sampling.py widens to float32 where it samples).
+    sample = lambda logits: int(sample_next_token(logits.cpu(), generator, temperature, top_k, top_p)[0])
     return _tokens(model, input_ids, token_type_ids, pixel_values, image_features, max_new_tokens, eos, sample)
 
 
@@ -254,7 +255,7 @@ def generate_batch(
                      positions[:, :width])  # fmt: skip
     stopped = [False] * rows
     for i in range(max_new_tokens):
-        tokens = _sample_rows(logits.float().cpu(), generators, temperature, top_k, top_p)
+        tokens = _sample_rows(logits.cpu(), generators, temperature, top_k, top_p)
         step = [None if done else token for done, token in zip(stopped, tokens)]
         stopped = [done or token in eos for done, token in zip(stopped, tokens)]
         yield step

@@ -75,6 +75,26 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample_next_token(logits.bfloat16()), logits.bfloat16().argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 100, 257216])
+def test_greedy_is_torchs_argmax_on_ties_nans_and_infinities(dtype, n):
+    """The native argmax (native_decode.cpp) against torch.argmax: the first maximal index, a NaN counting as maximal,
+    in each dtype, with the maximum in a vector or in the tail."""
+    g = torch.Generator().manual_seed(n)
+    rows = (torch.randn(8, n, generator=g) * 100).to(dtype)
+    rows[1] = rows[1].round()  # many ties below the top
+    rows[2, n // 2 :] = rows[2].max() + 1  # the maximum n - n // 2 times: the first one wins
+    rows[3] = -math.inf
+    rows[4, -1] = math.inf  # the maximum in the last lane (the tail where n % 16)
+    rows[5, n // 3] = math.nan
+    rows[5, -1] = math.nan  # two NaNs: the first wins, whatever is larger
+    rows[6] = 0.0
+    rows[6, -1] = -0.0  # equal zeros: the first
+    rows[7, 0] = rows[7].max() + 1  # the maximum at index 0
+    assert torch.equal(greedy(rows), rows.argmax(-1))
+    assert torch.equal(greedy(rows[2:3]), rows[2:3].argmax(-1))
+
+
 def test_same_seed_same_samples_different_seed_different():
     logits = torch.zeros(16, 1000)  # uniform: 16 draws from 1000 tokens
 
