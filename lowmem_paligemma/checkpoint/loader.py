@@ -259,6 +259,8 @@ def read_chunk(
             drop(fd, chunk.offset, chunk.nbytes)
         return
     if in_place is not None and not drop_cache:
+        # The slot is taken before the mapping and given back after it is unmapped: it bounds the chunks whose pages
+        # are mapped at once (the file-backed RSS), not only the conversions.
         with in_place, cached_view(fd, chunk.offset, chunk.nbytes) as view:
             if view is not None:
                 apply_chunk(chunk, view.view(chunk.dtype))

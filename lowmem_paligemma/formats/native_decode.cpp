@@ -205,8 +205,9 @@ int64_t argmax_row(const typename W::T* x, int64_t n) {
     nan = nan || std::isnan(v);
     m = std::max(m, v);
   }
-  for (int64_t i = 0; i < n; ++i)  // rare: a NaN, found where it first is
-    if (nan && std::isnan(at(i))) return i;
+  if (nan)  // rare: the first NaN is the answer
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(at(i))) return i;
   const V mv = vset(m);
   for (int64_t i = 0; i < full; i += 16)
     if (const int k = vfirst_eq(W::load(x + i), mv); k >= 0) return i + k;
